@@ -75,8 +75,7 @@ _ROLE_CHECK = (
 # ``<|end|>`` is the tokenizer's eos, so generation stops at the end of an
 # assistant turn, and it is part of each assistant target span.
 TINY_CHAT_TEMPLATE = (
-    _ROLE_CHECK
-    + "{{ bos_token }}"
+    _ROLE_CHECK + "{{ bos_token }}"
     "{%- for message in messages -%}"
     "{{ '<|' ~ message['role'] ~ '|>\n' ~ message['content'] ~ '<|end|>\n' }}"
     "{%- endfor -%}"
@@ -88,8 +87,7 @@ TINY_CHAT_TEMPLATE = (
 # tokenizer's own eos token: the marker strings are plain text for such a
 # tokenizer, and ending turns with eos is what makes ``generate`` stop.
 FALLBACK_CHAT_TEMPLATE = (
-    _ROLE_CHECK
-    + "{%- if bos_token -%}{{ bos_token }}{%- endif -%}"
+    _ROLE_CHECK + "{%- if bos_token -%}{{ bos_token }}{%- endif -%}"
     "{%- for message in messages -%}"
     "{{ '<|' ~ message['role'] ~ '|>\n' ~ message['content'] ~ (eos_token or '') ~ '\n' }}"
     "{%- endfor -%}"
@@ -229,7 +227,9 @@ def train_tiny_tokenizer(out_dir: str | Path = TINY_TOKENIZER_DIR, *, vocab_size
         "model_max_length": TINY_100M_CONFIG["max_position_embeddings"],
         "padding_side": "right",
     }
-    (out / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    (out / "special_tokens_map.json").write_text(
+        json.dumps(special_map, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+    )
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return out
 
@@ -274,9 +274,7 @@ def load_tokenizer(
     if is_preset(name_or_path):
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(TINY_TOKENIZER_DIR))
     else:
-        tokenizer = AutoTokenizer.from_pretrained(
-            name_or_path, trust_remote_code=trust_remote_code, revision=revision
-        )
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
     return ensure_pad_and_template(tokenizer)
 
 
@@ -379,4 +377,3 @@ def load_model(
             model.resize_token_embeddings(len(tokenizer))
         _set_special_ids(model, tokenizer, overwrite_eos=False)
     return model
-

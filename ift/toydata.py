@@ -30,8 +30,9 @@ from __future__ import annotations
 import argparse
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 Message = dict[str, str]
 Row = dict[str, Any]
@@ -73,9 +74,8 @@ _CAPITALS: tuple[tuple[str, str], ...] = (
 
 _NAMES = ("Tom", "Anna", "Ben", "Lily", "Sam", "Maria", "Omar", "Yuki", "Leo", "Nina")
 _OBJECTS = ("apples", "books", "coins", "pencils", "stickers", "cookies", "marbles", "cards")
-_WORDS = (
-    "red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "river", "stone",
-    "bird", "fish", "apple", "bread", "milk", "rain", "snow", "wind", "star", "road",
+_WORDS = tuple(
+    "red blue green cat dog sun moon tree river stone bird fish apple bread milk rain snow wind star road".split()
 )
 _SYSTEM_PROMPTS = (
     "You are a helpful assistant.",
