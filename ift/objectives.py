@@ -1,0 +1,510 @@
+"""Training objectives: IFT and the paper's baselines (SFT, DPO, ORPO).
+
+Equation numbers refer to Hua et al., "Intuitive Fine-Tuning: Towards
+Simplifying Alignment into a Single Process" (``shared/paper``).
+
+Every objective comes in two layers:
+
+* a pure function of per-token log-probabilities (``*_from_logps`` / ``dpo_loss``
+  / ``orpo_loss``), small enough to check by hand;
+* a model-level function that runs the forward pass(es) and returns an
+  :class:`ObjectiveOutput` (``.loss`` plus detached metrics), usable in any
+  PyTorch loop.
+
+Conventions: ``labels`` has the shape of ``input_ids`` with ``-100`` on prompt
+and padding (the Hugging Face convention); the token at position t+1 is
+predicted from the logits at position t.  Log-probabilities are computed in
+float32 whatever the model's dtype.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ift.scan import discounted_cumsum
+
+IGNORE_INDEX = -100
+
+__all__ = [
+    "IGNORE_INDEX",
+    "ObjectiveOutput",
+    "LambdaSchedule",
+    "EmptyTargetError",
+    "token_logps",
+    "sft_loss_from_logps",
+    "ift_weights",
+    "ift_loss_from_logps",
+    "sft_loss",
+    "ift_loss",
+    "predict_next_tokens",
+    "frozen_embedding_copy",
+    "dpo_loss",
+    "orpo_loss",
+    "sequence_logps",
+    "dpo_batch_loss",
+    "orpo_batch_loss",
+]
+
+
+class EmptyTargetError(ValueError):
+    """A sequence in the batch has no target tokens (every label is -100)."""
+
+
+@dataclass
+class ObjectiveOutput:
+    """What every objective returns: the scalar ``loss`` to backpropagate and
+    detached scalar ``metrics`` (tensors, so logging decides when to sync)."""
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probabilities of the true next tokens, in float32.
+
+    Returns ``(logps, mask)`` of shape (B, T-1): ``logps[:, t] = log π(labels[:, t+1] |
+    prefix ≤ t)`` and ``mask`` marks valid targets.  Invalid positions hold 0.
+    Uses ``logit - logsumexp`` rather than a full ``log_softmax`` so only one
+    (B, T, V) float32 temporary is alive.
+    """
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    logits = logits[:, :-1].float()
+    safe_targets = torch.where(mask, targets, torch.zeros_like(targets))
+    picked = torch.gather(logits, 2, safe_targets.unsqueeze(-1)).squeeze(-1)
+    logps = picked - torch.logsumexp(logits, dim=-1)
+    return logps * mask, mask
+
+
+def _target_counts(mask: torch.Tensor, on_empty: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Valid-target count per sequence and the mask of sequences that have any.
+
+    ``on_empty="raise"`` raises :class:`EmptyTargetError` naming the rows;
+    ``"skip"`` lets the caller exclude them (and count them in the metrics).
+    """
+    n = mask.sum(-1)
+    keep = n > 0
+    if on_empty not in ("raise", "skip"):
+        raise ValueError(f"on_empty must be 'raise' or 'skip', got {on_empty!r}")
+    if on_empty == "raise" and not bool(keep.all()):
+        rows = torch.nonzero(~keep).flatten().tolist()
+        raise EmptyTargetError(
+            f"batch rows {rows} have no target tokens (all labels are -100): the prompt "
+            "filled max_length or the response is empty. Drop such rows in data "
+            "preparation (ift.data reports them), or pass on_empty='skip'."
+        )
+    return n, keep
+
+
+def _mean_over_kept(per_sequence: torch.Tensor, keep: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    """Mean of ``per_sequence`` over kept rows; 0 (still attached to the graph) if none."""
+    if bool(keep.any()):
+        return per_sequence[keep].mean()
+    # Every rank must still run backward (DDP/ZeRO collectives), so stay in the graph.
+    return anchor.sum() * 0.0
+
+
+# --------------------------------------------------------------------------- pure objectives
+
+
+def sft_loss_from_logps(
+    logps: torch.Tensor, mask: torch.Tensor, *, on_empty: str = "raise"
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SFT, paper eq. (27): ``mean_b [ Σ_t −log π(a*_t | s*_t) / n_b ]``.
+
+    Each sequence's NLL is averaged over its own n_b target tokens, then
+    sequences are averaged, the same length normalisation IFT uses.
+    """
+    n, keep = _target_counts(mask, on_empty)
+    per_seq = -(logps * mask).sum(-1) / n.clamp(min=1)
+    loss = _mean_over_kept(per_seq, keep, logps)
+    metrics = {
+        "nll": loss.detach(),
+        "num_sequences": keep.sum().detach().float(),
+        "num_skipped": (~keep).sum().detach().float(),
+        "num_tokens": n.sum().detach().float(),
+    }
+    return loss, metrics
+
+
+def ift_weights(
+    logps: torch.Tensor,
+    mask: torch.Tensor,
+    decay: float | torch.Tensor,
+    *,
+    detach: bool = False,
+) -> torch.Tensor:
+    """Dynamic Relation Propagation weights, paper eqs. (22)/(25) with decay (B.1).
+
+    Eq. (22) sums, for every start n, the losses of all tokens i ≥ n, so token
+    i's loss is counted once per earlier-or-equal start; with the decay of
+    Appendix B.1 (the Bellman-style discount of A.3) this becomes a right
+    discounted cumulative sum.  Following the authors' release (B.3):
+
+    * ``item_t = −logp_t / n`` on valid tokens, 0 elsewhere;
+    * ``w_t = Σ_{k ≥ t} γ^{k−t} item_k``  (:func:`ift.scan.discounted_cumsum`);
+    * ``w`` is zeroed off-target and rescaled so each sequence's weights sum to
+      n (they average 1, keeping the loss on SFT's scale).
+
+    ``decay = 0`` turns propagation off: every target weight is exactly 1, so
+    IFT with λ=0 is SFT.  Gradients flow through the weights unless ``detach``:
+    the method's authors confirm the gradient is meant to pass through them.
+    Sequences with no target get zero weights.
+    """
+    maskf = mask.to(logps.dtype)
+    if not isinstance(decay, torch.Tensor) and decay == 0:
+        return maskf
+    n = maskf.sum(-1, keepdim=True)
+    items = -logps * maskf / n.clamp(min=1)
+    w = discounted_cumsum(items, decay) * maskf
+    total = w.sum(-1, keepdim=True)
+    # A sequence predicted perfectly has all-zero items; its loss is 0 whatever the
+    # weights, so fall back to 1s instead of dividing by zero (NaN gradients).
+    ok = total > 0
+    w = torch.where(ok, w * (n / torch.where(ok, total, torch.ones_like(total))), maskf)
+    return w.detach() if detach else w
+
+
+def ift_loss_from_logps(
+    logps: torch.Tensor,
+    mask: torch.Tensor,
+    decay: float | torch.Tensor = 0.95,
+    *,
+    detach_weights: bool = False,
+    on_empty: str = "raise",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """IFT loss from the fused pass's log-probs, eq. (22):
+    ``mean_b [ Σ_t −logp_t · w_t / n_b ]`` with ``w`` from :func:`ift_weights`."""
+    n, keep = _target_counts(mask, on_empty)
+    w = ift_weights(logps, mask, decay, detach=detach_weights)
+    per_seq = (-(logps * mask) * w).sum(-1) / n.clamp(min=1)
+    loss = _mean_over_kept(per_seq, keep, logps)
+    valid_w = w.detach()[mask]
+    nll = -(logps.detach() * mask).sum(-1) / n.clamp(min=1)
+    metrics = {
+        "nll": nll[keep].mean() if bool(keep.any()) else nll.sum() * 0,
+        "weight_mean": valid_w.mean() if valid_w.numel() else valid_w.sum(),
+        "weight_max": valid_w.max() if valid_w.numel() else valid_w.sum(),
+        "num_sequences": keep.sum().detach().float(),
+        "num_skipped": (~keep).sum().detach().float(),
+        "num_tokens": n.sum().detach().float(),
+    }
+    return loss, metrics
+
+
+# --------------------------------------------------------------------------- λ schedule
+
+
+@dataclass
+class LambdaSchedule:
+    """λ of eq. (17) as a function of the optimizer step.
+
+    ``kind="constant"`` gives ``lam_max`` throughout; ``"linear_warmup"`` ramps
+    from ``lam_min`` to ``lam_max`` over ``warmup_steps``.  ``jitter_std`` adds
+    Gaussian noise (clipped to [0, 1]) per call, drawn from ``generator`` so runs
+    are reproducible.
+    """
+
+    lam_max: float = 0.2
+    kind: Literal["constant", "linear_warmup"] = "constant"
+    lam_min: float = 0.0
+    warmup_steps: int = 0
+    jitter_std: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("lam_min", "lam_max"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {v}")
+        if self.kind not in ("constant", "linear_warmup"):
+            raise ValueError(f"kind must be 'constant' or 'linear_warmup', got {self.kind!r}")
+        if self.warmup_steps < 0 or self.jitter_std < 0:
+            raise ValueError("warmup_steps and jitter_std must be non-negative")
+
+    def base(self, step: int) -> float:
+        if self.kind == "constant" or self.warmup_steps == 0:
+            return self.lam_max
+        frac = min(max(step, 0) / self.warmup_steps, 1.0)
+        return self.lam_min + frac * (self.lam_max - self.lam_min)
+
+    def __call__(self, step: int, generator: torch.Generator | None = None) -> float:
+        lam = self.base(step)
+        if self.jitter_std > 0:
+            lam += float(torch.randn((), generator=generator)) * self.jitter_std
+        return min(max(lam, 0.0), 1.0)
+
+
+# --------------------------------------------------------------------------- model-level objectives
+
+
+def _forward_logits(model: nn.Module, attention_mask: torch.Tensor, **inputs) -> torch.Tensor:
+    out = model(attention_mask=attention_mask, use_cache=False, **inputs)
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+def sft_loss(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    on_empty: str = "raise",
+) -> ObjectiveOutput:
+    """SFT (eq. 27) on the response tokens, length-normalised per sequence."""
+    logits = _forward_logits(model, attention_mask, input_ids=input_ids)
+    logps, mask = token_logps(logits, labels)
+    loss, metrics = sft_loss_from_logps(logps, mask, on_empty=on_empty)
+    return ObjectiveOutput(loss, metrics)
+
+
+def predict_next_tokens(
+    logits: torch.Tensor,
+    *,
+    strategy: Literal["greedy", "sample"] = "greedy",
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The model's own choice at every position (paper B.3, step 1).
+
+    ``greedy`` is the paper's argmax; ``sample`` draws from the temperature /
+    top-k / top-p filtered distribution, as the authors' release allows.
+    """
+    if strategy == "greedy":
+        return logits.argmax(-1)
+    if strategy != "sample":
+        raise ValueError(f"strategy must be 'greedy' or 'sample', got {strategy!r}")
+    if temperature <= 0:
+        raise ValueError("temperature must be > 0 for sampling; use strategy='greedy' for argmax")
+    scores = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(scores, min(top_k, scores.shape[-1]), dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=True, dim=-1)
+        probs = sorted_scores.softmax(-1)
+        # Drop a token once the mass before it already exceeds top_p (the top token always stays).
+        drop_sorted = (probs.cumsum(-1) - probs) > top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        scores = scores.masked_fill(drop, float("-inf"))
+    probs = scores.softmax(-1)
+    flat = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
+    return flat.view(probs.shape[:-1])
+
+
+def frozen_embedding_copy(model: nn.Module) -> nn.Module:
+    """A frozen copy of the model's input embeddings, for ``ift_loss(fusion_embeddings=...)``.
+
+    The authors' release builds the fused input from such a copy, so the fusion
+    itself does not train the embedding table (only the ordinary path through the
+    model does).  Not usable under ZeRO-3, where parameters are partitioned:
+    build it before ``deepspeed.initialize``.
+    """
+    emb = copy.deepcopy(model.get_input_embeddings())
+    emb.requires_grad_(False)
+    return emb
+
+
+def ift_loss(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    lam: float = 0.2,
+    decay: float = 0.95,
+    *,
+    detach_weights: bool = False,
+    prediction: Literal["greedy", "sample"] = "greedy",
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    fusion_embeddings: nn.Module | None = None,
+    on_empty: str = "raise",
+) -> ObjectiveOutput:
+    """Intuitive Fine-Tuning loss for one batch (paper §4, Appendix B.3).
+
+    1. *Inference one step ahead*: a no-grad pass on ``E(input_ids)``; the greedy
+       prediction for position t is ``argmax logits[:, t-1]`` (``pred[:, 0] =
+       input_ids[:, 0]``).  Prompt and padding positions (``labels == -100``) keep
+       their true token.
+    2. *Intuitive preference estimation*, eq. (17): the input is
+       ``(1-λ)·E(input_ids) + λ·E(pred)``, i.e. each target state is mixed with
+       the state the model itself would have produced; a second pass with
+       gradients gives float32 log-probs of the true next tokens.
+    3. *Dynamic relation propagation*, eq. (22): token losses are weighted by
+       :func:`ift_weights` (discount ``decay``).
+
+    Returns an :class:`ObjectiveOutput` whose metrics include ``lam``,
+    ``weight_mean``/``weight_max``, the fused-pass ``nll`` and
+    ``prediction_accuracy`` (how often the model's own prediction equals the
+    target on response tokens, i.e. how far the fused input is from the SFT one).
+
+    With ``lam=0`` and ``decay=0`` this is exactly :func:`sft_loss`.
+    """
+    if not 0.0 <= float(lam) <= 1.0:
+        raise ValueError(f"lam must lie in [0, 1], got {lam}")
+    embed = model.get_input_embeddings()
+    fuse_embed = fusion_embeddings if fusion_embeddings is not None else embed
+    is_target = labels != IGNORE_INDEX
+
+    with torch.no_grad():
+        logits = _forward_logits(model, attention_mask, inputs_embeds=embed(input_ids))
+        next_pred = predict_next_tokens(
+            logits, strategy=prediction, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+        )
+        del logits
+        shifted = torch.cat([input_ids[:, :1], next_pred[:, :-1]], dim=1)
+        pred_ids = torch.where(is_target, shifted, input_ids)
+        hits = ((pred_ids == input_ids) & is_target).sum()
+        accuracy = hits.float() / is_target.sum().clamp(min=1)
+
+    true_embeds = fuse_embed(input_ids)
+    if lam == 0:
+        fused = true_embeds
+    else:
+        fused = (1.0 - lam) * true_embeds + lam * fuse_embed(pred_ids)
+    logits = _forward_logits(model, attention_mask, inputs_embeds=fused)
+    logps, mask = token_logps(logits, labels)
+    loss, metrics = ift_loss_from_logps(
+        logps, mask, decay, detach_weights=detach_weights, on_empty=on_empty
+    )
+    metrics["lam"] = torch.tensor(float(lam))
+    metrics["prediction_accuracy"] = accuracy.detach()
+    return ObjectiveOutput(loss, metrics)
+
+
+# --------------------------------------------------------------------------- preference baselines
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    beta: float = 0.1,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Sigmoid DPO (Rafailov et al.; paper eq. 32, offline form).
+
+    ``−log σ(β·[(log π(y+) − log π_ref(y+)) − (log π(y−) − log π_ref(y−))])``
+    averaged over the batch; inputs are summed sequence log-probs, shape (B,).
+    Metrics: implicit rewards ``β·(log π − log π_ref)`` and their accuracy.
+    """
+    chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps)
+    rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps)
+    margins = chosen_rewards - rejected_rewards
+    losses = -F.logsigmoid(margins)
+    metrics = {
+        "reward_chosen": chosen_rewards.detach().mean(),
+        "reward_rejected": rejected_rewards.detach().mean(),
+        "reward_margin": margins.detach().mean(),
+        "reward_accuracy": (margins.detach() > 0).float().mean(),
+    }
+    return losses.mean(), metrics
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 − exp(x))`` for x < 0, stable on both sides of −log 2 (Mächler 2012)."""
+    x = x.clamp(max=-1e-7)
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def orpo_loss(
+    chosen_mean_logps: torch.Tensor,
+    rejected_mean_logps: torch.Tensor,
+    chosen_nll: torch.Tensor,
+    beta: float = 0.25,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """ORPO (Hong et al. 2024), the paper's β=0.25 baseline.
+
+    ``L = NLL(y+) + β · (−log σ(log odds(y+) − log odds(y−)))`` with
+    ``log odds(y) = p̄ − log(1 − exp(p̄))`` and ``p̄`` the length-averaged
+    log-prob of the response.  Inputs have shape (B,); ``chosen_nll`` is the
+    per-sequence length-normalised NLL of the chosen response.
+    """
+    log_odds = (chosen_mean_logps - rejected_mean_logps) - (
+        _log1mexp(chosen_mean_logps) - _log1mexp(rejected_mean_logps)
+    )
+    ratio_losses = -F.logsigmoid(log_odds)
+    loss = chosen_nll.mean() + beta * ratio_losses.mean()
+    metrics = {
+        "nll": chosen_nll.detach().mean(),
+        "log_odds_ratio": log_odds.detach().mean(),
+        "odds_ratio_loss": ratio_losses.detach().mean(),
+        "reward_accuracy": (log_odds.detach() > 0).float().mean(),
+    }
+    return loss, metrics
+
+
+def sequence_logps(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-prob and response length per sequence, shape (B,) each."""
+    logits = _forward_logits(model, attention_mask, input_ids=input_ids)
+    logps, mask = token_logps(logits, labels)
+    n = mask.sum(-1)
+    if not bool((n > 0).all()):
+        rows = torch.nonzero(n == 0).flatten().tolist()
+        raise EmptyTargetError(f"preference batch rows {rows} have no response tokens")
+    return logps.sum(-1), n
+
+
+def _concat_pair(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Chosen and rejected stacked into one forward (they are padded to one length)."""
+    b = batch["chosen_input_ids"].shape[0]
+    ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
+    att = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
+    lab = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
+    return ids, att, lab, b
+
+
+def dpo_batch_loss(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    *,
+    beta: float = 0.1,
+    reference_model: nn.Module | None = None,
+) -> ObjectiveOutput:
+    """DPO on a collated preference batch (keys ``chosen_*``/``rejected_*``).
+
+    The reference log-probs come from ``reference_model`` (a frozen copy of the
+    start policy, run under no-grad), or were precomputed once and stored in the
+    batch as ``reference_chosen_logps`` / ``reference_rejected_logps``.
+    """
+    ids, att, lab, b = _concat_pair(batch)
+    if "reference_chosen_logps" in batch:
+        ref_c, ref_r = batch["reference_chosen_logps"], batch["reference_rejected_logps"]
+    else:
+        if reference_model is None:
+            raise ValueError("dpo needs reference_model, or precomputed reference_*_logps in the batch")
+        with torch.no_grad():
+            ref, _ = sequence_logps(reference_model, ids, att, lab)
+        ref_c, ref_r = ref[:b], ref[b:]
+    pol, n = sequence_logps(model, ids, att, lab)
+    loss, metrics = dpo_loss(pol[:b], pol[b:], ref_c.to(pol.dtype), ref_r.to(pol.dtype), beta=beta)
+    metrics["nll"] = (-pol[:b] / n[:b]).detach().mean()
+    metrics["num_sequences"] = torch.tensor(float(b))
+    metrics["num_tokens"] = n[:b].sum().detach().float()
+    return ObjectiveOutput(loss, metrics)
+
+
+def orpo_batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, beta: float = 0.25) -> ObjectiveOutput:
+    """ORPO on a collated preference batch; no reference model."""
+    ids, att, lab, b = _concat_pair(batch)
+    pol, n = sequence_logps(model, ids, att, lab)
+    mean_logps = pol / n
+    loss, metrics = orpo_loss(mean_logps[:b], mean_logps[b:], -mean_logps[:b], beta=beta)
+    metrics["num_sequences"] = torch.tensor(float(b))
+    metrics["num_tokens"] = n[:b].sum().detach().float()
+    return ObjectiveOutput(loss, metrics)
