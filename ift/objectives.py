@@ -70,7 +70,7 @@ class ObjectiveOutput:
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probabilities of the true next tokens, in float32.
+    """Per-token log-probabilities of the true next tokens, in float32 (float64 inputs stay float64).
 
     Returns ``(logps, mask)`` of shape (B, T-1): ``logps[:, t] = log π(labels[:, t+1] |
     prefix ≤ t)`` and ``mask`` marks valid targets.  Invalid positions hold 0.
@@ -79,7 +79,10 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     """
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
-    logits = logits[:, :-1].float()
+    # Upcast only: float64 stays float64 (the exactness tests rely on it).
+    logits = logits[:, :-1]
+    if logits.dtype != torch.float64:
+        logits = logits.float()
     safe_targets = torch.where(mask, targets, torch.zeros_like(targets))
     picked = torch.gather(logits, 2, safe_targets.unsqueeze(-1)).squeeze(-1)
     logps = picked - torch.logsumexp(logits, dim=-1)

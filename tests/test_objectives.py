@@ -1,0 +1,342 @@
+"""ift.objectives: each objective against hand-worked numbers and an independent float64 implementation."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from conftest import build_llama
+from ift.objectives import (
+    EmptyTargetError,
+    LambdaSchedule,
+    dpo_batch_loss,
+    dpo_loss,
+    frozen_embedding_copy,
+    ift_loss,
+    ift_loss_from_logps,
+    ift_weights,
+    orpo_batch_loss,
+    orpo_loss,
+    predict_next_tokens,
+    sft_loss,
+    sft_loss_from_logps,
+    token_logps,
+)
+
+# ----------------------------------------------------------------------------- a straightforward float64 IFT
+
+
+def reference_ift(model, input_ids, attention_mask, labels, lam, decay):
+    """Paper Appendix B.3 written as plainly as possible: loops, float64, no shared helpers."""
+    emb = model.get_input_embeddings().weight
+    batch, length = input_ids.shape
+    with torch.no_grad():
+        first = model(inputs_embeds=emb[input_ids], attention_mask=attention_mask).logits
+    pred = input_ids.clone()
+    for b in range(batch):
+        for t in range(1, length):
+            if labels[b, t] != -100:
+                pred[b, t] = int(torch.argmax(first[b, t - 1]))
+    fused = (1 - lam) * emb[input_ids] + lam * emb[pred]
+    logits = model(inputs_embeds=fused, attention_mask=attention_mask).logits
+    total = 0.0
+    for b in range(batch):
+        logp, valid = [], []
+        for t in range(length - 1):
+            ok = labels[b, t + 1] != -100
+            valid.append(bool(ok))
+            logp.append(torch.log_softmax(logits[b, t], -1)[labels[b, t + 1]] if ok else torch.zeros((), dtype=logits.dtype))
+        n = sum(valid)
+        if decay == 0:
+            w = [1.0 if v else 0.0 for v in valid]
+        else:
+            items = [-logp[k] / n if valid[k] else 0.0 for k in range(length - 1)]
+            w = []
+            for k in range(length - 1):
+                acc = sum(decay ** (j - k) * items[j] for j in range(k, length - 1))
+                w.append(acc if valid[k] else 0.0)
+            scale = n / sum(w)
+            w = [x * scale for x in w]
+        total = total + sum(-logp[k] * w[k] for k in range(length - 1) if valid[k]) / n
+    return total / batch
+
+
+def make_batch(vocab=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, vocab, (3, 12), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    labels = input_ids.clone()
+    labels[0, :4] = -100  # prompt
+    labels[1, :2] = -100
+    labels[2, :5] = -100
+    labels[2, 9:] = -100  # right padding
+    attention_mask[2, 9:] = 0
+    input_ids[2, 9:] = 0
+    return input_ids, attention_mask, labels
+
+
+def grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("lam,decay", [(0.2, 0.95), (0.5, 0.5), (0.2, 1.0), (0.0, 0.95), (0.3, 0.0)])
+def test_ift_loss_and_every_gradient_match_float64_reference(lam, decay):
+    ours_model, ref_model = build_llama(), build_llama()
+    ids, att, lab = make_batch()
+    out = ift_loss(ours_model, ids, att, lab, lam=lam, decay=decay)
+    out.loss.backward()
+    ref = reference_ift(ref_model, ids, att, lab, lam, decay)
+    ref.backward()
+    torch.testing.assert_close(out.loss, ref, rtol=1e-6, atol=0)
+    ours, theirs = grads(ours_model), grads(ref_model)
+    assert ours.keys() == theirs.keys() and len(ours) == len(list(ours_model.parameters()))
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-6, atol=1e-12, msg=name)
+
+
+def test_fusion_changes_the_loss_so_the_reference_test_is_not_vacuous():
+    model = build_llama()
+    ids, att, lab = make_batch()
+    a = ift_loss(model, ids, att, lab, lam=0.5, decay=0.0).loss
+    b = ift_loss(model, ids, att, lab, lam=0.0, decay=0.0).loss
+    assert not torch.isclose(a, b)
+
+
+# ----------------------------------------------------------------------------- invariants
+
+
+def test_lambda0_decay0_is_exactly_sft(llama64):
+    ids, att, lab = make_batch()
+    ift = ift_loss(llama64, ids, att, lab, lam=0.0, decay=0.0).loss
+    sft = sft_loss(llama64, ids, att, lab).loss
+    assert torch.equal(ift, sft)
+
+
+def test_decay0_gives_unit_weights():
+    logps = -torch.rand(2, 6)
+    mask = torch.tensor([[0, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(ift_weights(logps, mask, 0.0), mask.float())
+
+
+def test_weights_average_one_per_sequence_and_vanish_off_target():
+    logps = -torch.rand(4, 50) - 0.01
+    mask = torch.rand(4, 50) > 0.3
+    w = ift_weights(logps * mask, mask, 0.95)
+    torch.testing.assert_close(w.sum(-1), mask.sum(-1).float())
+    assert (w[~mask] == 0).all()
+
+
+def test_hand_worked_weights_and_loss():
+    # logps -1,-2,-3, decay .5: items 1/3, 2/3, 1 -> raw w = 11/12, 7/6, 1 (sum 37/12)
+    # -> rescaled to sum 3: 33/37, 42/37, 36/37; loss = (1*33 + 2*42 + 3*36) / 37 / 3 = 225/111.
+    logps = torch.tensor([[-1.0, -2.0, -3.0]], dtype=torch.float64)
+    mask = torch.ones_like(logps, dtype=torch.bool)
+    w = ift_weights(logps, mask, 0.5)
+    torch.testing.assert_close(w, torch.tensor([[33 / 37, 42 / 37, 36 / 37]], dtype=torch.float64))
+    loss, metrics = ift_loss_from_logps(logps, mask, 0.5)
+    assert loss.item() == pytest.approx(225 / 111, rel=1e-12)
+    assert metrics["weight_max"].item() == pytest.approx(42 / 37)
+    sft, _ = sft_loss_from_logps(logps, mask)
+    assert sft.item() == pytest.approx(2.0)
+
+
+def test_prompt_and_padding_do_not_change_the_loss(llama64):
+    ids, att, lab = make_batch()
+    row = slice(2, 3)
+    alone = ift_loss(llama64, ids[row, :9], att[row, :9], lab[row, :9]).loss
+    padded = ift_loss(llama64, ids[row], att[row], lab[row]).loss
+    torch.testing.assert_close(alone, padded, rtol=1e-10, atol=0)
+
+
+def test_weights_carry_gradient_unless_detached():
+    logps = torch.tensor([[-1.0, -2.0, -3.0]], dtype=torch.float64, requires_grad=True)
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    live, _ = ift_loss_from_logps(logps, mask, 0.5)
+    (g_live,) = torch.autograd.grad(live, logps)
+    detached, _ = ift_loss_from_logps(logps, mask, 0.5, detach_weights=True)
+    (g_det,) = torch.autograd.grad(detached, logps)
+    assert live.item() == pytest.approx(detached.item())
+    # Detached: dL/dlogp_t = -w_t / n exactly.
+    torch.testing.assert_close(g_det, -torch.tensor([[33, 42, 36]], dtype=torch.float64) / 37 / 3)
+    assert not torch.allclose(g_live, g_det)
+
+
+def test_perfectly_predicted_sequence_gives_zero_loss_not_nan():
+    logps = torch.zeros(1, 4, requires_grad=True)
+    loss, _ = ift_loss_from_logps(logps, torch.ones(1, 4, dtype=torch.bool), 0.95)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.isfinite(logps.grad).all()
+
+
+# ----------------------------------------------------------------------------- empty targets
+
+
+def test_sequence_without_targets_raises_naming_the_row():
+    logps = -torch.rand(3, 5)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[1] = False
+    with pytest.raises(EmptyTargetError, match=r"rows \[1\]"):
+        ift_loss_from_logps(logps, mask)
+
+
+def test_sequence_without_targets_is_skipped_and_counted_on_request():
+    logps = -torch.rand(3, 5)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[1] = False
+    loss, metrics = ift_loss_from_logps(logps * mask, mask, on_empty="skip")
+    expected, _ = ift_loss_from_logps(logps[[0, 2]], mask[[0, 2]])
+    torch.testing.assert_close(loss, expected)
+    assert metrics["num_skipped"].item() == 1 and metrics["num_sequences"].item() == 2
+
+
+def test_batch_with_no_targets_at_all_gives_zero_loss_that_still_backpropagates(llama64):
+    ids, att, lab = make_batch()
+    lab[:] = -100
+    out = ift_loss(llama64, ids, att, lab, on_empty="skip")
+    out.loss.backward()
+    assert out.loss.item() == 0.0 and not math.isnan(out.loss.item())
+    assert all(torch.isfinite(p.grad).all() for p in llama64.parameters() if p.grad is not None)
+
+
+# ----------------------------------------------------------------------------- options
+
+
+def test_frozen_fusion_embeddings_give_the_same_loss_but_no_embedding_gradient_through_the_input():
+    live_model, frozen_model = build_llama(), build_llama()
+    ids, att, lab = make_batch()
+    live = ift_loss(live_model, ids, att, lab)
+    frozen = ift_loss(frozen_model, ids, att, lab, fusion_embeddings=frozen_embedding_copy(frozen_model))
+    live.loss.backward()
+    frozen.loss.backward()
+    torch.testing.assert_close(live.loss, frozen.loss)
+    assert live_model.get_input_embeddings().weight.grad.abs().sum() > 0
+    assert frozen_model.get_input_embeddings().weight.grad is None
+
+
+def test_sampling_with_top_k_1_is_greedy():
+    logits = torch.randn(2, 7, 11)
+    assert torch.equal(predict_next_tokens(logits, strategy="sample", top_k=1), logits.argmax(-1))
+
+
+def test_sampling_with_tiny_top_p_is_greedy():
+    logits = torch.randn(2, 7, 11)
+    assert torch.equal(predict_next_tokens(logits, strategy="sample", top_p=1e-6), logits.argmax(-1))
+
+
+def test_sampling_is_reproducible_with_a_generator():
+    logits = torch.randn(2, 7, 11)
+    a = predict_next_tokens(logits, strategy="sample", generator=torch.Generator().manual_seed(3))
+    b = predict_next_tokens(logits, strategy="sample", generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+
+
+def test_ift_metrics_report_lambda_and_prediction_accuracy(llama64):
+    ids, att, lab = make_batch()
+    m = ift_loss(llama64, ids, att, lab, lam=0.3).metrics
+    assert m["lam"].item() == pytest.approx(0.3)
+    assert 0.0 <= m["prediction_accuracy"].item() <= 1.0
+    assert m["num_tokens"].item() == (lab[:, 1:] != -100).sum().item()
+
+
+def test_lambda_outside_unit_interval_is_rejected(llama64):
+    with pytest.raises(ValueError, match="lam must lie"):
+        ift_loss(llama64, *make_batch(), lam=1.5)
+
+
+def test_lambda_schedule_linear_warmup():
+    s = LambdaSchedule(lam_max=0.2, kind="linear_warmup", lam_min=0.0, warmup_steps=10)
+    assert [s(0), s(5), s(10), s(100)] == pytest.approx([0.0, 0.1, 0.2, 0.2])
+
+
+def test_lambda_schedule_jitter_is_seeded_and_clipped():
+    s = LambdaSchedule(lam_max=0.05, jitter_std=1.0)
+    a = [s(0, torch.Generator().manual_seed(1)) for _ in range(3)]
+    b = [s(0, torch.Generator().manual_seed(1)) for _ in range(3)]
+    assert a == b
+    values = [s(0, g) for g in [torch.Generator().manual_seed(i) for i in range(50)]]
+    assert min(values) == 0.0 and all(0.0 <= v <= 1.0 for v in values)
+
+
+def test_lambda_schedule_validates_its_range():
+    with pytest.raises(ValueError, match="lam_max"):
+        LambdaSchedule(lam_max=2.0)
+
+
+# ----------------------------------------------------------------------------- baselines
+
+
+def test_token_logps_masks_and_shifts():
+    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [1 / 3, 1 / 3, 1 / 3]]]))
+    labels = torch.tensor([[-100, 0, 1]])
+    logps, mask = token_logps(logits, labels)
+    assert mask.tolist() == [[True, True]]
+    torch.testing.assert_close(logps, torch.log(torch.tensor([[0.5, 0.8]])))
+
+
+def test_dpo_hand_computed():
+    # margins = .1*(-1 - -2) - .1*(-3 - -2) = 0.2 -> loss = log(1 + e^-0.2)
+    loss, m = dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), beta=0.1)
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-0.2)))
+    assert m["reward_chosen"].item() == pytest.approx(0.1) and m["reward_accuracy"].item() == 1.0
+
+
+def test_orpo_hand_computed():
+    # p(y+)=1/2 -> odds 1; p(y-)=1/4 -> odds 1/3; -log sigma(log 3) = log(4/3); NLL(y+) = log 2.
+    c, r = torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)])
+    loss, m = orpo_loss(c, r, -c, beta=0.25)
+    assert loss.item() == pytest.approx(math.log(2) + 0.25 * math.log(4 / 3), rel=1e-6)
+    assert m["log_odds_ratio"].item() == pytest.approx(math.log(3), rel=1e-6)
+
+
+def test_orpo_is_finite_when_the_chosen_response_is_certain():
+    loss, _ = orpo_loss(torch.tensor([0.0]), torch.tensor([-2.0]), torch.tensor([0.0]))
+    assert torch.isfinite(loss)
+
+
+def preference_batch():
+    ids, att, lab = make_batch()
+    return {
+        "chosen_input_ids": ids, "chosen_attention_mask": att, "chosen_labels": lab,
+        "rejected_input_ids": torch.where(lab == -100, ids, (ids + 1) % 32), "rejected_attention_mask": att,
+        "rejected_labels": torch.where(lab == -100, lab, (ids + 1) % 32),
+    }
+
+
+def test_dpo_against_itself_as_reference_is_log2(llama64):
+    out = dpo_batch_loss(llama64, preference_batch(), reference_model=copy.deepcopy(llama64))
+    assert out.loss.item() == pytest.approx(math.log(2))
+
+
+def test_dpo_with_precomputed_reference_equals_dpo_with_the_reference_model(llama64):
+    batch = preference_batch()
+    ref = copy.deepcopy(llama64)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.01)
+    live = dpo_batch_loss(llama64, batch, reference_model=ref).loss
+    from ift.objectives import sequence_logps
+    ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
+    att = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
+    lab = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
+    with torch.no_grad():
+        ref_logps, _ = sequence_logps(ref, ids, att, lab)
+    pre = dpo_batch_loss(llama64, batch | {"reference_chosen_logps": ref_logps[:3], "reference_rejected_logps": ref_logps[3:]})
+    torch.testing.assert_close(live, pre.loss)
+
+
+def test_dpo_without_a_reference_says_what_is_missing(llama64):
+    with pytest.raises(ValueError, match="reference_model"):
+        dpo_batch_loss(llama64, preference_batch())
+
+
+def test_orpo_batch_loss_matches_formula_on_model_logps(llama64):
+    batch = preference_batch()
+    out = orpo_batch_loss(llama64, batch)
+    from ift.objectives import sequence_logps
+    c, nc = sequence_logps(llama64, batch["chosen_input_ids"], batch["chosen_attention_mask"], batch["chosen_labels"])
+    r, nr = sequence_logps(llama64, batch["rejected_input_ids"], batch["rejected_attention_mask"], batch["rejected_labels"])
+    expected, _ = orpo_loss(c / nc, r / nr, -c / nc)
+    torch.testing.assert_close(out.loss, expected)
