@@ -1,0 +1,337 @@
+"""The one validated configuration schema for `ift train`, `ift sweep` and every trial.
+
+A config is YAML (see ``pipelines/configs/``), then ``key=value`` overrides with
+dotted keys (``optimization.lr=1e-4 method.name=sft``).  Unknown keys and wrong
+types are errors that name the key, with a suggestion for near misses.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PACKAGED_CONFIGS = "pipelines.configs"
+DEFAULT_CONFIG = "tiny"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded for the person who wrote the config."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name: str = Field("tiny", description="Preset ('tiny', 'tiny-100m'), hub id, or local path of a causal LM.")
+    tokenizer: str | None = Field(None, description="Tokenizer id/path; defaults to the model's.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Dtype the weights load in.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    trust_remote_code: bool = Field(False, description="Run code shipped with a hub model. Off unless asked.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+
+
+class DataSource(_Section):
+    path: str = Field(..., description="JSONL/Parquet path or glob, or 'hf:<dataset id>' for a hub dataset.")
+    split: str = Field("train", description="Split of a hub dataset.")
+    weight: float = Field(1.0, gt=0, description="Mixture weight: rows are sampled in proportion to it.")
+    max_rows: int | None = Field(None, gt=0, description="Use at most this many rows of the source.")
+
+
+class DataConfig(_Section):
+    train: list[DataSource] = Field(..., min_length=1, description="Training sources (a weighted mixture).")
+    validation: list[DataSource] = Field(default_factory=list, description="Validation sources.")
+    validation_fraction: float = Field(
+        0.0, ge=0, lt=1, description="Hold out this fraction of train when no validation source is given."
+    )
+    max_length: int = Field(512, gt=8, description="Maximum tokens per sequence.")
+    truncation: Literal["truncate_left", "truncate_right", "drop"] = Field(
+        "truncate_left", description="What to do with rows longer than max_length."
+    )
+    on_bad_row: Literal["error", "skip"] = Field(
+        "error", description="'error' stops at the first bad row naming file and row; 'skip' counts and reports."
+    )
+    tokenize_batch_size: int = Field(256, gt=0, description="Rows per Ray Data map_batches call.")
+    tokenize_concurrency: int = Field(1, gt=0, description="Tokenizer actors (each loads the tokenizer once).")
+
+
+class MethodConfig(_Section):
+    name: Literal["ift", "sft", "dpo", "orpo"] = Field("ift", description="Training objective.")
+    lam: float = Field(0.2, ge=0, le=1, description="IFT λ of eq. (17), or its maximum under a schedule.")
+    decay: float = Field(0.95, ge=0, le=1, description="IFT propagation decay γ (0 turns propagation off).")
+    lam_schedule: Literal["constant", "linear_warmup"] = Field("constant", description="λ over steps.")
+    lam_min: float = Field(0.0, ge=0, le=1, description="Start λ of the linear warm-up.")
+    lam_warmup_steps: int = Field(0, ge=0, description="Steps of the λ warm-up.")
+    lam_jitter_std: float = Field(0.0, ge=0, description="Std of Gaussian jitter on λ per step.")
+    detach_weights: bool = Field(False, description="Stop gradients through the IFT weights.")
+    prediction: Literal["greedy", "sample"] = Field("greedy", description="How IFT takes the model's own tokens.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (prediction=sample).")
+    top_k: int = Field(0, ge=0, description="Top-k filter (prediction=sample; 0 = off).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Top-p filter (prediction=sample).")
+    frozen_fusion_embeddings: bool = Field(
+        False, description="Fuse with a frozen copy of the input embeddings, as the authors' release does."
+    )
+    beta: float | None = Field(None, gt=0, description="DPO/ORPO β; default 0.1 for DPO, 0.25 for ORPO.")
+    precompute_reference: bool = Field(
+        False, description="DPO: compute reference log-probs once before training and free the reference model."
+    )
+
+    @property
+    def resolved_beta(self) -> float:
+        return self.beta if self.beta is not None else {"dpo": 0.1, "orpo": 0.25}.get(self.name, 0.0)
+
+    @property
+    def needs_pairs(self) -> bool:
+        return self.name in ("dpo", "orpo")
+
+
+class OptimizationConfig(_Section):
+    lr: float = Field(5e-4, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="LR schedule after warm-up.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps of linear LR warm-up.")
+    epochs: int = Field(1, gt=0, description="Passes over the training data (unless max_steps stops first).")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
+    micro_batch_size: int = Field(8, gt=0, description="Sequences per worker per forward/backward.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping (0 = off).")
+    seed: int = Field(42, description="Seeds model init, data order and sampling.")
+    eval_every_n_steps: int = Field(0, ge=0, description="Validation loss every N steps (0 = only at the end).")
+    log_every_n_steps: int = Field(1, gt=0, description="Report metrics every N steps.")
+
+
+class DeepSpeedConfig(_Section):
+    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="ZeRO stage.")
+    offload_optimizer: bool = Field(False, description="ZeRO-Offload the optimizer state to CPU.")
+    offload_param: bool = Field(False, description="ZeRO-3: offload parameters to CPU.")
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto = bf16 on GPU, fp32 on CPU.")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="Raw DeepSpeed config keys merged last.")
+
+
+class ScalingConfig(_Section):
+    num_workers: int = Field(2, gt=0, description="Ray Train workers (data-parallel ranks).")
+    use_gpu: bool | Literal["auto"] = Field("auto", description="auto = use GPUs if the cluster has any.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker (fractions allowed).")
+    gpus_per_worker: float = Field(1.0, ge=0, description="GPUs per worker when use_gpu.")
+
+
+class CheckpointingConfig(_Section):
+    storage_path: str = Field("ift_runs", description="Where runs and checkpoints live (local dir or URI).")
+    every_n_steps: int = Field(50, gt=0, description="Checkpoint every N optimizer steps (and at the end).")
+    keep: int = Field(2, gt=0, description="Checkpoints kept (num_to_keep).")
+    max_failures: int = Field(2, ge=-1, description="Worker failures to recover from (-1 = unlimited).")
+
+
+class MLflowConfig(_Section):
+    enabled: bool = Field(True, description="Track the run in MLflow.")
+    tracking_uri: str = Field("sqlite:///mlflow.db", description="Tracking store; relative sqlite paths are made absolute.")
+    experiment: str = Field("ift", description="MLflow experiment name.")
+    registered_model_name: str | None = Field("ift-tiny", description="Register the final model under this name.")
+
+
+class EvalConfig(_Section):
+    at_end: bool = Field(False, description="Run the offline benchmark tasks on the final model.")
+    tasks: list[str] = Field(default_factory=list, description="Tasks (empty = the offline preset).")
+    limit: int | None = Field(None, gt=0, description="Examples per task.")
+
+
+class TrainConfig(_Section):
+    run_name: str = Field("ift-tiny", description="Run name; re-running with the same name resumes.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    optimization: OptimizationConfig = Field(default_factory=OptimizationConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    checkpointing: CheckpointingConfig = Field(default_factory=CheckpointingConfig)
+    mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> "TrainConfig":
+        if self.deepspeed.offload_param and self.deepspeed.zero_stage != 3:
+            raise ValueError("deepspeed.offload_param needs deepspeed.zero_stage=3")
+        if self.method.frozen_fusion_embeddings and self.deepspeed.zero_stage == 3:
+            raise ValueError("method.frozen_fusion_embeddings cannot copy partitioned ZeRO-3 embeddings; use stage 0-2")
+        if self.method.lam_schedule == "linear_warmup" and self.method.lam_min > self.method.lam:
+            raise ValueError("method.lam_min must not exceed method.lam (the warm-up's end value)")
+        return self
+
+    def fingerprint(self) -> str:
+        """A short hash of the resolved config, for tags and run identity."""
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _format_validation_error(err: ValidationError, source: str, allowed: dict[tuple, list[str]]) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        loc = tuple(str(p) for p in e["loc"])
+        key = ".".join(loc) or "<root>"
+        if e["type"] == "extra_forbidden":
+            names = allowed.get(tuple(p for p in loc[:-1] if not p.isdigit()), [])
+            close = difflib.get_close_matches(loc[-1], names, n=1)
+            hint = f" (did you mean '{'.'.join(loc[:-1] + (close[0],))}'?)" if close else ""
+            lines.append(f"  {key}: unknown key{hint}")
+        elif e["type"] == "missing":
+            lines.append(f"  {key}: required key is missing")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _allowed_keys(model: type[BaseModel], prefix: tuple = ()) -> dict[tuple, list[str]]:
+    """Section path (list indices left out) -> the keys that section accepts."""
+    out = {prefix: list(model.model_fields)}
+    for name, field in model.model_fields.items():
+        for candidate in (field.annotation, *getattr(field.annotation, "__args__", ())):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                out.update(_allowed_keys(candidate, prefix + (name,)))
+    return out
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node: Any = tree
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = node[int(part)]
+            continue
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, (dict, list)):
+            raise ConfigError(f"override {dotted}: '{'.'.join(parts[: i + 1])}' is a value, not a section")
+        node = nxt
+    if isinstance(node, list):
+        node[int(parts[-1])] = value
+    else:
+        node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """``["a.b=1", "c=[x, y]"]`` -> ``[("a.b", 1), ("c", ["x", "y"])]`` (values parsed as YAML)."""
+    parsed = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. optimization.lr=1e-4)")
+        key, raw = item.split("=", 1)
+        if not key:
+            raise ConfigError(f"override '{item}' has an empty key")
+        parsed.append((key.strip(), yaml.safe_load(raw) if raw != "" else None))
+    return parsed
+
+
+def packaged_config_path(name: str) -> Path:
+    """Path of a config shipped inside ``pipelines/configs`` (``tiny`` -> tiny.yaml)."""
+    return Path(str(resources.files(PACKAGED_CONFIGS).joinpath(f"{name}.yaml")))
+
+
+def packaged_config_names() -> list[str]:
+    root = resources.files(PACKAGED_CONFIGS)
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def _resolve_paths(tree: dict, base_dir: Path) -> None:
+    """Data paths in a YAML are relative to that YAML's directory (unless absolute or hub)."""
+    for split in ("train", "validation"):
+        for src in (tree.get("data") or {}).get(split) or []:
+            if isinstance(src, dict) and isinstance(src.get("path"), str):
+                p = src["path"]
+                if not (p.startswith("hf:") or "://" in p or os.path.isabs(p)):
+                    candidate = base_dir / p
+                    if candidate.exists() or any(ch in p for ch in "*?["):
+                        src["path"] = str(candidate)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Load a YAML config (default: the packaged ``tiny``), apply overrides, validate.
+
+    ``path`` may also name a packaged config (``tiny``, ``tiny-zero3`` ...).
+    """
+    if path is None:
+        file = packaged_config_path(DEFAULT_CONFIG)
+    else:
+        file = Path(path)
+        if not file.exists() and (file.suffix == "" and packaged_config_path(str(path)).exists()):
+            file = packaged_config_path(str(path))
+        if not file.exists():
+            raise ConfigError(
+                f"config file '{path}' not found; packaged configs are: {', '.join(packaged_config_names())}"
+            )
+    try:
+        tree = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{file}: not valid YAML: {exc}") from exc
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{file}: the top level must be a mapping of sections")
+    _resolve_paths(tree, file.parent)
+    for key, value in parse_overrides(overrides or []):
+        try:
+            _set_dotted(tree, key, value)
+        except (IndexError, ValueError, TypeError) as exc:
+            raise ConfigError(f"override {key}: {exc}") from exc
+    source = f"{file}" + (f" with overrides {' '.join(overrides)}" if overrides else "")
+    try:
+        cfg = TrainConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source, _allowed_keys(TrainConfig))) from None
+    return cfg
+
+
+def apply_overrides(cfg: TrainConfig, values: dict[str, Any]) -> TrainConfig:
+    """A copy of ``cfg`` with dotted-key values set and re-validated (used by sweeps)."""
+    tree = cfg.model_dump(mode="python")
+    for key, value in values.items():
+        _set_dotted(tree, key, value)
+    try:
+        return TrainConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, "overrides", _allowed_keys(TrainConfig))) from None
+
+
+def flatten(cfg: TrainConfig) -> dict[str, Any]:
+    """Dotted-key view of the resolved config (for MLflow params)."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        elif isinstance(node, list) and node and isinstance(node[0], dict):
+            for i, v in enumerate(node):
+                walk(f"{prefix}.{i}", v)
+        else:
+            out[prefix] = node
+
+    walk("", cfg.model_dump(mode="json"))
+    return out
+
+
+def describe_schema() -> str:
+    """Every key with its default and help text (``ift train --help-config``)."""
+    lines = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            key = f"{prefix}{name}"
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, key + ".")
+                continue
+            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+            lines.append(f"{key:42s} {default:>14s}  {field.description or ''}")
+
+    walk(TrainConfig, "")
+    return "\n".join(lines)

@@ -1,0 +1,435 @@
+"""The training loop shared by every method, by `ift train` and by every sweep trial.
+
+Nothing here imports Ray: the Ray worker (``pipelines.worker``) feeds batches in
+and passes callbacks to report and checkpoint, and a GPU machine without Ray can
+drive the same body (``benchmarks/``).  DeepSpeed runs the step (ZeRO 0–3); we
+hand it a torch optimizer object, because an optimizer declared in the DeepSpeed
+config JIT-compiles a kernel.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from ift.models import load_model, load_tokenizer
+from ift.objectives import (
+    LambdaSchedule,
+    ObjectiveOutput,
+    dpo_batch_loss,
+    frozen_embedding_copy,
+    ift_loss,
+    orpo_batch_loss,
+    sequence_logps,
+    sft_loss,
+)
+from pipelines.config import TrainConfig
+
+STATE_FILE = "trainer_state.json"
+DS_TAG = "deepspeed"
+HF_MODEL_DIR = "hf_model"
+
+
+@dataclass
+class LoopState:
+    """Where training is; saved with every checkpoint so a resume continues exactly."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    micro_in_epoch: int = 0  # micro-batches of `epoch` already consumed
+    tokens_seen: int = 0
+
+    def save(self, directory: str | os.PathLike) -> None:
+        path = Path(directory) / STATE_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self)))
+        os.replace(tmp, path)  # atomic: a reader sees the old or the new state, never half
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "LoopState":
+        return cls(**json.loads((Path(directory) / STATE_FILE).read_text()))
+
+
+@dataclass
+class Schedule:
+    """Step counts derived from the data size and the batch geometry."""
+
+    micro_per_epoch: int  # micro-batches per worker per epoch
+    steps_per_epoch: int
+    total_steps: int
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, train_rows: int, world_size: int) -> "Schedule":
+        o = cfg.optimization
+        global_micro = o.micro_batch_size * world_size
+        micro = (train_rows // global_micro) // o.gradient_accumulation_steps * o.gradient_accumulation_steps
+        steps = micro // o.gradient_accumulation_steps
+        if steps == 0:
+            raise ValueError(
+                f"{train_rows} training rows are fewer than one optimizer step needs "
+                f"(micro_batch_size {o.micro_batch_size} x workers {world_size} x accumulation "
+                f"{o.gradient_accumulation_steps}); add data or shrink the batch"
+            )
+        total = steps * o.epochs
+        if o.max_steps is not None:
+            total = min(total, o.max_steps)
+        return cls(micro_per_epoch=micro, steps_per_epoch=steps, total_steps=total)
+
+
+# --------------------------------------------------------------------------- building
+
+
+def deepspeed_config(cfg: TrainConfig, use_gpu: bool) -> dict[str, Any]:
+    ds = cfg.deepspeed
+    bf16 = ds.precision == "bf16" or (ds.precision == "auto" and use_gpu)
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
+    if ds.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": use_gpu}
+    if ds.zero_stage == 3:
+        # Gather the full weights on save so the final model can be exported.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    conf: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.optimization.micro_batch_size,
+        "gradient_accumulation_steps": cfg.optimization.gradient_accumulation_steps,
+        "gradient_clipping": cfg.optimization.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if ds.offload_optimizer:
+        # The offloaded optimizer must be DeepSpeed's CPU Adam; allow the torch object anyway.
+        conf["zero_force_ds_cpu_optimizer"] = False
+    _deep_update(conf, ds.overrides)
+    return conf
+
+
+def _deep_update(base: dict, extra: dict) -> None:
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_update(base[k], v)
+        else:
+            base[k] = v
+
+
+def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    o = cfg.optimization
+    warmup = int(round(o.warmup_ratio * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if o.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if o.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def build_model_and_tokenizer(cfg: TrainConfig):
+    tokenizer = load_tokenizer(
+        cfg.model.tokenizer or cfg.model.name, trust_remote_code=cfg.model.trust_remote_code,
+        revision=cfg.model.revision,
+    )
+    model = load_model(
+        cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
+        revision=cfg.model.revision, seed=cfg.optimization.seed, tokenizer=tokenizer,
+    )
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model, tokenizer
+
+
+def build_engine(cfg: TrainConfig, model: torch.nn.Module, total_steps: int, use_gpu: bool):
+    """``deepspeed.initialize`` with a torch AdamW and a LambdaLR schedule."""
+    import deepspeed
+
+    o = cfg.optimization
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.dim() < 2 or "norm" in name.lower() else decay).append(p)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=o.lr, betas=tuple(o.betas),
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, use_gpu),
+    )
+    return engine
+
+
+# --------------------------------------------------------------------------- one objective for every method
+
+
+class MethodStep:
+    """Turns a batch into the configured objective's :class:`ObjectiveOutput`.
+
+    IFT brings its λ schedule (and RNG for jitter/sampling), DPO its frozen
+    reference model; SFT and ORPO need nothing extra.
+    """
+
+    def __init__(self, cfg: TrainConfig, model: torch.nn.Module, device: torch.device, rank: int = 0):
+        self.cfg = cfg
+        m = cfg.method
+        self.name = m.name
+        self.schedule = LambdaSchedule(
+            lam_max=m.lam, kind=m.lam_schedule, lam_min=m.lam_min, warmup_steps=m.lam_warmup_steps,
+            jitter_std=m.lam_jitter_std,
+        )
+        # Same λ jitter on every rank (seeded identically); sampling differs per rank.
+        self.lam_generator = torch.Generator().manual_seed(cfg.optimization.seed)
+        self.sample_generator = torch.Generator(device=device).manual_seed(cfg.optimization.seed + 1000 + rank)
+        self.fusion_embeddings = frozen_embedding_copy(model).to(device) if m.frozen_fusion_embeddings else None
+        self.reference = None
+        if m.name == "dpo":
+            import copy
+
+            self.reference = copy.deepcopy(model).to(device).eval().requires_grad_(False)
+
+    def lam(self, step: int) -> float:
+        return self.schedule(step, self.lam_generator)
+
+    def __call__(self, engine, batch: dict[str, torch.Tensor], step: int, lam: float | None = None) -> ObjectiveOutput:
+        m = self.cfg.method
+        if self.name == "ift":
+            return ift_loss(
+                engine, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                lam=self.lam(step) if lam is None else lam, decay=m.decay, detach_weights=m.detach_weights,
+                prediction=m.prediction, temperature=m.temperature, top_k=m.top_k, top_p=m.top_p,
+                generator=self.sample_generator if m.prediction == "sample" else None,
+                fusion_embeddings=self.fusion_embeddings,
+            )
+        if self.name == "sft":
+            return sft_loss(engine, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        if self.name == "dpo":
+            return dpo_batch_loss(engine, batch, beta=m.resolved_beta, reference_model=self.reference)
+        return orpo_batch_loss(engine, batch, beta=m.resolved_beta)
+
+    def precompute_reference(self, batches: Iterable[dict[str, torch.Tensor]]) -> dict[tuple[str, int], tuple[float, float]]:
+        """DPO: reference log-probs of every pair, keyed by (source, row); frees the reference model."""
+        table: dict[tuple[str, int], tuple[float, float]] = {}
+        with torch.no_grad():
+            for batch in batches:
+                b = batch["chosen_input_ids"].shape[0]
+                ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
+                att = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
+                lab = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
+                logps, _ = sequence_logps(self.reference, ids, att, lab)
+                for i, key in enumerate(zip(batch["source"], batch["row"].tolist())):
+                    table[key] = (float(logps[i]), float(logps[b + i]))
+        self.reference = None
+        return table
+
+
+def attach_reference(batch: dict[str, Any], table: dict[tuple[str, int], tuple[float, float]], device) -> None:
+    pairs = [table[key] for key in zip(batch["source"], batch["row"].tolist())]
+    batch["reference_chosen_logps"] = torch.tensor([p[0] for p in pairs], device=device)
+    batch["reference_rejected_logps"] = torch.tensor([p[1] for p in pairs], device=device)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Mean of each scalar over ranks, in one collective."""
+    rank, world = _world()
+    if world == 1 or not values:
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return {k: float(v) / world for k, v in zip(keys, t.tolist())}
+
+
+def grad_norm(engine) -> float | None:
+    """Global gradient norm of the step just taken (DeepSpeed keeps it for ZeRO ≥ 1)."""
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return None
+    return float(norm)
+
+
+def _stage0_grad_norm(model: torch.nn.Module) -> float:
+    total = torch.zeros((), dtype=torch.float64)
+    for p in model.parameters():
+        if p.grad is not None:
+            total += p.grad.detach().double().pow(2).sum().cpu()
+    return float(total.sqrt())
+
+
+@torch.no_grad()
+def validation_metrics(engine, method: MethodStep, batches: Iterable[dict[str, Any]], device, step: int) -> dict[str, float]:
+    """Validation: the method's own objective and the response NLL (comparable across methods and λ)."""
+    engine.eval()
+    total = {"val_loss": 0.0, "val_nll": 0.0, "n": 0.0}
+    for batch in batches:
+        batch = to_device(batch, device)
+        out = method(engine, batch, step, lam=method.schedule.base(step) if method.name == "ift" else None)
+        if method.name in ("dpo", "orpo"):
+            nll_out = sft_loss(engine, batch["chosen_input_ids"], batch["chosen_attention_mask"], batch["chosen_labels"])
+        elif method.name == "ift":
+            nll_out = sft_loss(engine, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        else:
+            nll_out = out
+        total["val_loss"] += float(out.loss)
+        total["val_nll"] += float(nll_out.loss)
+        total["n"] += 1
+    engine.train()
+    rank, world = _world()
+    if world > 1:
+        t = torch.tensor([total["val_loss"], total["val_nll"], total["n"]], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        total = dict(zip(["val_loss", "val_nll", "n"], t.tolist()))
+    n = max(total["n"], 1.0)
+    return {"val_loss": total["val_loss"] / n, "val_nll": total["val_nll"] / n}
+
+
+def export_hf_model(engine, tokenizer, out_dir: str | os.PathLike, rank: int) -> None:
+    """Save the consolidated model in Hugging Face format (safetensors) from rank 0.
+
+    Under ZeRO-3 the partitioned parameters are gathered first; every rank must
+    call this.
+    """
+    import deepspeed
+
+    model = engine.module
+    params = list(model.parameters())
+    zero3 = engine.zero_optimization_stage() == 3
+    ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero3 else _nullcontext()
+    with ctx:
+        if rank == 0:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(out_dir)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+StepCallback = Callable[[LoopState, dict[str, float], bool], None]
+
+
+def run_training(
+    cfg: TrainConfig,
+    *,
+    engine,
+    method: MethodStep,
+    schedule: Schedule,
+    state: LoopState,
+    batches_for_epoch: Callable[[int], Iterable[dict[str, Any]]],
+    validation_batches: Callable[[], Iterable[dict[str, Any]]] | None,
+    device: torch.device,
+    on_step: StepCallback,
+    reference_table: dict | None = None,
+) -> LoopState:
+    """Train until ``schedule.total_steps``; call ``on_step(state, metrics, is_last)`` after each step.
+
+    ``batches_for_epoch(epoch)`` yields this rank's micro-batches of that epoch in
+    a deterministic order, so a resume skips exactly ``state.micro_in_epoch`` of them.
+    ``on_step`` reports, logs and checkpoints (the Ray worker's job).
+    """
+    o = cfg.optimization
+    rank, world = _world()
+    ga = o.gradient_accumulation_steps
+    engine.train()
+    window: dict[str, float] = {}
+    window_n = 0
+    tokens_window = 0
+    t0 = time.perf_counter()
+    zero_stage = engine.zero_optimization_stage()
+
+    while state.step < schedule.total_steps and state.epoch < o.epochs:
+        iterator: Iterator = iter(batches_for_epoch(state.epoch))
+        for _ in range(state.micro_in_epoch):  # resume mid-epoch at the same data position
+            next(iterator)
+        for batch in iterator:
+            if state.micro_in_epoch >= schedule.micro_per_epoch or state.step >= schedule.total_steps:
+                break
+            batch = to_device(batch, device)
+            if reference_table is not None:
+                attach_reference(batch, reference_table, device)
+            out = method(engine, batch, state.step)
+            engine.backward(out.loss)
+            boundary = (state.micro_in_epoch + 1) % ga == 0
+            norm0 = _stage0_grad_norm(engine.module) if boundary and zero_stage == 0 else None
+            engine.step()
+            state.micro_in_epoch += 1
+            mask_key = "attention_mask" if "attention_mask" in batch else "chosen_attention_mask"
+            tokens_window += int(batch[mask_key].sum())
+            window["loss"] = window.get("loss", 0.0) + float(out.loss.detach())
+            for k, v in out.metrics.items():
+                if not k.startswith("num_"):
+                    window[k] = window.get(k, 0.0) + float(v)
+            window_n += 1
+            if not boundary:
+                continue
+
+            state.step += 1
+            is_last = state.step >= schedule.total_steps
+            log_now = state.step % o.log_every_n_steps == 0 or is_last
+            eval_now = validation_batches is not None and (
+                is_last or (o.eval_every_n_steps and state.step % o.eval_every_n_steps == 0)
+            )
+            metrics: dict[str, float] = {}
+            if log_now:
+                elapsed = time.perf_counter() - t0
+                local = {k: v / window_n for k, v in window.items()}
+                local["tokens_per_s"] = tokens_window / max(elapsed, 1e-9)
+                metrics = all_reduce_mean(local, device)
+                metrics["tokens_per_s"] *= world  # a sum over ranks
+                norm = norm0 if norm0 is not None else grad_norm(engine)
+                if norm is not None:
+                    metrics["grad_norm"] = norm
+                metrics["lr"] = engine.get_lr()[0]
+                metrics["epoch"] = state.epoch + state.micro_in_epoch / schedule.micro_per_epoch
+                state.tokens_seen += int(metrics["tokens_per_s"] * elapsed)
+                window, window_n, tokens_window, t0 = {}, 0, 0, time.perf_counter()
+            if eval_now:
+                metrics.update(validation_metrics(engine, method, validation_batches(), device, state.step))
+            if state.micro_in_epoch >= schedule.micro_per_epoch:
+                state.epoch += 1
+                state.micro_in_epoch = 0
+            on_step(state, metrics, is_last)
+            if is_last or state.micro_in_epoch == 0:
+                break
+        else:
+            # The iterator ran dry before micro_per_epoch (it should not: the schedule drops remainders).
+            state.epoch += 1
+            state.micro_in_epoch = 0
+    return state

@@ -1,0 +1,241 @@
+"""`ift train`: the driver.  Prepares data with Ray Data, runs the shared loop on a
+Ray Train ``TorchTrainer`` (DeepSpeed inside each worker), tracks the run in
+MLflow, registers the final model and prints where everything is."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from tqdm.auto import tqdm
+
+from pipelines.config import TrainConfig
+from pipelines.loop import HF_MODEL_DIR, Schedule
+
+PROGRESS_ACTOR_PREFIX = "ift-progress-"
+
+
+@dataclass
+class TrainResult:
+    run_name: str
+    checkpoint_path: str | None
+    hf_model_path: str | None
+    metrics: dict[str, float]
+    mlflow_run_id: str | None = None
+    model_uri: str | None = None
+    registered_version: str | None = None
+    loss_curve: str | None = None
+    data_report: dict[str, Any] = field(default_factory=dict)
+    eval_scores: dict[str, float] = field(default_factory=dict)
+
+
+@ray.remote(num_cpus=0)
+class ProgressTracker:
+    """Rank 0 pushes (step, metrics) here; the driver polls it for the progress bar."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.metrics: dict[str, float] = {}
+
+    def update(self, step: int, metrics: dict[str, float]) -> None:
+        self.step = step
+        self.metrics.update(metrics)
+
+    def get(self) -> tuple[int, dict[str, float]]:
+        return self.step, self.metrics
+
+
+def init_ray(cfg: TrainConfig) -> None:
+    """Connect to RAY_ADDRESS (a cluster, or a `ray job submit` driver) or start Ray in-process."""
+    if ray.is_initialized():
+        return
+    env_vars = {k: v for k, v in os.environ.items() if k == "IFT_FAIL_AT_STEP"}
+    runtime_env = {"env_vars": env_vars} if env_vars else None
+    kwargs: dict[str, Any] = {"runtime_env": runtime_env, "log_to_driver": True}
+    if not os.environ.get("RAY_ADDRESS"):
+        kwargs.update(include_dashboard=False, num_cpus=max(os.cpu_count() or 2, 2))
+    ray.init(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+def _use_gpu(cfg: TrainConfig) -> bool:
+    if cfg.scaling.use_gpu != "auto":
+        return bool(cfg.scaling.use_gpu)
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def _storage_path(cfg: TrainConfig) -> str:
+    p = cfg.checkpointing.storage_path
+    return p if "://" in p else str(Path(p).resolve())
+
+
+def _progress_loop(tracker, bar: tqdm, done: threading.Event) -> None:
+    while not done.wait(0.5):
+        try:
+            step, metrics = ray.get(tracker.get.remote(), timeout=5)
+        except Exception:  # the tracker is best effort; training does not depend on it
+            continue
+        bar.n = step
+        post = {}
+        for key, fmt in (("loss", "{:.4f}"), ("val_nll", "{:.4f}"), ("tokens_per_s", "{:.0f}")):
+            if key in metrics:
+                post[key.replace("tokens_per_s", "tok/s")] = fmt.format(metrics[key])
+        bar.set_postfix(post, refresh=False)
+        bar.refresh()
+
+
+def train(cfg: TrainConfig, *, parent_run_id: str | None = None, show_progress: bool = True,
+          extra_callbacks: list | None = None, register: bool = True) -> TrainResult:
+    """Run one training job end to end (also the body of every sweep trial)."""
+    from pipelines import tracking
+    from pipelines.data import prepare_datasets
+    from pipelines.worker import train_loop_per_worker
+
+    init_ray(cfg)
+    use_gpu = _use_gpu(cfg)
+    tracking_uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
+
+    data = prepare_datasets(cfg)
+    for ds in (data.train, data.validation):
+        if ds is not None:  # workers' per-epoch Ray Data bars would garble the driver's bar
+            ds.context.enable_progress_bars = False
+    schedule = Schedule.from_config(cfg, data.train_rows, cfg.scaling.num_workers)
+
+    run_id = None
+    if cfg.mlflow.enabled:
+        run_id, resumed = tracking.start_or_resume_run(cfg, tracking_uri, parent_run_id=parent_run_id)
+        client = tracking.MlflowClient(tracking_uri=tracking_uri)
+        if not resumed:
+            tracking.log_data_report(client, run_id, data.fingerprints, data.report.to_dict(),
+                                     data.train_rows, data.validation_rows, data.train_tokens)
+    tracker = ProgressTracker.remote()
+    loop_config = {
+        "config": cfg.model_dump(mode="json"),
+        "schedule": schedule.__dict__,
+        "use_gpu": use_gpu,
+        "has_validation": data.validation is not None,
+        "tracking_uri": tracking_uri,
+        "mlflow_run_id": run_id,
+        "progress": tracker,
+    }
+    datasets = {"train": data.train}
+    if data.validation is not None:
+        datasets["validation"] = data.validation
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scaling.num_workers, use_gpu=use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker,
+                                  **({"GPU": cfg.scaling.gpus_per_worker} if use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=cfg.run_name,
+            storage_path=_storage_path(cfg),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpointing.keep),
+            failure_config=FailureConfig(max_failures=cfg.checkpointing.max_failures),
+            callbacks=extra_callbacks or None,
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+    )
+
+    bar = tqdm(total=schedule.total_steps, desc=f"{cfg.method.name} {cfg.run_name}", unit="step",
+               disable=not show_progress, dynamic_ncols=True)
+    done = threading.Event()
+    poller = threading.Thread(target=_progress_loop, args=(tracker, bar, done), daemon=True)
+    poller.start()
+    ok = False
+    try:
+        result = trainer.fit()
+        ok = True
+    finally:
+        done.set()
+        poller.join(timeout=2)
+        bar.close()
+        if run_id is not None and not ok:
+            tracking.end_run(tracking_uri, run_id, ok=False)
+
+    ckpt_path = result.checkpoint.path if result.checkpoint is not None else None
+    hf_dir = os.path.join(ckpt_path, HF_MODEL_DIR) if ckpt_path else None
+    if hf_dir and not os.path.isdir(hf_dir):
+        hf_dir = None
+    out = TrainResult(
+        run_name=cfg.run_name, checkpoint_path=ckpt_path, hf_model_path=hf_dir,
+        metrics=dict(result.metrics or {}), mlflow_run_id=run_id, data_report=data.report.to_dict(),
+    )
+    if run_id is not None:
+        _finish_tracking(cfg, tracking_uri, run_id, out, data.fingerprints, register=register)
+    if cfg.eval.at_end and hf_dir:
+        out.eval_scores = _evaluate_at_end(cfg, tracking_uri, out)
+    return out
+
+
+def _finish_tracking(cfg: TrainConfig, tracking_uri: str, run_id: str, out: TrainResult,
+                     fingerprints: dict[str, str], *, register: bool) -> None:
+    from pipelines import tracking
+
+    client = tracking.MlflowClient(tracking_uri=tracking_uri)
+    plot_dir = Path(out.checkpoint_path or ".")
+    png = tracking.plot_loss_curve(client, run_id, plot_dir / "loss_curve.png",
+                                   f"{cfg.method.name} on {cfg.model.name} ({cfg.run_name})")
+    if png is not None:
+        client.log_artifact(run_id, str(png))
+        out.loss_curve = f"runs:/{run_id}/loss_curve.png"
+    already = [a.path for a in client.list_artifacts(run_id)]
+    if register and out.hf_model_path and "model" not in already:
+        tags = {
+            "method": cfg.method.name,
+            "lam": str(cfg.method.lam if cfg.method.name == "ift" else ""),
+            "decay": str(cfg.method.decay if cfg.method.name == "ift" else ""),
+            "beta": str(cfg.method.resolved_beta if cfg.method.needs_pairs else ""),
+            "data_fingerprint": fingerprints.get("train", ""),
+            "git_commit": tracking.git_commit(),
+            "run_name": cfg.run_name,
+        }
+        out.model_uri, out.registered_version = tracking.register_model(cfg, tracking_uri, run_id, out.hf_model_path, tags)
+    tracking.end_run(tracking_uri, run_id, ok=True)
+
+
+def _evaluate_at_end(cfg: TrainConfig, tracking_uri: str, out: TrainResult) -> dict[str, float]:
+    from ift.models import load_model, load_tokenizer
+    from pipelines import evaluate
+
+    model = load_model(out.hf_model_path)
+    tokenizer = load_tokenizer(out.hf_model_path)
+    scores = evaluate.evaluate_model(model, tokenizer, tasks=cfg.eval.tasks or None, limit=cfg.eval.limit)
+    if out.mlflow_run_id:
+        evaluate.log_scores(scores, tracking_uri=tracking_uri, run_id=out.mlflow_run_id,
+                            registered_model_name=cfg.mlflow.registered_model_name, version=out.registered_version)
+    return scores
+
+
+def summary(cfg: TrainConfig, out: TrainResult) -> str:
+    lines = ["", f"Training run '{out.run_name}' finished ({cfg.method.name}, {cfg.model.name})."]
+    if "loss" in out.metrics:
+        lines.append(f"  final loss        {out.metrics['loss']:.4f}")
+    if "val_nll" in out.metrics:
+        lines.append(f"  validation NLL    {out.metrics['val_nll']:.4f}")
+    if out.data_report.get("skipped"):
+        lines.append(f"  bad rows skipped  {out.data_report['skipped']} ({out.data_report['by_reason']})")
+    for k, v in out.eval_scores.items():
+        lines.append(f"  {k:17s} {v:.4f}")
+    lines.append(f"  checkpoint        {out.checkpoint_path}")
+    if out.hf_model_path:
+        lines.append(f"  HF model          {out.hf_model_path}")
+    if out.registered_version:
+        lines.append(f"  registered model  models:/{cfg.mlflow.registered_model_name}/{out.registered_version}")
+    if out.loss_curve:
+        lines.append(f"  loss curve        {out.loss_curve}")
+    if out.mlflow_run_id:
+        uri = cfg.mlflow.tracking_uri
+        lines.append(f"  MLflow run        {out.mlflow_run_id} in {uri}")
+        if uri.startswith("sqlite:"):
+            lines.append(f"Browse it: mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
+    return "\n".join(lines)
