@@ -60,7 +60,9 @@ def init_ray(cfg: TrainConfig) -> None:
     runtime_env = {"env_vars": env_vars} if env_vars else None
     kwargs: dict[str, Any] = {"runtime_env": runtime_env, "log_to_driver": True}
     if not os.environ.get("RAY_ADDRESS"):
-        kwargs.update(include_dashboard=False, num_cpus=max(os.cpu_count() or 2, 2))
+        # address="local" always starts a private in-process cluster; a bare ray.init()
+        # would silently join any `ray start` head on this machine.
+        kwargs.update(address="local", include_dashboard=False, num_cpus=max(os.cpu_count() or 2, 2))
     ray.init(**{k: v for k, v in kwargs.items() if v is not None})
 
 

@@ -1,0 +1,42 @@
+# Two commands on a fresh clone: `make demo` and `make test`.  Both create .venv
+# and install the project (torch is capped below 2.14, so CPU machines keep the
+# CPU build) before running.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+export PYTHONUNBUFFERED := 1
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export RAY_USAGE_STATS_ENABLED := 0
+export MLFLOW_ENABLE_TELEMETRY ?= false
+export DO_NOT_TRACK ?= 1
+
+.PHONY: install demo test bench frozenlake clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,eval]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## demo: IFT on the embedded default (local Ray, 2 CPU workers, tiny model, bundled data, sqlite MLflow)
+demo: $(STAMP)
+	$(VENV)/bin/ift train
+
+## test: the whole suite (about 15 minutes on 2 cores)
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider
+
+## bench: performance figures into benchmarks/results/
+bench: $(STAMP)
+	$(PY) -m benchmarks.run
+
+frozenlake: $(STAMP)
+	$(VENV)/bin/ift frozenlake
+
+clean:
+	rm -rf ift_runs mlruns outputs .pytest_cache
