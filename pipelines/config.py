@@ -59,6 +59,9 @@ class DataConfig(_Section):
     on_bad_row: Literal["error", "skip"] = Field(
         "error", description="'error' stops at the first bad row naming file and row; 'skip' counts and reports."
     )
+    shuffle_buffer_size: int = Field(
+        10_000, ge=0, description="Per-epoch local shuffle buffer (rows), seeded with seed+epoch; 0 = fixed order."
+    )
     tokenize_batch_size: int = Field(256, gt=0, description="Rows per Ray Data map_batches call.")
     tokenize_concurrency: int = Field(1, gt=0, description="Tokenizer actors (each loads the tokenizer once).")
 
@@ -220,6 +223,18 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
         node[parts[-1]] = value
 
 
+def _parse_value(raw: str) -> Any:
+    if raw == "":
+        return None
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-4" as a string; people mean a number
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     """``["a.b=1", "c=[x, y]"]`` -> ``[("a.b", 1), ("c", ["x", "y"])]`` (values parsed as YAML)."""
     parsed = []
@@ -229,7 +244,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         key, raw = item.split("=", 1)
         if not key:
             raise ConfigError(f"override '{item}' has an empty key")
-        parsed.append((key.strip(), yaml.safe_load(raw) if raw != "" else None))
+        parsed.append((key.strip(), _parse_value(raw)))
     return parsed
 
 

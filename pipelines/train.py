@@ -56,9 +56,7 @@ def init_ray(cfg: TrainConfig) -> None:
     """Connect to RAY_ADDRESS (a cluster, or a `ray job submit` driver) or start Ray in-process."""
     if ray.is_initialized():
         return
-    env_vars = {k: v for k, v in os.environ.items() if k == "IFT_FAIL_AT_STEP"}
-    runtime_env = {"env_vars": env_vars} if env_vars else None
-    kwargs: dict[str, Any] = {"runtime_env": runtime_env, "log_to_driver": True}
+    kwargs: dict[str, Any] = {"log_to_driver": True}
     if not os.environ.get("RAY_ADDRESS"):
         # address="local" always starts a private in-process cluster; a bare ray.init()
         # would silently join any `ray start` head on this machine.
@@ -97,7 +95,7 @@ def train(cfg: TrainConfig, *, parent_run_id: str | None = None, show_progress: 
     """Run one training job end to end (also the body of every sweep trial)."""
     from pipelines import tracking
     from pipelines.data import prepare_datasets
-    from pipelines.worker import train_loop_per_worker
+    from pipelines.worker import FAIL_ENV, train_loop_per_worker
 
     init_ray(cfg)
     use_gpu = _use_gpu(cfg)
@@ -125,6 +123,7 @@ def train(cfg: TrainConfig, *, parent_run_id: str | None = None, show_progress: 
         "tracking_uri": tracking_uri,
         "mlflow_run_id": run_id,
         "progress": tracker,
+        "fail_at": os.environ.get(FAIL_ENV),
     }
     datasets = {"train": data.train}
     if data.validation is not None:

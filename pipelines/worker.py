@@ -36,7 +36,6 @@ from pipelines.loop import (
     run_training,
 )
 
-SHUFFLE_BUFFER = 10_000
 FAIL_ENV = "IFT_FAIL_AT_STEP"  # fault injection for tests: "step:rank:marker_file"
 
 
@@ -60,9 +59,9 @@ class RankSliceCollate:
         return out
 
 
-def _maybe_fail(step: int, rank: int) -> None:
-    """Test hook: kill this worker process once at a given step (the marker file makes it once)."""
-    spec = os.environ.get(FAIL_ENV)
+def _maybe_fail(spec: str | None, step: int, rank: int) -> None:
+    """Fault injection (``IFT_FAIL_AT_STEP=step:rank:marker``): kill this worker process
+    once at ``step``; the marker file makes it happen once, so the restarted group runs on."""
     if not spec:
         return
     at, fail_rank, marker = spec.split(":", 2)
@@ -107,7 +106,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     def batches_for_epoch(epoch: int):
         return train_shard.iter_torch_batches(
             batch_size=micro * world, drop_last=True, collate_fn=collate,
-            local_shuffle_buffer_size=SHUFFLE_BUFFER, local_shuffle_seed=cfg.optimization.seed + epoch,
+            local_shuffle_buffer_size=cfg.data.shuffle_buffer_size or None,
+            local_shuffle_seed=cfg.optimization.seed + epoch if cfg.data.shuffle_buffer_size else None,
         )
 
     def validation_batches():
@@ -126,8 +126,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         client = mlflow.MlflowClient(tracking_uri=loop_config["tracking_uri"])
         run_id = loop_config["mlflow_run_id"]
 
+    if client is not None and checkpoint is not None:
+        # Makes a resume visible in the run: the step training continued from.
+        client.log_metric(run_id, "resumed_from_step", state.step, step=state.step)
+
     def on_step(st: LoopState, metrics: dict[str, float], is_last: bool) -> None:
-        _maybe_fail(st.step, rank)
+        _maybe_fail(loop_config.get("fail_at"), st.step, rank)
         metrics = {**metrics, "step": st.step}
         if progress is not None:
             progress.update.remote(st.step, metrics)  # fire and forget: the bar must not slow training

@@ -1,0 +1,116 @@
+"""pipelines.config: one validated schema; errors name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipelines.config import (
+    ConfigError,
+    TrainConfig,
+    apply_overrides,
+    describe_schema,
+    flatten,
+    load_config,
+    packaged_config_names,
+    packaged_config_path,
+    parse_overrides,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", packaged_config_names())
+def test_every_shipped_training_config_validates(name):
+    cfg = load_config(packaged_config_path(name))
+    assert isinstance(cfg, TrainConfig)
+    for src in cfg.data.train + cfg.data.validation:
+        if not src.path.startswith("hf:"):
+            assert Path(src.path).exists(), f"{name}: {src.path} does not exist"
+
+
+def test_default_config_is_the_packaged_tiny_ift_run():
+    cfg = load_config()
+    assert cfg.model.name == "tiny" and cfg.method.name == "ift"
+    assert cfg.method.lam == 0.2 and cfg.method.decay == 0.95
+
+
+def test_misspelled_key_is_an_error_that_names_it_and_suggests_the_right_one(tmp_path):
+    with pytest.raises(ConfigError, match=r"optimization\.lrr: unknown key \(did you mean 'optimization\.lr'\?\)"):
+        load_config(None, ["optimization.lrr=0.1"])
+
+
+def test_misspelled_key_inside_a_yaml_file_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(packaged_config_path("tiny").read_text().replace("micro_batch_size", "micro_batchsize"))
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    assert "bad.yaml" in str(err.value) and "optimization.micro_batchsize: unknown key" in str(err.value)
+
+
+def test_unknown_key_in_a_data_source_list_item_is_named():
+    with pytest.raises(ConfigError, match=r"data\.train\.0\.pth: unknown key \(did you mean 'data\.train\.0\.path'\?\)"):
+        load_config(None, ["data.train=[{pth: x.jsonl}]"])
+
+
+def test_wrong_type_names_the_key_and_the_value():
+    with pytest.raises(ConfigError, match=r"optimization\.micro_batch_size: .*'eight'"):
+        load_config(None, ["optimization.micro_batch_size=eight"])
+
+
+def test_out_of_range_lambda_is_rejected():
+    with pytest.raises(ConfigError, match=r"method\.lam"):
+        load_config(None, ["method.lam=1.5"])
+
+
+def test_overrides_parse_values_as_yaml():
+    assert parse_overrides(["a.b=1e-4", "c=[1, 2]", "d=true", "e=hello"]) == [
+        ("a.b", 1e-4), ("c", [1, 2]), ("d", True), ("e", "hello")
+    ]
+
+
+def test_override_without_equals_sign_says_the_expected_form():
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["optimization.lr"])
+
+
+def test_overrides_change_the_resolved_config():
+    cfg = load_config(None, ["method.name=dpo", "deepspeed.zero_stage=3", "run_name=x"])
+    assert (cfg.method.name, cfg.deepspeed.zero_stage, cfg.run_name) == ("dpo", 3, "x")
+    assert cfg.method.resolved_beta == 0.1
+
+
+def test_orpo_beta_defaults_to_the_papers_value():
+    assert load_config(None, ["method.name=orpo"]).method.resolved_beta == 0.25
+
+
+def test_missing_config_file_lists_the_packaged_ones():
+    with pytest.raises(ConfigError, match="tiny"):
+        load_config("no-such-config.yaml")
+
+
+def test_packaged_config_can_be_named_without_path():
+    assert load_config("tiny").run_name == load_config().run_name
+
+
+def test_incompatible_options_are_rejected():
+    with pytest.raises(ConfigError, match="offload_param needs"):
+        load_config(None, ["deepspeed.offload_param=true", "deepspeed.zero_stage=2"])
+
+
+def test_apply_overrides_revalidates():
+    cfg = apply_overrides(load_config(), {"method.lam": 0.4})
+    assert cfg.method.lam == 0.4
+    with pytest.raises(ConfigError, match="method.lam"):
+        apply_overrides(cfg, {"method.lam": 3})
+
+
+def test_flatten_gives_dotted_params():
+    flat = flatten(load_config())
+    assert flat["method.lam"] == 0.2 and "data.train.0.path" in flat
+
+
+def test_schema_description_lists_keys_with_help():
+    text = describe_schema()
+    assert "method.decay" in text and "propagation decay" in text
