@@ -159,6 +159,8 @@ class TokenizeRows:
             "chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"
         ]
         out: dict[str, list] = {k: [] for k in (*keys, "source", "row", "error", "error_kind", "num_tokens")}
+        if "split" in batch:  # pass-through tag (train/validation share one tokenizer pool)
+            out["split"] = list(batch["split"])
         for source, row, payload in zip(batch["source"], batch["row"], batch["payload"]):
             source, row = str(source), int(row)
             tokens: dict[str, list[int]] = {k: [] for k in keys}
@@ -202,32 +204,26 @@ def tokenize_dataset(ds: ray.data.Dataset, cfg: TrainConfig) -> ray.data.Dataset
     )
 
 
-def split_bad_rows(ds: ray.data.Dataset, on_bad_row: str, seed: int | None = None) -> tuple[ray.data.Dataset, BadRowReport, int]:
-    """Separate rows that failed validation; raise on the first (by file, row) or count them.
+def collect_bad_rows(tokenized: ray.data.Dataset, on_bad_row: str) -> tuple[BadRowReport, dict[str, int], dict[str, int]]:
+    """Scan the (materialized) tokenized rows' small columns once.
 
-    Returns the good rows (shuffled with ``seed`` if given, materialized), the
-    report and the number of tokens.
+    Raises on the first bad row (by file, row) under ``on_bad_row="error"``;
+    otherwise counts them all.  Returns the report and, per split, the number of
+    good rows and of tokens.
     """
-    ds = ds.materialize()
-    bad = sorted(
-        ds.filter(lambda r: r["error"] != "").select_columns(["source", "row", "error", "error_kind"]).take_all(),
-        key=lambda r: (r["source"], r["row"]),
-    )
-    report = BadRowReport()
-    if bad and on_bad_row == "error":
-        first = bad[0]
+    meta = tokenized.select_columns(["split", "source", "row", "error", "error_kind", "num_tokens"]).to_pandas()
+    bad = meta[meta["error"] != ""].sort_values(["source", "row"])
+    report = BadRowReport(seen=len(meta))
+    if len(bad) and on_bad_row == "error":
+        first = bad.iloc[0]
         more = f" ({len(bad) - 1} more bad rows; data.on_bad_row=skip skips and counts them)" if len(bad) > 1 else ""
-        raise DataError(first["source"], int(first["row"]), first["error"] + more, kind=first["error_kind"])
-    for r in bad:
-        report.add(DataError(r["source"], int(r["row"]), r["error"], kind=r["error_kind"]))
-    report.seen = ds.count()
-    good = ds.filter(lambda r: r["error"] == "") if bad else ds
-    good = good.drop_columns(["error", "error_kind"])
-    if seed is not None:
-        good = good.random_shuffle(seed=seed)
-    good = good.materialize()
-    tokens = int(good.sum("num_tokens") or 0) if report.seen > len(bad) else 0
-    return good, report, tokens
+        raise DataError(str(first["source"]), int(first["row"]), str(first["error"]) + more, kind=str(first["error_kind"]))
+    for r in bad.itertuples():
+        report.add(DataError(str(r.source), int(r.row), str(r.error), kind=str(r.error_kind)))
+    good = meta[meta["error"] == ""]
+    rows = good.groupby("split").size().to_dict()
+    tokens = good.groupby("split")["num_tokens"].sum().to_dict()
+    return report, {k: int(v) for k, v in rows.items()}, {k: int(v) for k, v in tokens.items()}
 
 
 # --------------------------------------------------------------------------- fingerprints
@@ -260,18 +256,26 @@ def fingerprint(sources: list[DataSource], cfg: TrainConfig) -> str:
 
 
 def prepare_datasets(cfg: TrainConfig) -> PreparedData:
-    """Read, mix, tokenize, validate and shuffle the train and validation data."""
-    seed = cfg.optimization.seed
-    train_raw = mix_sources(cfg.data.train, seed)
-    val_raw = mix_sources(cfg.data.validation, seed) if cfg.data.validation else None
+    """Read, mix, tokenize, validate and shuffle the train and validation data.
 
-    # One seeded global shuffle here; epochs then reshuffle locally with seed + epoch.
-    train, report, tokens = split_bad_rows(tokenize_dataset(train_raw, cfg), cfg.data.on_bad_row, seed)
-    validation = None
-    if val_raw is not None:
-        validation, val_report, _ = split_bad_rows(tokenize_dataset(val_raw, cfg), cfg.data.on_bad_row)
-        report.merge(val_report)
-    elif cfg.data.validation_fraction > 0:
+    Train and validation rows go through one tokenizer pool in one pass (tagged
+    with a ``split`` column); the train split gets one seeded global shuffle and
+    epochs then reshuffle locally with ``seed + epoch``.
+    """
+    seed = cfg.optimization.seed
+    parts = [mix_sources(cfg.data.train, seed).add_column("split", lambda b: _fill(b, "train"))]
+    if cfg.data.validation:
+        parts.append(mix_sources(cfg.data.validation, seed).add_column("split", lambda b: _fill(b, "validation")))
+    raw = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    tokenized = tokenize_dataset(raw, cfg).materialize()
+    report, rows, tokens = collect_bad_rows(tokenized, cfg.data.on_bad_row)
+
+    def good(split: str) -> ray.data.Dataset:
+        return tokenized.filter(expr=f"split == '{split}' and error == ''").drop_columns(["split", "error", "error_kind"])
+
+    train = good("train").random_shuffle(seed=seed).materialize()
+    validation = good("validation").materialize() if cfg.data.validation else None
+    if validation is None and cfg.data.validation_fraction > 0:
         train, validation = train.train_test_split(cfg.data.validation_fraction, shuffle=True, seed=seed)
         train, validation = train.materialize(), validation.materialize()
     fps = {"train": fingerprint(cfg.data.train, cfg)}
@@ -284,5 +288,11 @@ def prepare_datasets(cfg: TrainConfig) -> PreparedData:
         validation_rows=validation.count() if validation is not None else 0,
         report=report,
         fingerprints=fps,
-        train_tokens=tokens,
+        train_tokens=tokens.get("train", 0),
     )
+
+
+def _fill(batch: Any, value: str):
+    import pyarrow as pa
+
+    return pa.array([value] * len(batch))

@@ -134,7 +134,7 @@ def register_model(cfg: TrainConfig, tracking_uri: str, run_id: str, hf_dir: str
     version = None
     if cfg.mlflow.registered_model_name:
         client = MlflowClient(tracking_uri=tracking_uri)
-        version = info.registered_model_version
+        version = str(info.registered_model_version)
         for k, v in tags.items():
             client.set_model_version_tag(cfg.mlflow.registered_model_name, str(version), k, v)
     return info.model_uri, version
