@@ -1,0 +1,204 @@
+"""`ift train` end to end: Ray Data -> Ray Train (2 CPU workers, gloo) + DeepSpeed -> MLflow.
+
+These are the slow tests (a few minutes together).  One in-process Ray cluster
+serves the module; every run uses its own storage and MLflow store under tmp_path.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+import ray
+import torch
+from safetensors.torch import load_file
+
+from ift.data import DataError
+from ift.toydata import make_conversations, make_preference_pairs, write_jsonl
+from pipelines.config import load_config
+from pipelines.data import prepare_datasets
+from pipelines.train import train
+from pipelines.worker import FAIL_ENV
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_jsonl(make_conversations(32, seed=7), root / "chat.jsonl")
+    write_jsonl(make_conversations(16, seed=8), root / "chat_val.jsonl")
+    write_jsonl(make_preference_pairs(32, seed=9), root / "pref.jsonl")
+    return root
+
+
+def config(tmp_path: Path, corpora: Path, *overrides: str, pairs: bool = False):
+    train_file = corpora / ("pref.jsonl" if pairs else "chat.jsonl")
+    base = [
+        f"run_name=t-{tmp_path.name}",
+        f"data.train=[{{path: {train_file}}}]",
+        f"data.validation=[{{path: {corpora / ('pref.jsonl' if pairs else 'chat_val.jsonl')}}}]",
+        "data.max_length=128",
+        "optimization.micro_batch_size=4",
+        "optimization.epochs=4",
+        "optimization.lr=3e-3",
+        "optimization.warmup_ratio=0",
+        "optimization.schedule=constant",
+        "optimization.log_every_n_steps=1",
+        "optimization.eval_every_n_steps=0",
+        "checkpointing.every_n_steps=4",
+        f"checkpointing.storage_path={tmp_path / 'runs'}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "mlflow.experiment=test",
+        "mlflow.registered_model_name=tiny-test",
+        "scaling.num_workers=2",
+        "scaling.cpus_per_worker=1",
+        "deepspeed.zero_stage=0",
+    ]
+    return load_config(None, base + list(overrides))
+
+
+def loss_history(cfg, run_id: str) -> list[tuple[int, float]]:
+    client = mlflow.MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss"))
+
+
+def final_weights(result) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(result.hf_model_path) / "model.safetensors"))
+
+
+# ZeRO stages are spread over the method runs so all of 0, 2 and 3 train a real method.
+METHOD_RUNS = {"ift": 2, "sft": 0, "dpo": 3, "orpo": 2}
+
+
+@pytest.mark.parametrize("method", list(METHOD_RUNS))
+def test_each_method_trains_with_two_workers_and_the_loss_falls(tmp_path, corpora, method):
+    cfg = config(tmp_path, corpora, f"method.name={method}", f"deepspeed.zero_stage={METHOD_RUNS[method]}",
+                 pairs=method in ("dpo", "orpo"))
+    result = train(cfg, show_progress=False)
+    history = loss_history(cfg, result.mlflow_run_id)
+    assert [s for s, _ in history] == list(range(1, 17))  # 32 rows / (4 x 2 workers) x 4 epochs
+    first, last = sum(v for _, v in history[:3]) / 3, sum(v for _, v in history[-3:]) / 3
+    assert last < 0.8 * first, f"{method}: loss {first:.3f} -> {last:.3f}"
+    assert result.registered_version == "1"
+    client = mlflow.MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
+    tags = client.get_model_version("tiny-test", "1").tags
+    assert tags["method"] == method and tags["data_fingerprint"]
+    assert "loss_curve.png" in [a.path for a in client.list_artifacts(result.mlflow_run_id)]
+    # The registered model loads back offline, as users browse and use it.
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    components = mlflow.transformers.load_model("models:/tiny-test/1", return_type="components")
+    ids = components["tokenizer"]("hello", return_tensors="pt").input_ids
+    assert components["model"](ids).logits.shape[-1] == len(components["tokenizer"])
+
+
+@pytest.fixture(scope="module")
+def equivalence_runs(tmp_path_factory, corpora):
+    """Same seed and data order: 2 workers ZeRO-0, 2 workers ZeRO-3, 1 worker ZeRO-0 with accumulation 2."""
+    common = ("optimization.max_steps=6", "mlflow.enabled=false", "data.shuffle_buffer_size=0",
+              "data.validation=[]")
+    variants = {
+        "dp_zero0": ("scaling.num_workers=2", "deepspeed.zero_stage=0"),
+        "dp_zero3": ("scaling.num_workers=2", "deepspeed.zero_stage=3"),
+        "ga_zero0": ("scaling.num_workers=1", "optimization.gradient_accumulation_steps=2", "deepspeed.zero_stage=0"),
+    }
+    out = {}
+    for name, extra in variants.items():
+        d = tmp_path_factory.mktemp(name)
+        out[name] = final_weights(train(config(d, corpora, *common, *extra), show_progress=False))
+    return out
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_zero3_and_zero0_end_with_the_same_weights(equivalence_runs):
+    assert_same_weights(equivalence_runs["dp_zero0"], equivalence_runs["dp_zero3"])
+
+
+def test_two_workers_equal_one_worker_with_two_accumulation_steps(equivalence_runs):
+    assert_same_weights(equivalence_runs["dp_zero0"], equivalence_runs["ga_zero0"])
+
+
+def test_training_changed_the_weights_so_the_equivalences_are_not_vacuous(equivalence_runs):
+    from ift.models import load_model
+
+    init = load_model("tiny", seed=42).state_dict()
+    trained = equivalence_runs["dp_zero0"]
+    assert any(not torch.allclose(init[k], trained[k]) for k in trained)
+
+
+def test_killed_worker_resumes_from_the_last_checkpoint_and_finishes(tmp_path, corpora, monkeypatch):
+    marker = tmp_path / "failed-once"
+    monkeypatch.setenv(FAIL_ENV, f"6:1:{marker}")
+    cfg = config(tmp_path, corpora, "optimization.max_steps=10")
+    result = train(cfg, show_progress=False)
+    assert marker.exists(), "the fault was not injected"
+    client = mlflow.MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
+    resumed = [m.value for m in client.get_metric_history(result.mlflow_run_id, "resumed_from_step")]
+    assert resumed == [4.0]  # checkpoint every 4 steps, killed at step 6
+    history = loss_history(cfg, result.mlflow_run_id)
+    steps = sorted({s for s, _ in history})
+    assert steps == list(range(1, 11))
+    # Steps 5-6 ran twice (before and after the failure) from the same weights and data:
+    # the curve is continuous, the repeated values agree.
+    by_step: dict[int, list[float]] = {}
+    for s, v in history:
+        by_step.setdefault(s, []).append(v)
+    for s in (5,):
+        assert len(by_step[s]) == 2 and by_step[s][0] == pytest.approx(by_step[s][1], rel=1e-4)
+    assert result.registered_version == "1"
+
+
+def test_rerunning_the_same_command_resumes_instead_of_restarting(tmp_path, corpora, monkeypatch):
+    marker = tmp_path / "failed-once"
+    monkeypatch.setenv(FAIL_ENV, f"6:0:{marker}")
+    overrides = ("optimization.max_steps=8", "checkpointing.max_failures=0")
+    with pytest.raises(Exception):
+        train(config(tmp_path, corpora, *overrides), show_progress=False)
+    monkeypatch.delenv(FAIL_ENV)
+    cfg = config(tmp_path, corpora, *overrides)
+    result = train(cfg, show_progress=False)
+    client = mlflow.MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
+    assert [m.value for m in client.get_metric_history(result.mlflow_run_id, "resumed_from_step")] == [4.0]
+    runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+
+
+def test_malformed_rows_fail_naming_the_file_and_row(tmp_path, corpora):
+    bad = tmp_path / "bad.jsonl"
+    rows = [json.dumps(r) for r in make_conversations(6, seed=1)]
+    rows[3] = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}'
+    rows[4] = "{not json"
+    bad.write_text("\n".join(rows) + "\n")
+    cfg = config(tmp_path, corpora, f"data.train=[{{path: {bad}}}]", "data.validation=[]")
+    with pytest.raises(DataError) as err:
+        prepare_datasets(cfg)
+    assert err.value.source == str(bad) and err.value.row == 3
+    assert "empty" in str(err.value) and "1 more bad rows" in str(err.value)
+
+
+def test_skip_mode_counts_exactly_the_bad_rows(tmp_path, corpora):
+    bad = tmp_path / "bad.jsonl"
+    rows = [json.dumps(r) for r in make_conversations(10, seed=1)]
+    rows[2] = '{"prompt": "no answer here"}'
+    rows[5] = "[1, 2]"
+    rows[7] = '{"messages": [{"role": "assistant", "content": "I speak first"}]}'
+    bad.write_text("\n".join(rows) + "\n")
+    cfg = config(tmp_path, corpora, f"data.train=[{{path: {bad}}}]", "data.validation=[]", "data.on_bad_row=skip")
+    data = prepare_datasets(cfg)
+    report = data.report.to_dict()
+    assert data.train_rows == 7 and report["skipped"] == 3 and report["seen"] == 10
+    assert sorted(s["row"] for s in report["samples"]) == [2, 5, 7]
