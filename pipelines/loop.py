@@ -284,29 +284,29 @@ def _stage0_grad_norm(model: torch.nn.Module) -> float:
 
 @torch.no_grad()
 def validation_metrics(engine, method: MethodStep, batches: Iterable[dict[str, Any]], device, step: int) -> dict[str, float]:
-    """Validation: the method's own objective and the response NLL (comparable across methods and λ)."""
+    """Validation NLL of the (chosen) responses, comparable across methods and λ, plus the
+    method's own objective where it can be computed (DPO with precomputed references
+    has no reference model left for unseen pairs)."""
     engine.eval()
-    total = {"val_loss": 0.0, "val_nll": 0.0, "n": 0.0}
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # objective, nll, batches
+    own_objective = not (method.name == "dpo" and method.reference is None)
     for batch in batches:
         batch = to_device(batch, device)
-        out = method(engine, batch, step, lam=method.schedule.base(step) if method.name == "ift" else None)
-        if method.name in ("dpo", "orpo"):
-            nll_out = sft_loss(engine, batch["chosen_input_ids"], batch["chosen_attention_mask"], batch["chosen_labels"])
-        elif method.name == "ift":
-            nll_out = sft_loss(engine, batch["input_ids"], batch["attention_mask"], batch["labels"])
-        else:
-            nll_out = out
-        total["val_loss"] += float(out.loss)
-        total["val_nll"] += float(nll_out.loss)
-        total["n"] += 1
+        prefix = "chosen_" if method.name in ("dpo", "orpo") else ""
+        nll = sft_loss(engine, batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"], batch[f"{prefix}labels"])
+        if own_objective:
+            lam = method.schedule.base(step) if method.name == "ift" else None
+            sums[0] += float(method(engine, batch, step, lam=lam).loss)
+        sums[1] += float(nll.loss)
+        sums[2] += 1
     engine.train()
-    rank, world = _world()
-    if world > 1:
-        t = torch.tensor([total["val_loss"], total["val_nll"], total["n"]], dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        total = dict(zip(["val_loss", "val_nll", "n"], t.tolist()))
-    n = max(total["n"], 1.0)
-    return {"val_loss": total["val_loss"] / n, "val_nll": total["val_nll"] / n}
+    if _world()[1] > 1:
+        dist.all_reduce(sums)
+    n = max(float(sums[2]), 1.0)
+    out = {"val_nll": float(sums[1]) / n}
+    if own_objective:
+        out["val_loss"] = float(sums[0]) / n
+    return out
 
 
 def export_hf_model(engine, tokenizer, out_dir: str | os.PathLike, rank: int) -> None:
