@@ -1,0 +1,139 @@
+"""pipelines.loop, the training body shared by every method, driven without Ray
+(as a GPU machine without Ray drives it): schedule, DeepSpeed config, resume."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from ift.data import pad_collate, tokenize_rows
+from ift.toydata import make_conversations, make_preference_pairs
+from pipelines.config import load_config
+from pipelines.loop import (
+    DS_TAG,
+    LoopState,
+    MethodStep,
+    Schedule,
+    attach_reference,
+    build_engine,
+    build_model_and_tokenizer,
+    deepspeed_config,
+    lr_lambda,
+    run_training,
+)
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def tiny_cfg(*overrides):
+    return load_config(None, ["optimization.micro_batch_size=4", "data.max_length=96", "deepspeed.zero_stage=0",
+                              "optimization.lr=3e-3", *overrides])
+
+
+def test_schedule_drops_the_remainder_so_every_rank_runs_the_same_steps():
+    s = Schedule.from_config(tiny_cfg("optimization.epochs=3", "optimization.gradient_accumulation_steps=2"), 50, 2)
+    # 50 rows // (4 x 2 workers) = 6 micro-batches per worker, 3 optimizer steps per epoch.
+    assert (s.micro_per_epoch, s.steps_per_epoch, s.total_steps) == (6, 3, 9)
+
+
+def test_max_steps_caps_the_schedule():
+    assert Schedule.from_config(tiny_cfg("optimization.max_steps=4", "optimization.epochs=9"), 100, 1).total_steps == 4
+
+
+def test_too_little_data_for_one_step_says_so():
+    with pytest.raises(ValueError, match="fewer than one optimizer step"):
+        Schedule.from_config(tiny_cfg(), 5, 2)
+
+
+def test_lr_warms_up_linearly_then_follows_cosine_to_zero():
+    f = lr_lambda(tiny_cfg("optimization.warmup_ratio=0.1", "optimization.schedule=cosine"), 100)
+    assert f(0) == pytest.approx(1 / 11) and f(9) == pytest.approx(10 / 11)
+    assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.5) and f(100) == pytest.approx(0.0)
+
+
+def test_deepspeed_config_uses_bf16_on_gpu_only_and_merges_overrides():
+    cfg = tiny_cfg("deepspeed.zero_stage=3", "deepspeed.overrides={zero_optimization: {reduce_bucket_size: 1000}}")
+    cpu, gpu = deepspeed_config(cfg, use_gpu=False), deepspeed_config(cfg, use_gpu=True)
+    assert not cpu["bf16"]["enabled"] and gpu["bf16"]["enabled"]
+    assert cpu["zero_optimization"] == {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True,
+                                         "reduce_bucket_size": 1000}
+
+
+def test_loop_state_is_written_atomically(tmp_path):
+    LoopState(step=3, epoch=1, micro_in_epoch=2).save(tmp_path)
+    assert LoopState.load(tmp_path) == LoopState(step=3, epoch=1, micro_in_epoch=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trainer_state.json"]
+
+
+def _batches(tokenizer, rows, micro):
+    examples, _ = tokenize_rows(tokenizer, rows, source="t", max_length=96)
+    return [pad_collate(examples[i : i + micro], tokenizer.pad_token_id) for i in range(0, len(examples), micro)]
+
+
+def _train(cfg, batches, state, stop_at=None, ckpt=None, resume=None):
+    model, tokenizer = build_model_and_tokenizer(cfg)
+    method = MethodStep(cfg, model, torch.device("cpu"))
+    schedule = Schedule.from_config(cfg, len(batches) * cfg.optimization.micro_batch_size, 1)
+    engine = build_engine(cfg, model, schedule.total_steps, use_gpu=False)
+    if resume is not None:
+        engine.load_checkpoint(resume, tag=DS_TAG, load_lr_scheduler_states=True)
+        state = LoopState.load(resume)
+
+    class Stop(Exception):
+        pass
+
+    def on_step(st, metrics, is_last):
+        if stop_at is not None and st.step == stop_at:
+            engine.save_checkpoint(ckpt, tag=DS_TAG)
+            st.save(ckpt)
+            raise Stop
+
+    try:
+        run_training(cfg, engine=engine, method=method, schedule=schedule, state=state,
+                     batches_for_epoch=lambda epoch: iter(batches), validation_batches=None,
+                     device=torch.device("cpu"), on_step=on_step)
+    except Stop:
+        pass
+    return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+
+
+def test_resuming_mid_epoch_reaches_the_same_weights_as_an_uninterrupted_run(process_group, tmp_path):
+    cfg = tiny_cfg("optimization.epochs=2")
+    _, tokenizer = build_model_and_tokenizer(cfg)
+    batches = _batches(tokenizer, make_conversations(20, seed=3), 4)  # 5 steps per epoch
+    straight = _train(cfg, batches, LoopState())
+    _train(cfg, batches, LoopState(), stop_at=7, ckpt=str(tmp_path))  # stops in epoch 2, micro-batch 2
+    assert LoopState.load(tmp_path) == LoopState(step=7, epoch=1, micro_in_epoch=2, tokens_seen=LoopState.load(tmp_path).tokens_seen)
+    resumed = _train(cfg, batches, LoopState(), resume=str(tmp_path))
+    for k in straight:
+        torch.testing.assert_close(resumed[k], straight[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_dpo_precomputed_reference_matches_the_live_reference_model(process_group):
+    cfg = tiny_cfg("method.name=dpo")
+    model, tokenizer = build_model_and_tokenizer(cfg)
+    examples, _ = tokenize_rows(tokenizer, make_preference_pairs(4, seed=1), source="p", max_length=96,
+                                mode="preference")
+    batch = pad_collate(examples, tokenizer.pad_token_id)
+    batch["source"], batch["row"] = ["p"] * 4, torch.arange(4)
+    live = MethodStep(cfg, model, torch.device("cpu"))
+    expected = live(model, batch, 0).loss
+    pre = MethodStep(cfg, model, torch.device("cpu"))
+    table = pre.precompute_reference([batch])
+    assert pre.reference is None  # freed after precomputing
+    attach_reference(batch, table, torch.device("cpu"))
+    torch.testing.assert_close(pre(model, batch, 0).loss, expected)
