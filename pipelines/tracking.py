@@ -30,6 +30,9 @@ def resolve_tracking_uri(uri: str, base_dir: str | os.PathLike | None = None) ->
 
 
 def git_commit() -> str:
+    """The project's commit; IFT_GIT_COMMIT wins (a job's uploaded working dir has no .git)."""
+    if os.environ.get("IFT_GIT_COMMIT"):
+        return os.environ["IFT_GIT_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
