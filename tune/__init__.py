@@ -1,0 +1,1 @@
+"""`ift sweep`: Ray Tune searches over the training config (see ``tune.sweep``)."""
