@@ -13,7 +13,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export MLFLOW_ENABLE_TELEMETRY ?= false
 export DO_NOT_TRACK ?= 1
 
-.PHONY: install demo test bench frozenlake clean
+.PHONY: install demo test frozenlake clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,10 +30,6 @@ demo: $(STAMP)
 ## test: the whole suite (about 15 minutes on 2 cores)
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
-
-## bench: performance figures into benchmarks/results/
-bench: $(STAMP)
-	$(PY) -m benchmarks.run
 
 frozenlake: $(STAMP)
 	$(VENV)/bin/ift frozenlake
