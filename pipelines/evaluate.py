@@ -392,25 +392,12 @@ def _method_of_run(client: Any, run_id: str | None) -> str | None:
     return tags.get("method") or params.get("method.name") or params.get("method")
 
 
-@contextlib.contextmanager
-def _mlflow_uris(tracking_uri: str) -> Iterator[None]:
-    """Point mlflow's global tracking/registry URIs at ``tracking_uri`` for a load, then restore."""
-    import mlflow
-
-    old_tracking, old_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(old_tracking)
-        mlflow.set_registry_uri(old_registry)
-
-
 def _load_mlflow_components(uri: str, tracking_uri: str | None) -> tuple[Any, Any]:
     import mlflow
 
-    ctx = _mlflow_uris(tracking_uri) if tracking_uri else contextlib.nullcontext()
+    from pipelines.tracking import mlflow_store
+
+    ctx = mlflow_store(tracking_uri) if tracking_uri else contextlib.nullcontext()
     try:
         with ctx:
             parts = mlflow.transformers.load_model(uri, return_type="components")

@@ -175,11 +175,9 @@ def _artifact_location(tracking_uri: str) -> str | None:
 
 def log_to_mlflow(results: dict, out_dir: Path, tracking_uri: str, wall_s: float) -> str:
     """Log params, metrics and artifacts; returns the run id."""
-    import mlflow
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(EXPERIMENT)
     exp_id = exp.experiment_id if exp else client.create_experiment(

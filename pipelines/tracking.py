@@ -3,8 +3,10 @@ registered model with its version tags, and the loss-curve plot."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,35 @@ def resolve_tracking_uri(uri: str, base_dir: str | os.PathLike | None = None) ->
         path = Path(base_dir or os.getcwd()) / uri[len(prefix):]
         return prefix + str(path.resolve())
     return uri
+
+
+@contextlib.contextmanager
+def mlflow_store(tracking_uri: str) -> Iterator[MlflowClient]:
+    """Point MLflow's process-global tracking *and* registry URIs at one store, then restore them.
+
+    ``mlflow.transformers.log_model(registered_model_name=...)`` and ``models:/`` loads
+    resolve the registry from globals.  ``set_registry_uri`` pins the registry (and
+    exports ``MLFLOW_REGISTRY_URI`` to every subprocess, Ray workers included), so a
+    naive "save ``get_registry_uri()``, restore it" leaves the registry pinned to the
+    last store used: later registrations in the same process would land there.  This
+    saves and restores the raw module state and environment instead.
+    """
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    saved = (tracking_utils._tracking_uri, registry_utils._registry_uri,
+             {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")})
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    try:
+        yield MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    finally:
+        tracking_utils._tracking_uri, registry_utils._registry_uri, env = saved
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def git_commit() -> str:
@@ -123,10 +154,9 @@ def register_model(cfg: TrainConfig, tracking_uri: str, run_id: str, hf_dir: str
     """Log the HF model to the run and register a new version under the configured name."""
     import transformers
 
-    mlflow.set_tracking_uri(tracking_uri)
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, use_safetensors=True)
     tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
-    with mlflow.start_run(run_id=run_id):
+    with mlflow_store(tracking_uri) as client, mlflow.start_run(run_id=run_id):
         info = mlflow.transformers.log_model(
             transformers_model={"model": model, "tokenizer": tokenizer},
             name="model",
@@ -136,7 +166,6 @@ def register_model(cfg: TrainConfig, tracking_uri: str, run_id: str, hf_dir: str
         )
     version = None
     if cfg.mlflow.registered_model_name:
-        client = MlflowClient(tracking_uri=tracking_uri)
         version = str(info.registered_model_version)
         for k, v in tags.items():
             client.set_model_version_tag(cfg.mlflow.registered_model_name, str(version), k, v)

@@ -8,7 +8,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import contextlib
 import csv
 import json
 import random
@@ -22,6 +21,7 @@ from ift.data import pad_collate, read_jsonl, tokenize_rows
 from ift.models import load_model, load_tokenizer
 from ift.objectives import sft_loss
 from pipelines import evaluate as ev
+from pipelines.tracking import mlflow_store
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CHAT = REPO / "pipelines" / "data" / "demo_chat.jsonl"
@@ -34,26 +34,11 @@ def _untrained(seed: int = 0):
     return load_model("tiny", tokenizer=tok, seed=seed), tok
 
 
-@contextlib.contextmanager
-def _tracking(uri: str):
-    import mlflow
-
-    old_env = os.environ.get("MLFLOW_TRACKING_URI")
-    old = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield mlflow
-    finally:
-        mlflow.set_tracking_uri(old)
-        if old_env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = old_env
-
-
 def _register(uri: str, model, tok, method: str) -> tuple[str, str]:
     """Log ``model`` from a run tagged like a training run and register it; return (run_id, version)."""
-    with _tracking(uri) as mlflow:
+    import mlflow
+
+    with mlflow_store(uri):
         mlflow.set_experiment("ift")
         with mlflow.start_run() as run:
             mlflow.set_tag("method", method)

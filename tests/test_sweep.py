@@ -17,6 +17,7 @@ import pytest
 import ray
 
 from pipelines.config import ConfigError
+from pipelines.tracking import mlflow_store
 from tune.sweep import (
     COMPLETED,
     ERROR,
@@ -28,6 +29,10 @@ from tune.sweep import (
     run_sweep,
     summary,
 )
+
+# The module-scoped sweep is built inside the first test's setup: about 4 minutes on an
+# idle 2-core box, but up to 10 when the box is shared; give it room.
+pytestmark = pytest.mark.timeout(1800)
 
 MAX_STEPS = 15
 MODEL = "sweep-test"
@@ -151,8 +156,8 @@ def test_champion_alias_resolves_to_the_best_trials_model(sweep4):
     assert version.tags["trial_id"] == best["trial_id"]
     assert float(version.tags["lam"]) == best["method.lam"] and float(version.tags["decay"]) == best["method.decay"]
     assert sweep4.champion_uri == f"models:/{MODEL}@champion"
-    mlflow.set_tracking_uri(sweep4.tracking_uri)
-    components = mlflow.transformers.load_model(sweep4.champion_uri, return_type="components")
+    with mlflow_store(sweep4.tracking_uri):
+        components = mlflow.transformers.load_model(sweep4.champion_uri, return_type="components")
     ids = components["tokenizer"]("hello", return_tensors="pt").input_ids
     assert components["model"](ids).logits.shape[-1] == len(components["tokenizer"])
 

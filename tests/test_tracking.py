@@ -1,0 +1,51 @@
+"""MLflow store handling: one process may train, register and evaluate against several stores."""
+
+from __future__ import annotations
+
+import os
+
+import mlflow
+import pytest
+from mlflow.tracking._model_registry import utils as registry_utils
+
+from pipelines.tracking import mlflow_store
+
+
+@pytest.fixture(autouse=True)
+def unset_mlflow_globals(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    monkeypatch.setattr(registry_utils, "_registry_uri", None)
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", None)
+
+
+def _register_in(store: str, name: str) -> str:
+    with mlflow_store(store) as client:
+        if not client.search_registered_models(f"name='{name}'"):
+            client.create_registered_model(name)
+        return client.create_model_version(name, source="file:///nowhere", run_id=None).version
+
+
+def test_the_store_leaves_no_pinned_registry_or_environment_behind(tmp_path):
+    with mlflow_store(f"sqlite:///{tmp_path / 'a.db'}"):
+        assert mlflow.get_registry_uri() == f"sqlite:///{tmp_path / 'a.db'}"
+        assert os.environ["MLFLOW_REGISTRY_URI"] == f"sqlite:///{tmp_path / 'a.db'}"
+    assert registry_utils._registry_uri is None
+    assert "MLFLOW_REGISTRY_URI" not in os.environ and "MLFLOW_TRACKING_URI" not in os.environ
+
+
+def test_registrations_in_two_stores_in_one_process_each_start_at_version_1(tmp_path):
+    # Regression: restoring get_registry_uri() pinned the registry to the first store,
+    # so a second training run in the same process registered version 2 in the wrong db.
+    assert str(_register_in(f"sqlite:///{tmp_path / 'a.db'}", "m")) == "1"
+    assert str(_register_in(f"sqlite:///{tmp_path / 'b.db'}", "m")) == "1"
+
+
+def test_an_outer_pinned_registry_is_restored(tmp_path, monkeypatch):
+    outer = f"sqlite:///{tmp_path / 'outer.db'}"
+    mlflow.set_registry_uri(outer)
+    with mlflow_store(f"sqlite:///{tmp_path / 'inner.db'}"):
+        pass
+    assert mlflow.get_registry_uri() == outer and os.environ["MLFLOW_REGISTRY_URI"] == outer
