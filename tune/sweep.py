@@ -461,10 +461,13 @@ def trial_run_name(sweep_id: str, trial_id: str) -> str:
 def _trial(config: dict[str, Any], *, base: dict, sweep_id: str, parent_run_id: str, trials_dir: str,
            metric: str, registry) -> None:
     """One trial: ``ift train`` with the sampled values, its MLflow run nested under the sweep's."""
+    import ray.data
     from ray import tune as rtune
 
     from pipelines.train import train
 
+    # Several trials prepare data at once: their Ray Data bars would interleave on the console.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     trial_id = rtune.get_context().get_trial_id()
     values = {k: _plain(v) for k, v in config.items()}
     values["run_name"] = trial_run_name(sweep_id, trial_id)
@@ -778,7 +781,9 @@ def run_sweep(sweep: SweepConfig, base: TrainConfig, *, verbose: int = 1, log=No
         param_space=param_space,
         tune_config=rtune.TuneConfig(
             metric=metric, mode=mode, search_alg=search_alg, scheduler=_scheduler(sweep, base),
-            num_samples=sweep.resolved_num_samples(), max_concurrent_trials=max_conc, reuse_actors=False,
+            num_samples=sweep.resolved_num_samples(), reuse_actors=False,
+            # Optuna (a Searcher) gets a ConcurrencyLimiter from this; the variant generator limits itself.
+            max_concurrent_trials=max_conc if sweep.algorithm == "optuna" else None,
             trial_name_creator=lambda t: t.trial_id, trial_dirname_creator=lambda t: t.trial_id,
         ),
         run_config=rtune.RunConfig(
@@ -793,6 +798,7 @@ def run_sweep(sweep: SweepConfig, base: TrainConfig, *, verbose: int = 1, log=No
         ok = True
     finally:
         janitor.stop()
+        ray.kill(registry)
         if not ok:
             tracking.end_run(tracking_uri, parent_id, ok=False)
 
