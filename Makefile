@@ -13,7 +13,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export MLFLOW_ENABLE_TELEMETRY ?= false
 export DO_NOT_TRACK ?= 1
 
-.PHONY: install demo test frozenlake clean
+.PHONY: install demo test bench frozenlake clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,9 +27,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/ift train
 
-## test: the whole suite (about 15 minutes on 2 cores)
+## test: the whole suite (about 18 minutes on 2 cores); the slowest tests are listed at the end
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15
+
+## bench: step time/memory per method, the scan, the data path, scaling -> benchmarks/results/
+bench: $(STAMP)
+	$(PY) -m benchmarks.run --out benchmarks/results
 
 frozenlake: $(STAMP)
 	$(VENV)/bin/ift frozenlake

@@ -1,0 +1,392 @@
+"""Run the benchmarks, write ``results.json`` and ``results.md``, print the targets a run misses.
+
+    python -m benchmarks.run                      # everything, full sizes (make bench)
+    python -m benchmarks.run --quick              # small sizes: a smoke run, not figures to quote
+    python -m benchmarks.run --only step,scan     # some sections
+    python -m benchmarks.run --only step --model tiny-100m --dtype bf16 --engine deepspeed --zero 2   # GPU
+
+Sections: ``step`` (step time and peak memory per method), ``scan`` (the
+discounted scan), ``data`` (Ray Data vs datasets tokenization), ``scaling``
+(pipeline tokens/s, 1 vs 2 workers x ZeRO 0/2/3).  ``step`` and ``scan`` never
+import Ray.  Each run overwrites ``<out>/results.json`` and ``<out>/results.md``
+with the sections it ran: every ratio in a file was measured side by side in
+that one run.  Exit status 0 even when a target is missed (benchmarks are not
+tests) unless ``--fail-on-miss``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import fmt_bytes, fmt_ratio, load_average, load_note, machine_info
+
+SECTIONS = ("step", "scan", "data", "scaling")
+
+# Target: (section, method, key, limit, label)
+TARGETS = (
+    ("step", "ift", "ratio_to_sft", 1.35, "IFT step time"),
+    ("step", "ift", "peak_mem_ratio_to_sft", 1.10, "IFT peak memory"),
+)
+
+FULL = {
+    "step": {"batch_size": 8, "seq_len": 256, "warmup": 3, "steps": 30, "memory_steps": 2, "memory_repeats": 3},
+    "scan": {"rows": 64, "rounds": 15},
+    "data": {"n_rows": 50_000, "procs": (2,)},
+    "scaling": {"workers": (1, 2), "zero_stages": (0, 2, 3), "steps": 20},
+}
+QUICK = {
+    "step": {"batch_size": 2, "seq_len": 64, "warmup": 1, "steps": 3, "memory_steps": 1, "memory_repeats": 1},
+    "scan": {"rows": 4, "rounds": 2},
+    "data": {"n_rows": 2_000, "procs": (2,)},
+    "scaling": {"workers": (1, 2), "zero_stages": (0,), "steps": 2},
+}
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# --------------------------------------------------------------------------- targets
+
+
+def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for section, method, key, limit, label in TARGETS:
+        value = results.get(section, {}).get("methods", {}).get(method, {}).get(key)
+        if section not in results or value is None or (isinstance(value, float) and math.isnan(value)):
+            status = "not measured"
+        else:
+            status = "met" if value <= limit else "missed"
+        entry = {"target": f"{label} <= {limit:.2f}x SFT", "label": label, "limit": limit, "value": value,
+                 "status": status}
+        if key == "ratio_to_sft":
+            entry["cpu_time_value"] = results.get(section, {}).get("methods", {}).get(method, {}).get("cpu_ratio_to_sft")
+        out.append(entry)
+    return out
+
+
+def target_lines(targets: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for t in targets:
+        cpu = t.get("cpu_time_value")
+        extra = f" (by CPU time: {cpu:.2f}x)" if cpu is not None else ""
+        if t["status"] == "missed":
+            lines.append(f"MISSED: {t['label']} {t['value']:.2f}x SFT > {t['limit']:.2f}x{extra}")
+        elif t["status"] == "met":
+            lines.append(f"met:    {t['label']} {t['value']:.2f}x SFT <= {t['limit']:.2f}x{extra}")
+        else:
+            lines.append(f"not measured: {t['target']} (section not run or failed)")
+    return lines
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def _ms(x: float | None) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x * 1e3:.1f}"
+
+
+def _num(x: float | None, fmt: str = "{:,.0f}") -> str:
+    return "n/a" if x is None else fmt.format(x)
+
+
+def _mem(e: dict[str, Any]) -> str:
+    lo, hi = (e.get("peak_mem_range_bytes") or [None, None])[:2]
+    text = fmt_bytes(e.get("peak_mem_bytes"))
+    if lo is not None and hi is not None and (e.get("peak_mem_repeats") or 1) > 1:
+        text += f" ({fmt_bytes(lo)}–{fmt_bytes(hi)})"
+    return text
+
+
+def render_markdown(doc: dict[str, Any]) -> str:
+    m = doc["machine"]
+    r = doc["results"]
+    v = m["versions"]
+    lines = ["# IFT benchmark results", ""]
+    if doc.get("quick"):
+        lines += ["**Quick smoke run** (`--quick`): sizes far below the benchmark's; not figures to quote.", ""]
+    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
+    lines += [
+        f"Machine: {m['cpu_model']}, {m['cpu_cores']} cores, {m.get('memory_gib')} GiB{gpu}; "
+        f"torch {v.get('torch')}, transformers {v.get('transformers')}, ray {v.get('ray')}, "
+        f"deepspeed {v.get('deepspeed')}, datasets {v.get('datasets')}, "
+        f"torch-discounted-cumsum {v.get('torch-discounted-cumsum') or 'not installed'}.  "
+        f"Date {m['date_utc']} UTC, commit {m.get('git_commit')}.  "
+        f"Load average (1, 5, 15 min) {m.get('load_average_start')} at the start, "
+        f"{m.get('load_average_end')} at the end.",
+        "",
+    ]
+    if doc.get("load_note"):
+        lines += [f"> **Noisy:** {doc['load_note']}.", ""]
+
+    if "step" in r:
+        s = r["step"]
+        c = s.get("config", {})
+        if "error" in s:
+            lines += ["## 1. Training step time and peak memory", "", f"Failed: `{s['error'][:300]}`", ""]
+        else:
+            engine = c["engine"] + (f" ZeRO-{c['zero_stage']}" if c["engine"] == "deepspeed" else "")
+            lines += [
+                "## 1. Training step time and peak memory",
+                "",
+                f"Model `{c['model']}` ({s['model_params'] / 1e6:.2f}M parameters) on {s['device_name']} "
+                f"({s['device']}, {s.get('torch_threads')} thread(s)), {c['dtype']}, engine {engine}; batch "
+                f"{c['batch_size']} x {c['seq_len']} tokens (no padding); {c['steps']} timed rounds after "
+                f"{c['warmup']} warm-up rounds, methods interleaved.  Step = forward(s) + backward + clip + "
+                "optimizer step.  DPO/ORPO train on chosen + rejected of the same lengths: 2x the tokens per "
+                "example.  Load average before/after: "
+                f"{s.get('load_average_before')} / {s.get('load_average_after')}.",
+                "",
+                "| method | step time, ms (p25–p75) | x SFT | x SFT, CPU time | theory x SFT | tokens/s "
+                "| examples/s | peak memory of the step (range) | x SFT | MFU |",
+                "|---|---|---|---|---|---|---|---|---|---|",
+            ]
+            for name, e in s["methods"].items():
+                mfu = "n/a" if e.get("mfu") is None else f"{100 * e['mfu']:.1f}%"
+                lines.append(
+                    f"| {name} | {_ms(e['median_s'])} ({_ms(e['p25_s'])}–{_ms(e['p75_s'])}) "
+                    f"| {fmt_ratio(e['ratio_to_sft'])} | {fmt_ratio(e.get('cpu_ratio_to_sft'))} "
+                    f"| {fmt_ratio(e['theory_ratio_to_sft'])} "
+                    f"| {_num(e['tokens_per_s'])} | {_num(e['examples_per_s'], '{:,.1f}')} "
+                    f"| {_mem(e)} | {fmt_ratio(e.get('peak_mem_ratio_to_sft'))} | {mfu} |"
+                )
+            lines += [
+                "",
+                "x SFT (time) is the median of per-round paired ratios of wall-clock step times; the CPU-time "
+                "column is the same with the process's CPU time per step (on CPU with one thread: the work done, "
+                "without the time spent waiting for a core other jobs held).  "
+                f"  Peak memory: {s.get('memory_method')}; "
+                f"median (range) over {c.get('memory_repeats', 1)} fresh process(es) per method.  Theory "
+                "counts forward-pass equivalents (backward = 2 forwards) and ignores the optimizer step.",
+                "",
+            ]
+    if "scan" in r:
+        s = r["scan"]
+        lines += ["## 2. Discounted scan (CPU, float32)", ""]
+        if "error" in s:
+            lines += [f"Failed: `{s['error'][:300]}`", ""]
+        else:
+            lines += [
+                f"{s['rows']} rows x K, γ = {s['gamma']}, {s['torch_threads']} thread(s), median of {s['rounds']} "
+                "interleaved rounds.  `scan` = `ift.scan.discounted_cumsum` (backend torch); `loop` = float32 "
+                "reverse loop; `kernel` = torch-discounted-cumsum with a 1-D γ"
+                + ("" if s["kernel_available"] else " (**skipped: not installed**)") + ".  Errors: max |y − y_float64|.",
+                "",
+                "| K | scan, ms | loop, ms | loop / scan | kernel, ms | kernel / scan | err scan | err loop | err kernel |",
+                "|---|---|---|---|---|---|---|---|---|",
+            ]
+            for k, e in s["lengths"].items():
+                kern = e.get("kernel", {})
+                lines.append(
+                    f"| {k} | {_ms(e['scan']['median_s'])} | {_ms(e['loop']['median_s'])} "
+                    f"| {e['loop_over_scan']:.1f}x | {_ms(kern.get('median_s'))} "
+                    f"| {fmt_ratio(e.get('kernel_over_scan'))} | {e['scan']['max_abs_err']:.1e} "
+                    f"| {e['loop']['max_abs_err']:.1e} | "
+                    + (f"{kern['max_abs_err']:.1e}" if "max_abs_err" in kern else "n/a") + " |"
+                )
+            lines.append("")
+    if "data" in r:
+        s = r["data"]
+        lines += ["## 3. Data path: tokenization", ""]
+        if "error" in s:
+            lines += [f"Failed: `{s['error'][:300]}`", ""]
+        else:
+            lines += [
+                f"{s['rows']:,} generated conversations (in memory), tokenizer `{s['tokenizer']}`, max_length "
+                f"{s['max_length']}, batches of {s['batch_size']}; both sides run `pipelines.data.TokenizeRows`.  "
+                "End to end includes worker start (Ray actors / the datasets process pool); steady = worker "
+                f"start excluded (full run minus a one-batch-per-worker run).  ray.init ({s['ray_init_s']:.1f} s) "
+                f"excluded.  Load average before/after: {s.get('load_average_before')} / "
+                f"{s.get('load_average_after')}.",
+                "",
+                "| processes | library | rows/s end to end | tokens/s end to end | rows/s steady | tokens/s steady | seconds |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            for p, e in s["procs"].items():
+                for lib, label in (("ray_data", "Ray Data map_batches"), ("datasets", "datasets.map")):
+                    x = e[lib]
+                    lines.append(
+                        f"| {p} | {label} | {_num(x['rows_per_s'])} | {_num(x['tokens_per_s'])} "
+                        f"| {_num(x['steady_rows_per_s'])} | {_num(x['steady_tokens_per_s'])} | {x['seconds']:.1f} |"
+                    )
+                steady = e.get("ray_over_datasets_steady")
+                lines.append(
+                    f"| {p} | Ray / datasets | {fmt_ratio(e['ray_over_datasets_rows_per_s'])} | | "
+                    f"{fmt_ratio(steady)} | | tokens equal: {e['tokens_match']} |"
+                )
+            lines.append("")
+    if "scaling" in r:
+        s = r["scaling"]
+        lines += ["## 4. Scaling: pipeline tokens/s", ""]
+        if "error" in s:
+            lines += [f"Failed: `{s['error'][:300]}`", ""]
+        else:
+            lines += [
+                f"`ift train` ({s['config']}), {s['method']}, {s['steps']} optimizer steps, tokens/s of steps "
+                f"{s['measured_steps']} from the run's own metric; {s['cpu_cores']} cores.  Load average "
+                f"before/after: {s.get('load_average_before')} / {s.get('load_average_after')}.",
+                "",
+                "| ZeRO | 1 worker, tokens/s | 2 workers, tokens/s | 2 / 1 | efficiency |",
+                "|---|---|---|---|---|",
+            ]
+            zeros = sorted({c["zero_stage"] for c in s["cells"].values()})
+            for z in zeros:
+                one = s["cells"].get(f"w1_z{z}", {})
+                two = s["cells"].get(f"w2_z{z}", {})
+                bz = s["by_zero_stage"].get(str(z), {})
+                eff = "n/a" if bz.get("efficiency") is None else f"{100 * bz['efficiency']:.0f}%"
+                lines.append(
+                    f"| {z} | {_num(one.get('tokens_per_s')) if 'error' not in one else 'failed'} "
+                    f"| {_num(two.get('tokens_per_s')) if 'error' not in two else 'failed'} "
+                    f"| {fmt_ratio(bz.get('speedup_2_over_1'))} "
+                    f"| {eff} |"
+                )
+            lines.append("")
+    lines += ["## Targets", "", "| target | measured | result |", "|---|---|---|"]
+    for t in doc["targets"]:
+        val = "n/a" if t["value"] is None else f"{t['value']:.2f}x"
+        if t.get("cpu_time_value") is not None:
+            val += f" (CPU time: {t['cpu_time_value']:.2f}x)"
+        lines.append(f"| {t['target']} | {val} | {t['status']} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
+    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    p.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    p.add_argument("--out", default="benchmarks/results", help="directory for results.json and results.md")
+    p.add_argument("--fail-on-miss", action="store_true", help="exit 1 when a target is missed")
+    p.add_argument("--render", metavar="RESULTS_JSON", default=None,
+                   help="only rewrite results.md next to an existing results.json and print the targets")
+    g = p.add_argument_group("step")
+    g.add_argument("--model", default="tiny")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bf16"])
+    g.add_argument("--engine", default="torch", choices=["torch", "deepspeed"])
+    g.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3])
+    g.add_argument("--batch-size", type=int, default=None)
+    g.add_argument("--seq-len", type=int, default=None)
+    g.add_argument("--steps", type=int, default=None, help="timed rounds")
+    g.add_argument("--device", default="auto")
+    g.add_argument("--peak-tflops", type=float, default=None)
+    g = p.add_argument_group("data / scaling")
+    g.add_argument("--data-rows", type=int, default=None)
+    g.add_argument("--procs", default=None, help="processes for the data path, e.g. 1,2")
+    g.add_argument("--scaling-steps", type=int, default=None)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    if args.render:
+        path = Path(args.render)
+        doc = json.loads(path.read_text())
+        (path.parent / "results.md").write_text(render_markdown(doc))
+        log(render_markdown(doc))
+        for line in target_lines(doc["targets"]):
+            log(line)
+        return 0
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    bad = [s for s in only if s not in SECTIONS]
+    if bad:
+        raise SystemExit(f"unknown section(s) {bad}; choose from {','.join(SECTIONS)}")
+    sizes = QUICK if args.quick else FULL
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+    machine = machine_info()
+    log(f"benchmarks: {', '.join(only)}{' (quick)' if args.quick else ''} on {machine['cpu_model']}, "
+        f"{machine['cpu_cores']} cores{', ' + machine['gpu'] if machine.get('gpu') else ''}; "
+        f"load average {machine['load_average_start']}")
+    results: dict[str, Any] = {}
+    timings: dict[str, float] = {}
+    for section in SECTIONS:
+        if section not in only:
+            continue
+        t0 = time.perf_counter()
+        try:
+            if section == "step":
+                from benchmarks.step_time import StepConfig, run as run_step
+
+                kw = dict(sizes["step"])
+                for key, val in (("batch_size", args.batch_size), ("seq_len", args.seq_len), ("steps", args.steps)):
+                    if val is not None:
+                        kw[key] = val
+                cfg = StepConfig(model=args.model, dtype=args.dtype, engine=args.engine, zero_stage=args.zero,
+                                 device=args.device, peak_tflops=args.peak_tflops, **kw)
+                results["step"] = run_step(cfg, log=log)
+            elif section == "scan":
+                from benchmarks.scan import run as run_scan
+
+                results["scan"] = run_scan(log=log, **sizes["scan"])
+            elif section == "data":
+                from benchmarks.data_path import run as run_data
+
+                kw = dict(sizes["data"])
+                if args.data_rows:
+                    kw["n_rows"] = args.data_rows
+                if args.procs:
+                    kw["procs"] = tuple(int(x) for x in args.procs.split(","))
+                results["data"] = run_data(log=log, **kw)
+            elif section == "scaling":
+                from benchmarks.scaling import run as run_scaling
+
+                kw = dict(sizes["scaling"])
+                if args.scaling_steps:
+                    kw["steps"] = args.scaling_steps
+                results["scaling"] = run_scaling(log=log, **kw)
+        except Exception as exc:  # report the section as failed, keep the others
+            import traceback
+
+            traceback.print_exc()
+            results[section] = {"error": f"{type(exc).__name__}: {exc}"}
+            log(f"[{section}] FAILED: {type(exc).__name__}: {exc}")
+        timings[section] = time.perf_counter() - t0
+
+    machine["load_average_end"] = load_average()
+    loads = [machine["load_average_start"], machine["load_average_end"]]
+    for sec in results.values():
+        loads += [sec.get("load_average_before"), sec.get("load_average_after")]
+        for cell in (sec.get("cells") or {}).values():
+            loads.append(cell.get("load_average"))
+    targets = evaluate_targets(results)
+    doc = {
+        "quick": args.quick,
+        "sections": only,
+        "command": " ".join(["python -m benchmarks.run", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": machine,
+        "load_note": load_note(loads, machine["cpu_cores"]),
+        "section_seconds": timings,
+        "results": results,
+        "targets": targets,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    (out / "results.md").write_text(render_markdown(doc))
+    log("")
+    log(render_markdown(doc))
+    log(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+    if doc["load_note"]:
+        log(f"NOTE: {doc['load_note']}")
+    for line in target_lines(targets):
+        log(line)
+    missed = [t for t in targets if t["status"] == "missed"]
+    return 1 if (missed and args.fail_on_miss) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Smoke tests of the benchmark runner: it runs and writes the fields the README table needs.
+
+No timing assertions: benchmarks are measured with ``make bench``, not tested.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+METHODS = ("sft", "ift", "ift_detached", "dpo", "orpo")
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def test_quick_run_writes_results(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--only", "scan,step", "--out", str(tmp_path)],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "results.json").read_text())
+
+    machine = doc["machine"]
+    for key in ("cpu_model", "cpu_cores", "date_utc", "load_average_start", "load_average_end", "versions"):
+        assert key in machine
+    assert {"torch", "ray", "deepspeed"} <= set(machine["versions"])
+    assert doc["quick"] is True
+
+    step = doc["results"]["step"]
+    assert "error" not in step, step.get("error")
+    assert set(step["methods"]) == set(METHODS)
+    for name, entry in step["methods"].items():
+        for key in ("median_s", "ratio_to_sft", "theory_ratio_to_sft", "tokens_per_s", "examples_per_s",
+                    "peak_mem_bytes", "peak_mem_ratio_to_sft"):
+            assert entry.get(key) is not None, (name, key, entry)
+        assert "memory_error" not in entry, entry["memory_error"]
+    assert step["methods"]["sft"]["ratio_to_sft"] == pytest.approx(1.0)
+    # Pairs double the tokens per example.
+    assert step["methods"]["dpo"]["tokens_per_step"] == 2 * step["methods"]["sft"]["tokens_per_step"]
+    assert step["memory_method"]
+
+    scan = doc["results"]["scan"]
+    assert set(scan["lengths"]) == {"512", "2048", "8192"}
+    for entry in scan["lengths"].values():
+        assert entry["scan"]["median_s"] > 0 and entry["loop"]["median_s"] > 0
+        assert entry["scan"]["max_rel_err"] < 1e-4
+        assert ("median_s" in entry["kernel"]) == scan["kernel_available"]
+
+    labels = {t["label"]: t for t in doc["targets"]}
+    assert set(labels) == {"IFT step time", "IFT peak memory"}
+    assert all(t["status"] in ("met", "missed") for t in labels.values())
+
+    md = (tmp_path / "results.md").read_text()
+    assert "| ift |" in md and "## Targets" in md and machine["cpu_model"] in md
+    # The runner names every target in its output, missed or met.
+    assert "IFT step time" in proc.stdout and "IFT peak memory" in proc.stdout
+
+
+def test_gpu_path_and_scan_do_not_import_ray():
+    code = (
+        "import sys, benchmarks.run, benchmarks.step_time, benchmarks.scan, benchmarks.common, pipelines.loop\n"
+        "bad = sorted(n for n in sys.modules if n.split('.')[0] in ('ray', 'mlflow'))\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                         check=True, timeout=300)
+    assert out.stdout.strip() == "", f"benchmarks' GPU path pulled in: {out.stdout.strip()}"
+
+
+def test_scan_skips_the_kernel_when_absent(monkeypatch):
+    import benchmarks.scan as scan
+
+    monkeypatch.setattr(scan, "kernel_available", lambda: False)
+    out = scan.run(lengths=(64,), rows=2, rounds=1, log=lambda _: None)
+    entry = out["lengths"]["64"]
+    assert out["kernel_available"] is False
+    assert "skipped" in entry["kernel"] and entry["kernel_over_scan"] is None
+
+
+def test_missed_targets_are_printed():
+    from benchmarks.run import evaluate_targets, target_lines
+
+    results = {"step": {"methods": {"ift": {"ratio_to_sft": 1.41, "peak_mem_ratio_to_sft": 1.02}}}}
+    lines = target_lines(evaluate_targets(results))
+    assert "MISSED: IFT step time 1.41x SFT > 1.35x" in lines
+    assert any(line.startswith("met:") and "IFT peak memory" in line for line in lines)
+    assert all(t["status"] == "not measured" for t in evaluate_targets({}))
