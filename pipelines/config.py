@@ -270,6 +270,17 @@ def _resolve_paths(tree: dict, base_dir: Path) -> None:
                         src["path"] = str(candidate)
 
 
+def read_yaml_mapping(file: Path) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (empty file: ``{}``); anything else is a ConfigError."""
+    try:
+        tree = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{file}: not valid YAML: {exc}") from exc
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{file}: the top level must be a mapping of sections")
+    return tree
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Load a YAML config (default: the packaged ``tiny``), apply overrides, validate.
 
@@ -285,12 +296,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             raise ConfigError(
                 f"config file '{path}' not found; packaged configs are: {', '.join(packaged_config_names())}"
             )
-    try:
-        tree = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{file}: not valid YAML: {exc}") from exc
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{file}: the top level must be a mapping of sections")
+    tree = read_yaml_mapping(file)
     _resolve_paths(tree, file.parent)
     for key, value in parse_overrides(overrides or []):
         try:

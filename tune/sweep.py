@@ -64,6 +64,7 @@ from pipelines.config import (
     load_config,
     packaged_config_path,
     parse_overrides,
+    read_yaml_mapping,
 )
 
 PACKAGED_SWEEPS = "tune.configs"
@@ -309,12 +310,7 @@ def load_sweep(
     file's ``overrides``).
     """
     file = _find_yaml(str(path) if path is not None else DEFAULT_SWEEP)
-    try:
-        tree = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{file}: not valid YAML: {exc}") from exc
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{file}: the top level must be a mapping")
+    tree = read_yaml_mapping(file)
 
     if "sweep" in tree:  # a sweep file
         sweep_tree: dict[str, Any] = {k: v for k, v in tree.items()}
