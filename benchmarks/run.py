@@ -36,10 +36,10 @@ TARGETS = (
 )
 
 FULL = {
-    "step": {"batch_size": 8, "seq_len": 256, "warmup": 3, "steps": 30, "memory_steps": 2, "memory_repeats": 3},
+    "step": {"batch_size": 8, "seq_len": 256, "warmup": 3, "steps": 60, "memory_steps": 2, "memory_repeats": 3},
     "scan": {"rows": 64, "rounds": 15},
     "data": {"n_rows": 50_000, "procs": (2,)},
-    "scaling": {"workers": (1, 2), "zero_stages": (0, 2, 3), "steps": 20},
+    "scaling": {"workers": (1, 2), "zero_stages": (0, 2, 3), "steps": 40},
 }
 QUICK = {
     "step": {"batch_size": 2, "seq_len": 64, "warmup": 1, "steps": 3, "memory_steps": 1, "memory_repeats": 1},
