@@ -198,7 +198,7 @@ def tokenize_dataset(ds: ray.data.Dataset, cfg: TrainConfig) -> ray.data.Dataset
             cfg.model.trust_remote_code,
         ),
         batch_size=cfg.data.tokenize_batch_size,
-        concurrency=cfg.data.tokenize_concurrency,
+        compute=ray.data.ActorPoolStrategy(size=cfg.data.tokenize_concurrency),
         num_cpus=min(1.0, cfg.scaling.cpus_per_worker),
         batch_format="numpy",
     )

@@ -721,8 +721,9 @@ def log_scores(
 
     created = False
     if run_id is None:
-        exp = client.get_experiment_by_name(EVAL_EXPERIMENT)
-        exp_id = exp.experiment_id if exp else client.create_experiment(EVAL_EXPERIMENT)
+        from pipelines.tracking import experiment_id
+
+        exp_id = experiment_id(client, EVAL_EXPERIMENT, tracking_uri)
         ref = model_uri or "<in-memory model>"
         run = client.create_run(exp_id, run_name=f"eval {ref}"[:250], tags={"ift.model_ref": ref})
         run_id, created = run.info.run_id, True

@@ -164,25 +164,15 @@ def plot(results: dict, path: Path, seed_index: int = 0) -> Path:
 # --------------------------------------------------------------------------- MLflow
 
 
-def _artifact_location(tracking_uri: str) -> str | None:
-    """Keep artifacts next to a sqlite store instead of in the working directory."""
-    prefix = "sqlite:///"
-    if tracking_uri.startswith(prefix):
-        db = Path(tracking_uri[len(prefix):])
-        return (db.parent.resolve() / "mlartifacts").as_uri()
-    return None
-
-
 def log_to_mlflow(results: dict, out_dir: Path, tracking_uri: str, wall_s: float) -> str:
     """Log params, metrics and artifacts; returns the run id."""
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
 
+    from pipelines.tracking import experiment_id
+
     client = MlflowClient(tracking_uri)
-    exp = client.get_experiment_by_name(EXPERIMENT)
-    exp_id = exp.experiment_id if exp else client.create_experiment(
-        EXPERIMENT, artifact_location=_artifact_location(tracking_uri)
-    )
+    exp_id = experiment_id(client, EXPERIMENT, tracking_uri)
     run = client.create_run(exp_id, run_name=f"frozenlake-{results['config']['seeds']}seeds")
     run_id = run.info.run_id
     status = "FAILED"

@@ -60,6 +60,24 @@ def mlflow_store(tracking_uri: str) -> Iterator[MlflowClient]:
                 os.environ[key] = value
 
 
+def artifact_location(tracking_uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: next to a sqlite store (``mlartifacts/``
+    beside the .db file), so the store is one self-contained folder whatever the working
+    directory; ``None`` (the server's default) for any other store."""
+    prefix = "sqlite:///"
+    if tracking_uri.startswith(prefix):
+        return (Path(tracking_uri[len(prefix):]).parent.resolve() / "mlartifacts").as_uri()
+    return None
+
+
+def experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
+    """The id of experiment ``name``, created (with :func:`artifact_location`) if missing."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_location(tracking_uri))
+
+
 def git_commit() -> str:
     """The project's commit; IFT_GIT_COMMIT wins (a job's uploaded working dir has no .git)."""
     if os.environ.get("IFT_GIT_COMMIT"):
@@ -80,8 +98,7 @@ def start_or_resume_run(cfg: TrainConfig, tracking_uri: str, *, parent_run_id: s
     Returns ``(run_id, resumed)``.
     """
     client = MlflowClient(tracking_uri=tracking_uri)
-    exp = client.get_experiment_by_name(cfg.mlflow.experiment)
-    exp_id = exp.experiment_id if exp is not None else client.create_experiment(cfg.mlflow.experiment)
+    exp_id = experiment_id(client, cfg.mlflow.experiment, tracking_uri)
     found = client.search_runs(
         [exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{cfg.run_name}'", max_results=1,
         order_by=["attributes.start_time DESC"],

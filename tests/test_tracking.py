@@ -13,8 +13,11 @@ from pipelines.tracking import mlflow_store
 
 @pytest.fixture(autouse=True)
 def unset_mlflow_globals(monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        # setenv first so monkeypatch records the original (maybe absent) value and restores it,
+        # even after a test sets the variable outside monkeypatch (mlflow.set_registry_uri does).
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
     monkeypatch.setattr(registry_utils, "_registry_uri", None)
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
@@ -49,3 +52,20 @@ def test_an_outer_pinned_registry_is_restored(tmp_path, monkeypatch):
     with mlflow_store(f"sqlite:///{tmp_path / 'inner.db'}"):
         pass
     assert mlflow.get_registry_uri() == outer and os.environ["MLFLOW_REGISTRY_URI"] == outer
+
+
+def test_a_new_experiment_in_a_sqlite_store_keeps_its_artifacts_beside_the_db(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking import experiment_id
+
+    monkeypatch.chdir(tmp_path / "..")  # not the store's folder: artifacts must not follow the cwd
+    store = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    (tmp_path / "store").mkdir()
+    client = MlflowClient(store)
+    exp_id = experiment_id(client, "ift", store)
+    assert experiment_id(client, "ift", store) == exp_id  # found again, not created twice
+    run = client.create_run(exp_id)
+    client.log_text(run.info.run_id, "hello", "note.txt")
+    assert (tmp_path / "store" / "mlartifacts").is_dir()
+    assert list((tmp_path / "store" / "mlartifacts").rglob("note.txt"))

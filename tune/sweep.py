@@ -737,8 +737,7 @@ def run_sweep(sweep: SweepConfig, base: TrainConfig, *, verbose: int = 1, log=No
 
     # -- the parent run
     client = tracking.MlflowClient(tracking_uri=tracking_uri)
-    exp = client.get_experiment_by_name(base.mlflow.experiment)
-    exp_id = exp.experiment_id if exp is not None else client.create_experiment(base.mlflow.experiment)
+    exp_id = tracking.experiment_id(client, base.mlflow.experiment, tracking_uri)
     parent = client.create_run(exp_id, run_name=sweep_id, tags={
         "mlflow.runName": sweep_id, SWEEP_TAG: "parent", "ift.sweep_id": sweep_id,
         "git_commit": tracking.git_commit(), "method": base.method.name,
