@@ -23,11 +23,10 @@ own).  Two figures per library:
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any, Callable
 
-from benchmarks.common import cpu_count, load_average
+from benchmarks.common import load_average
 
 TOKENIZER = "tiny"
 MAX_LENGTH = 512
@@ -40,23 +39,16 @@ def _corpus(n_rows: int, seed: int) -> list[dict[str, Any]]:
     return [{"source": "bench", "row": i, "payload": json.dumps(r)} for i, r in enumerate(make_conversations(n_rows, seed))]
 
 
-def _init_ray() -> float:
+def init_ray() -> float:
+    """``pipelines.train.init_ray`` (the pipeline's own start-up), timed; 0 if Ray is already up."""
     import ray
+
+    from pipelines.train import init_ray as pipeline_init_ray
 
     if ray.is_initialized():
         return 0.0
     t = time.perf_counter()
-    kwargs: dict[str, Any] = {"log_to_driver": False}
-    if not os.environ.get("RAY_ADDRESS"):
-        kwargs.update(address="local", include_dashboard=False, num_cpus=max(cpu_count(), 2))
-    for attempt in range(3):  # a heavily loaded machine can miss the node start-up deadline
-        try:
-            ray.init(**kwargs)
-            break
-        except Exception:
-            ray.shutdown()
-            if attempt == 2:
-                raise
+    pipeline_init_ray(log_to_driver=False)
     return time.perf_counter() - t
 
 
@@ -102,7 +94,7 @@ def run(n_rows: int = 50_000, procs: tuple[int, ...] = (2,), seed: int = 7,
     t = time.perf_counter()
     items = _corpus(n_rows, seed)
     log(f"[data] corpus: {n_rows} conversations generated in {time.perf_counter() - t:.1f}s")
-    ray_init_s = _init_ray()
+    ray_init_s = init_ray()
     small_n = BATCH  # per worker
     results: dict[str, Any] = {}
     for p in procs:

@@ -32,14 +32,14 @@ def run(
     log: Callable[[str], None] = print,
     extra_overrides: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    from benchmarks.data_path import _init_ray
+    from benchmarks.data_path import init_ray
     from pipelines.config import load_config
     from pipelines.train import train
 
     if steps < 2 or steps % 2:
         raise ValueError("steps must be an even number >= 2 (the second half is measured)")
     load_before = load_average()
-    ray_init_s = _init_ray()
+    ray_init_s = init_ray()
     cells: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="ift-bench-scaling-") as storage:
         for zero in zero_stages:

@@ -180,7 +180,7 @@ def _init_single_process_dist() -> None:
         os.environ.setdefault(k, v)
 
 
-def _deepspeed_train_config(cfg: StepConfig, use_gpu: bool):
+def _deepspeed_train_config(cfg: StepConfig):
     from pipelines.config import load_config
 
     precision = "bf16" if cfg.dtype in ("bf16", "bfloat16") else "fp32"
@@ -221,7 +221,7 @@ class MethodRunner:
             if self.reference is not None and bf16:
                 self.reference = self.reference.to(torch.bfloat16)
             _init_single_process_dist()
-            self.engine = build_engine(_deepspeed_train_config(cfg, device.type == "cuda"), model,
+            self.engine = build_engine(_deepspeed_train_config(cfg), model,
                                        total_steps=10**6, use_gpu=device.type == "cuda")
             self.model = self.engine
             self.autocast = contextlib.nullcontext

@@ -52,11 +52,11 @@ class ProgressTracker:
         return self.step, self.metrics
 
 
-def init_ray(cfg: TrainConfig) -> None:
+def init_ray(*, log_to_driver: bool = True) -> None:
     """Connect to RAY_ADDRESS (a cluster, or a `ray job submit` driver) or start Ray in-process."""
     if ray.is_initialized():
         return
-    kwargs: dict[str, Any] = {"log_to_driver": True}
+    kwargs: dict[str, Any] = {"log_to_driver": log_to_driver}
     if not os.environ.get("RAY_ADDRESS"):
         # address="local" always starts a private in-process cluster; a bare ray.init()
         # would silently join any `ray start` head on this machine.
@@ -97,7 +97,7 @@ def train(cfg: TrainConfig, *, parent_run_id: str | None = None, show_progress: 
     from pipelines.data import prepare_datasets
     from pipelines.worker import FAIL_ENV, train_loop_per_worker
 
-    init_ray(cfg)
+    init_ray()
     use_gpu = _use_gpu(cfg)
     tracking_uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
 

@@ -49,8 +49,9 @@ def test_registrations_in_two_stores_in_one_process_each_start_at_version_1(tmp_
 def test_an_outer_pinned_registry_is_restored(tmp_path, monkeypatch):
     outer = f"sqlite:///{tmp_path / 'outer.db'}"
     mlflow.set_registry_uri(outer)
-    with mlflow_store(f"sqlite:///{tmp_path / 'inner.db'}"):
-        pass
+    inner = f"sqlite:///{tmp_path / 'inner.db'}"
+    with mlflow_store(inner):
+        assert mlflow.get_registry_uri() == inner
     assert mlflow.get_registry_uri() == outer and os.environ["MLFLOW_REGISTRY_URI"] == outer
 
 

@@ -719,7 +719,7 @@ def run_sweep(sweep: SweepConfig, base: TrainConfig, *, verbose: int = 1, log=No
 
     check_sweep(sweep, base)
     t0 = time.time()
-    init_ray(base)
+    init_ray()
     tracking_uri = tracking.resolve_tracking_uri(base.mlflow.tracking_uri)
     base = apply_overrides(base, {"mlflow.tracking_uri": tracking_uri})
     sweep_id = f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
