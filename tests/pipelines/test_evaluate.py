@@ -23,7 +23,7 @@ from ift.objectives import sft_loss
 from pipelines import evaluate as ev
 from pipelines.tracking import mlflow_store
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEMO_CHAT = REPO / "pipelines" / "data" / "demo_chat.jsonl"
 MODEL_NAME = "ift-tiny-eval-test"
 SMALL = "4"  # --limit for tests that only check plumbing

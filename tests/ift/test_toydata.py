@@ -11,7 +11,7 @@ import pytest
 from ift import toydata
 from ift.data import normalize_row
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DATA_DIR = REPO / "pipelines" / "data"
 
 

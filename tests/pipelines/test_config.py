@@ -18,7 +18,7 @@ from pipelines.config import (
     parse_overrides,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("name", packaged_config_names())

@@ -22,7 +22,7 @@ from ift.models import (
     train_tiny_tokenizer,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import build_llama
+from tests.conftest import build_llama
 from ift.objectives import (
     EmptyTargetError,
     LambdaSchedule,
