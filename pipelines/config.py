@@ -20,6 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 PACKAGED_CONFIGS = "pipelines.configs"
 DEFAULT_CONFIG = "tiny"
+# The store every command defaults to: a sqlite file in the working directory
+# (made absolute by pipelines.tracking.resolve_tracking_uri, so Ray workers hit the same file).
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
 class ConfigError(ValueError):
@@ -136,7 +139,7 @@ class CheckpointingConfig(_Section):
 
 class MLflowConfig(_Section):
     enabled: bool = Field(True, description="Track the run in MLflow.")
-    tracking_uri: str = Field("sqlite:///mlflow.db", description="Tracking store; relative sqlite paths are made absolute.")
+    tracking_uri: str = Field(DEFAULT_TRACKING_URI, description="Tracking store; relative sqlite paths are made absolute.")
     experiment: str = Field("ift", description="MLflow experiment name.")
     registered_model_name: str | None = Field("ift-tiny", description="Register the final model under this name.")
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ift import frozenlake as fl
+from pipelines.config import DEFAULT_TRACKING_URI
 
 __all__ = ["main", "run", "markdown_table", "plot", "log_to_mlflow", "EXPERIMENT"]
 
@@ -217,7 +218,7 @@ def run(
     seeds: int = 5,
     steps: int = 200,
     *,
-    tracking_uri: str = "sqlite:///mlflow.db",
+    tracking_uri: str = DEFAULT_TRACKING_URI,
     use_mlflow: bool = True,
     progress: bool = True,
     **overrides,
@@ -264,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (default: %(default)s)")
     p.add_argument("--start", choices=("suboptimal", "random"), default="suboptimal",
                    help="start point: pre-trained toward the long route, or seeded random init")
-    p.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow tracking URI (default: %(default)s)")
+    p.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI, help="MLflow tracking URI (default: %(default)s)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
