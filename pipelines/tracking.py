@@ -14,7 +14,7 @@ import mlflow
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
-from pipelines.config import DEFAULT_TRACKING_URI, TrainConfig, flatten  # noqa: F401 (re-exported)
+from pipelines.config import TrainConfig, flatten
 
 RUN_NAME_TAG = "ift.run_name"
 # mlflow.transformers.log_model infers requirements by importing torchvision,
