@@ -1,9 +1,9 @@
-"""Frozen Lake validation (paper §5.3): environment, optimal policy, IFT fused states,
-what the methods must do, and the ``ift frozenlake`` command end to end."""
+"""Frozen Lake validation (paper §5.3), the library part ``ift.frozenlake``: environment, optimal policy,
+IFT fused states and what the methods must do.  The ``ift frozenlake`` command is tested in
+tests/pipelines/test_frozenlake.py."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
@@ -161,40 +161,3 @@ def test_library_module_imports_no_mlflow_or_matplotlib() -> None:
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
-
-
-# ----------------------------------------------------------------------------- the command
-
-
-def test_cli_writes_results_and_logs_to_mlflow(tmp_path) -> None:
-    from pipelines.frozenlake import main
-
-    out = tmp_path / "out"
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    argv = ["--out", str(out), "--seeds", "2", "--steps", "30", "--tracking-uri", uri, "--no-progress"]
-    assert main(argv) == 0
-    for name in ("results.json", "results.md", "frozenlake.png"):
-        assert (out / name).stat().st_size > 0, name
-    results = json.loads((out / "results.json").read_text())
-    assert results["config"]["seeds"] == 2 and len(results["per_seed"]) == 2
-    assert sorted(results["order_mse"]) == sorted(fl.METHODS)
-    md = (out / "results.md").read_text()
-    for label in ("SFT", "IFT", "DPO", "ORPO", "optimal θ*", "Paper's order", "Measured order"):
-        assert label in md
-    assert (out / "frozenlake.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("frozenlake")
-    assert exp is not None
-    runs = client.search_runs([exp.experiment_id])
-    assert len(runs) == 1
-    run = runs[0]
-    assert run.info.status == "FINISHED"
-    assert run.data.params["steps"] == "30"
-    assert run.data.metrics["ift.mse_mean"] == pytest.approx(results["aggregate"]["ift"]["mse"]["mean"])
-    assert len(client.get_metric_history(run.info.run_id, "loss_seed0.ift")) == 30
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"results.json", "results.md", "frozenlake.png"} <= artifacts
-    assert str(tmp_path) in exp.artifact_location  # artifacts stay next to the store
