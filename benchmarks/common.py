@@ -10,11 +10,12 @@ import datetime as _dt
 import os
 import platform
 import statistics
-import subprocess
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Iterable
+
+from pipelines.provenance import git_commit
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,16 +63,6 @@ def pkg_version(name: str) -> str | None:
     try:
         return version(name)
     except PackageNotFoundError:
-        return None
-
-
-def git_commit() -> str | None:
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-        return sha or None
-    except (OSError, subprocess.SubprocessError):  # no git, or not a checkout
         return None
 
 

@@ -65,7 +65,16 @@ import torch
 
 from benchmarks.common import cpu_model, load_average, summarize
 
-METHODS: tuple[str, ...] = ("sft", "ift", "ift_detached", "dpo", "orpo")
+# Benchmarked variants: a name and its `method` config (λ and decay come from StepConfig);
+# the objectives themselves come from the method table, pipelines.methods.
+BENCH_METHODS: dict[str, dict[str, Any]] = {
+    "sft": {"name": "sft"},
+    "ift": {"name": "ift"},
+    "ift_detached": {"name": "ift", "detach_weights": True},
+    "dpo": {"name": "dpo"},
+    "orpo": {"name": "orpo"},
+}
+METHODS: tuple[str, ...] = tuple(BENCH_METHODS)
 
 # Forward-pass equivalents per step, in units of one forward over the SFT batch
 # (backward ≈ 2 forwards).  IFT: the no-grad pass + forward + backward.  DPO:
@@ -197,7 +206,8 @@ class MethodRunner:
 
     def __init__(self, name: str, base_model: torch.nn.Module, cfg: StepConfig, device: torch.device,
                  sft_batch: dict, pair_batch: dict, *, copy_model: bool = True):
-        from ift.objectives import dpo_batch_loss, ift_loss, orpo_batch_loss, sft_loss
+        from pipelines.config import MethodConfig
+        from pipelines.methods import build_objective
 
         self.name = name
         self.cfg = cfg
@@ -205,10 +215,9 @@ class MethodRunner:
         # The timing run keeps one start copy and gives every method its own; a memory child hands
         # its only copy over, so the measured step memory holds no second set of weights.
         model = (copy.deepcopy(base_model) if copy_model else base_model).to(device).train()
-        self.reference = None
-        if name == "dpo":
-            self.reference = copy.deepcopy(base_model).to(device).eval().requires_grad_(False)
-        self.batch = sft_batch if name in ("sft", "ift", "ift_detached") else pair_batch
+        method_cfg = MethodConfig(**BENCH_METHODS[name], lam=cfg.lam, decay=cfg.decay)
+        self.objective = build_objective(method_cfg, model, device, seed=cfg.seed)
+        self.batch = pair_batch if method_cfg.needs_pairs else sft_batch
         mask_keys = ["attention_mask"] if "attention_mask" in self.batch else ["chosen_attention_mask",
                                                                                   "rejected_attention_mask"]
         self.tokens = int(sum(int(self.batch[k].sum()) for k in mask_keys))
@@ -218,8 +227,8 @@ class MethodRunner:
         if cfg.engine == "deepspeed":
             from pipelines.loop import build_engine
 
-            if self.reference is not None and bf16:
-                self.reference = self.reference.to(torch.bfloat16)
+            if getattr(self.objective, "reference", None) is not None and bf16:
+                self.objective.reference = self.objective.reference.to(torch.bfloat16)
             _init_single_process_dist()
             self.engine = build_engine(_deepspeed_train_config(cfg), model,
                                        total_steps=10**6, use_gpu=device.type == "cuda")
@@ -234,20 +243,9 @@ class MethodRunner:
         else:
             raise ValueError(f"unknown engine {cfg.engine!r}; expected 'torch' or 'deepspeed'")
 
-        lam, decay = cfg.lam, cfg.decay
-        ref = self.reference
-        self.loss_fn: Callable[[Any, dict], Any] = {
-            "sft": lambda m, b: sft_loss(m, b["input_ids"], b["attention_mask"], b["labels"]),
-            "ift": lambda m, b: ift_loss(m, b["input_ids"], b["attention_mask"], b["labels"], lam=lam, decay=decay),
-            "ift_detached": lambda m, b: ift_loss(m, b["input_ids"], b["attention_mask"], b["labels"], lam=lam,
-                                                  decay=decay, detach_weights=True),
-            "dpo": lambda m, b: dpo_batch_loss(m, b, beta=0.1, reference_model=ref),
-            "orpo": lambda m, b: orpo_batch_loss(m, b, beta=0.25),
-        }[name]
-
     def step(self) -> None:
         with self.autocast():
-            out = self.loss_fn(self.model, self.batch)
+            out = self.objective(self.model, self.batch, step=0)
         if self.engine is not None:
             self.engine.backward(out.loss)
             self.engine.step()

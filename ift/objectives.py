@@ -28,9 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ift.data import IGNORE_INDEX
 from ift.scan import discounted_cumsum
-
-IGNORE_INDEX = -100
 
 __all__ = [
     "IGNORE_INDEX",
@@ -48,6 +47,8 @@ __all__ = [
     "dpo_loss",
     "orpo_loss",
     "sequence_logps",
+    "concat_pair",
+    "reference_pair_logps",
     "dpo_batch_loss",
     "orpo_batch_loss",
 ]
@@ -463,13 +464,25 @@ def sequence_logps(
     return logps.sum(-1), n
 
 
-def _concat_pair(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Chosen and rejected stacked into one forward (they are padded to one length)."""
+def concat_pair(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Chosen and rejected stacked into one forward (they are padded to one length).
+
+    Returns ``(input_ids, attention_mask, labels, b)``: rows ``[:b]`` are chosen, ``[b:]`` rejected.
+    """
     b = batch["chosen_input_ids"].shape[0]
     ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
     att = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
     lab = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
     return ids, att, lab, b
+
+
+@torch.no_grad()
+def reference_pair_logps(reference_model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs of the chosen and the rejected rows under the frozen
+    reference π_ref of DPO (paper eq. 32), shape (B,) each."""
+    ids, att, lab, b = concat_pair(batch)
+    ref, _ = sequence_logps(reference_model, ids, att, lab)
+    return ref[:b], ref[b:]
 
 
 def dpo_batch_loss(
@@ -485,15 +498,13 @@ def dpo_batch_loss(
     start policy, run under no-grad), or were precomputed once and stored in the
     batch as ``reference_chosen_logps`` / ``reference_rejected_logps``.
     """
-    ids, att, lab, b = _concat_pair(batch)
     if "reference_chosen_logps" in batch:
         ref_c, ref_r = batch["reference_chosen_logps"], batch["reference_rejected_logps"]
+    elif reference_model is None:
+        raise ValueError("dpo needs reference_model, or precomputed reference_*_logps in the batch")
     else:
-        if reference_model is None:
-            raise ValueError("dpo needs reference_model, or precomputed reference_*_logps in the batch")
-        with torch.no_grad():
-            ref, _ = sequence_logps(reference_model, ids, att, lab)
-        ref_c, ref_r = ref[:b], ref[b:]
+        ref_c, ref_r = reference_pair_logps(reference_model, batch)
+    ids, att, lab, b = concat_pair(batch)
     pol, n = sequence_logps(model, ids, att, lab)
     loss, metrics = dpo_loss(pol[:b], pol[b:], ref_c.to(pol.dtype), ref_r.to(pol.dtype), beta=beta)
     metrics["nll"] = (-pol[:b] / n[:b]).detach().mean()
@@ -504,7 +515,7 @@ def dpo_batch_loss(
 
 def orpo_batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, beta: float = 0.25) -> ObjectiveOutput:
     """ORPO on a collated preference batch; no reference model."""
-    ids, att, lab, b = _concat_pair(batch)
+    ids, att, lab, b = concat_pair(batch)
     pol, n = sequence_logps(model, ids, att, lab)
     mean_logps = pol / n
     loss, metrics = orpo_loss(mean_logps[:b], mean_logps[b:], -mean_logps[:b], beta=beta)

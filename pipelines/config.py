@@ -90,13 +90,20 @@ class MethodConfig(_Section):
         False, description="DPO: compute reference log-probs once before training and free the reference model."
     )
 
+    # The method table (pipelines.methods) owns what each name means; imported late
+    # because it brings torch, and parsing a config should not.
     @property
-    def resolved_beta(self) -> float:
-        return self.beta if self.beta is not None else {"dpo": 0.1, "orpo": 0.25}.get(self.name, 0.0)
+    def resolved_beta(self) -> float | None:
+        """β of DPO/ORPO with the method's default filled in; None for methods without β."""
+        from pipelines.methods import METHODS
+
+        return METHODS[self.name].beta(self)
 
     @property
     def needs_pairs(self) -> bool:
-        return self.name in ("dpo", "orpo")
+        from pipelines.methods import METHODS
+
+        return METHODS[self.name].paired
 
 
 class OptimizationConfig(_Section):

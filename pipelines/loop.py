@@ -9,6 +9,7 @@ config JIT-compiles a kernel.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,17 +22,9 @@ import torch
 import torch.distributed as dist
 
 from ift.models import load_model, load_tokenizer
-from ift.objectives import (
-    LambdaSchedule,
-    ObjectiveOutput,
-    dpo_batch_loss,
-    frozen_embedding_copy,
-    ift_loss,
-    orpo_batch_loss,
-    sequence_logps,
-    sft_loss,
-)
+from ift.objectives import sft_loss
 from pipelines.config import TrainConfig
+from pipelines.methods import Objective, ReferenceTable
 
 STATE_FILE = "trainer_state.json"
 DS_TAG = "deepspeed"
@@ -173,70 +166,10 @@ def build_engine(cfg: TrainConfig, model: torch.nn.Module, total_steps: int, use
     return engine
 
 
-# --------------------------------------------------------------------------- one objective for every method
+# --------------------------------------------------------------------------- DPO's precomputed references
 
 
-class MethodStep:
-    """Turns a batch into the configured objective's :class:`ObjectiveOutput`.
-
-    IFT brings its λ schedule (and RNG for jitter/sampling), DPO its frozen
-    reference model; SFT and ORPO need nothing extra.
-    """
-
-    def __init__(self, cfg: TrainConfig, model: torch.nn.Module, device: torch.device, rank: int = 0):
-        self.cfg = cfg
-        m = cfg.method
-        self.name = m.name
-        self.schedule = LambdaSchedule(
-            lam_max=m.lam, kind=m.lam_schedule, lam_min=m.lam_min, warmup_steps=m.lam_warmup_steps,
-            jitter_std=m.lam_jitter_std,
-        )
-        # Same λ jitter on every rank (seeded identically); sampling differs per rank.
-        self.lam_generator = torch.Generator().manual_seed(cfg.optimization.seed)
-        self.sample_generator = torch.Generator(device=device).manual_seed(cfg.optimization.seed + 1000 + rank)
-        self.fusion_embeddings = frozen_embedding_copy(model).to(device) if m.frozen_fusion_embeddings else None
-        self.reference = None
-        if m.name == "dpo":
-            import copy
-
-            self.reference = copy.deepcopy(model).to(device).eval().requires_grad_(False)
-
-    def lam(self, step: int) -> float:
-        return self.schedule(step, self.lam_generator)
-
-    def __call__(self, engine, batch: dict[str, torch.Tensor], step: int, lam: float | None = None) -> ObjectiveOutput:
-        m = self.cfg.method
-        if self.name == "ift":
-            return ift_loss(
-                engine, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                lam=self.lam(step) if lam is None else lam, decay=m.decay, detach_weights=m.detach_weights,
-                prediction=m.prediction, temperature=m.temperature, top_k=m.top_k, top_p=m.top_p,
-                generator=self.sample_generator if m.prediction == "sample" else None,
-                fusion_embeddings=self.fusion_embeddings,
-            )
-        if self.name == "sft":
-            return sft_loss(engine, batch["input_ids"], batch["attention_mask"], batch["labels"])
-        if self.name == "dpo":
-            return dpo_batch_loss(engine, batch, beta=m.resolved_beta, reference_model=self.reference)
-        return orpo_batch_loss(engine, batch, beta=m.resolved_beta)
-
-    def precompute_reference(self, batches: Iterable[dict[str, torch.Tensor]]) -> dict[tuple[str, int], tuple[float, float]]:
-        """DPO: reference log-probs of every pair, keyed by (source, row); frees the reference model."""
-        table: dict[tuple[str, int], tuple[float, float]] = {}
-        with torch.no_grad():
-            for batch in batches:
-                b = batch["chosen_input_ids"].shape[0]
-                ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
-                att = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
-                lab = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
-                logps, _ = sequence_logps(self.reference, ids, att, lab)
-                for i, key in enumerate(zip(batch["source"], batch["row"].tolist())):
-                    table[key] = (float(logps[i]), float(logps[b + i]))
-        self.reference = None
-        return table
-
-
-def attach_reference(batch: dict[str, Any], table: dict[tuple[str, int], tuple[float, float]], device) -> None:
+def attach_reference(batch: dict[str, Any], table: ReferenceTable, device) -> None:
     pairs = [table[key] for key in zip(batch["source"], batch["row"].tolist())]
     batch["reference_chosen_logps"] = torch.tensor([p[0] for p in pairs], device=device)
     batch["reference_rejected_logps"] = torch.tensor([p[1] for p in pairs], device=device)
@@ -266,6 +199,15 @@ def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str,
     return {k: float(v) / world for k, v in zip(keys, t.tolist())}
 
 
+def all_reduce_sum(value: int, device: torch.device) -> int:
+    """An integer summed over ranks (exact: int64)."""
+    if _world()[1] == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t)
+    return int(t.item())
+
+
 def grad_norm(engine) -> float | None:
     """Global gradient norm of the step just taken (DeepSpeed keeps it for ZeRO ≥ 1)."""
     norm = engine.get_global_grad_norm()
@@ -283,20 +225,18 @@ def _stage0_grad_norm(model: torch.nn.Module) -> float:
 
 
 @torch.no_grad()
-def validation_metrics(engine, method: MethodStep, batches: Iterable[dict[str, Any]], device, step: int) -> dict[str, float]:
+def validation_metrics(engine, objective: Objective, batches: Iterable[dict[str, Any]], device, step: int) -> dict[str, float]:
     """Validation NLL of the (chosen) responses, comparable across methods and λ, plus the
     method's own objective where it can be computed (DPO with precomputed references
     has no reference model left for unseen pairs)."""
     engine.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # objective, nll, batches
-    own_objective = not (method.name == "dpo" and method.reference is None)
+    prefix = objective.response_prefix
     for batch in batches:
         batch = to_device(batch, device)
-        prefix = "chosen_" if method.name in ("dpo", "orpo") else ""
         nll = sft_loss(engine, batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"], batch[f"{prefix}labels"])
-        if own_objective:
-            lam = method.schedule.base(step) if method.name == "ift" else None
-            sums[0] += float(method(engine, batch, step, lam=lam).loss)
+        if objective.can_validate:
+            sums[0] += float(objective(engine, batch, step, validation=True).loss)
         sums[1] += float(nll.loss)
         sums[2] += 1
     engine.train()
@@ -304,7 +244,7 @@ def validation_metrics(engine, method: MethodStep, batches: Iterable[dict[str, A
         dist.all_reduce(sums)
     n = max(float(sums[2]), 1.0)
     out = {"val_nll": float(sums[1]) / n}
-    if own_objective:
+    if objective.can_validate:
         out["val_loss"] = float(sums[0]) / n
     return out
 
@@ -320,7 +260,7 @@ def export_hf_model(engine, tokenizer, out_dir: str | os.PathLike, rank: int) ->
     model = engine.module
     params = list(model.parameters())
     zero3 = engine.zero_optimization_stage() == 3
-    ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero3 else _nullcontext()
+    ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero3 else contextlib.nullcontext()
     with ctx:
         if rank == 0:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -329,14 +269,6 @@ def export_hf_model(engine, tokenizer, out_dir: str | os.PathLike, rank: int) ->
             tokenizer.save_pretrained(out_dir)
     if dist.is_initialized():
         dist.barrier()
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # --------------------------------------------------------------------------- the loop
@@ -349,14 +281,14 @@ def run_training(
     cfg: TrainConfig,
     *,
     engine,
-    method: MethodStep,
+    objective: Objective,
     schedule: Schedule,
     state: LoopState,
     batches_for_epoch: Callable[[int], Iterable[dict[str, Any]]],
     validation_batches: Callable[[], Iterable[dict[str, Any]]] | None,
     device: torch.device,
     on_step: StepCallback,
-    reference_table: dict | None = None,
+    reference_table: ReferenceTable | None = None,
 ) -> LoopState:
     """Train until ``schedule.total_steps``; call ``on_step(state, metrics, is_last)`` after each step.
 
@@ -365,12 +297,12 @@ def run_training(
     ``on_step`` reports, logs and checkpoints (the Ray worker's job).
     """
     o = cfg.optimization
-    rank, world = _world()
     ga = o.gradient_accumulation_steps
     engine.train()
     window: dict[str, float] = {}
     window_n = 0
-    tokens_window = 0
+    tokens_step = 0  # this rank's tokens in the current optimizer step
+    tokens_window = 0  # all ranks' tokens since the last log
     t0 = time.perf_counter()
     zero_stage = engine.zero_optimization_stage()
 
@@ -384,14 +316,14 @@ def run_training(
             batch = to_device(batch, device)
             if reference_table is not None:
                 attach_reference(batch, reference_table, device)
-            out = method(engine, batch, state.step)
+            out = objective(engine, batch, state.step)
             engine.backward(out.loss)
             boundary = (state.micro_in_epoch + 1) % ga == 0
             norm0 = _stage0_grad_norm(engine.module) if boundary and zero_stage == 0 else None
             engine.step()
             state.micro_in_epoch += 1
             mask_key = "attention_mask" if "attention_mask" in batch else "chosen_attention_mask"
-            tokens_window += int(batch[mask_key].sum())
+            tokens_step += int(batch[mask_key].sum())
             window["loss"] = window.get("loss", 0.0) + float(out.loss.detach())
             for k, v in out.metrics.items():
                 if not k.startswith("num_"):
@@ -401,6 +333,10 @@ def run_training(
                 continue
 
             state.step += 1
+            step_tokens = all_reduce_sum(tokens_step, device)
+            state.tokens_seen += step_tokens
+            tokens_window += step_tokens
+            tokens_step = 0
             is_last = state.step >= schedule.total_steps
             log_now = state.step % o.log_every_n_steps == 0 or is_last
             eval_now = validation_batches is not None and (
@@ -410,18 +346,16 @@ def run_training(
             if log_now:
                 elapsed = time.perf_counter() - t0
                 local = {k: v / window_n for k, v in window.items()}
-                local["tokens_per_s"] = tokens_window / max(elapsed, 1e-9)
                 metrics = all_reduce_mean(local, device)
-                metrics["tokens_per_s"] *= world  # a sum over ranks
+                metrics["tokens_per_s"] = tokens_window / max(elapsed, 1e-9)  # all ranks together
                 norm = norm0 if norm0 is not None else grad_norm(engine)
                 if norm is not None:
                     metrics["grad_norm"] = norm
                 metrics["lr"] = engine.get_lr()[0]
                 metrics["epoch"] = state.epoch + state.micro_in_epoch / schedule.micro_per_epoch
-                state.tokens_seen += int(metrics["tokens_per_s"] * elapsed)
                 window, window_n, tokens_window, t0 = {}, 0, 0, time.perf_counter()
             if eval_now:
-                metrics.update(validation_metrics(engine, method, validation_batches(), device, state.step))
+                metrics.update(validation_metrics(engine, objective, validation_batches(), device, state.step))
             if state.micro_in_epoch >= schedule.micro_per_epoch:
                 state.epoch += 1
                 state.micro_in_epoch = 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
 from pipelines.config import TrainConfig, flatten
+from pipelines.provenance import git_commit
 
 RUN_NAME_TAG = "ift.run_name"
 # mlflow.transformers.log_model infers requirements by importing torchvision,
@@ -76,20 +76,6 @@ def experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
     if exp is not None:
         return exp.experiment_id
     return client.create_experiment(name, artifact_location=artifact_location(tracking_uri))
-
-
-def git_commit() -> str:
-    """The project's commit; IFT_GIT_COMMIT wins (a job's uploaded working dir has no .git)."""
-    if os.environ.get("IFT_GIT_COMMIT"):
-        return os.environ["IFT_GIT_COMMIT"]
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-            cwd=Path(__file__).resolve().parent,
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def start_or_resume_run(cfg: TrainConfig, tracking_uri: str, *, parent_run_id: str | None = None) -> tuple[str, bool]:

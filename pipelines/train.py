@@ -9,7 +9,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -18,6 +18,9 @@ from tqdm.auto import tqdm
 
 from pipelines.config import TrainConfig
 from pipelines.loop import HF_MODEL_DIR, Schedule
+
+if TYPE_CHECKING:
+    from pipelines.worker import KillWorker
 
 PROGRESS_ACTOR_PREFIX = "ift-progress-"
 
@@ -91,11 +94,14 @@ def _progress_loop(tracker, bar: tqdm, done: threading.Event) -> None:
 
 
 def train(cfg: TrainConfig, *, parent_run_id: str | None = None, show_progress: bool = True,
-          extra_callbacks: list | None = None, register: bool = True) -> TrainResult:
-    """Run one training job end to end (also the body of every sweep trial)."""
+          extra_callbacks: list | None = None, register: bool = True, fault: KillWorker | None = None) -> TrainResult:
+    """Run one training job end to end (also the body of every sweep trial).
+
+    ``fault`` is a test hook that kills a worker at a given step (see :class:`pipelines.worker.KillWorker`).
+    """
     from pipelines import tracking
     from pipelines.data import prepare_datasets
-    from pipelines.worker import FAIL_ENV, train_loop_per_worker
+    from pipelines.worker import train_loop_per_worker
 
     init_ray()
     use_gpu = _use_gpu(cfg)
@@ -123,7 +129,7 @@ def train(cfg: TrainConfig, *, parent_run_id: str | None = None, show_progress: 
         "tracking_uri": tracking_uri,
         "mlflow_run_id": run_id,
         "progress": tracker,
-        "fail_at": os.environ.get(FAIL_ENV),
+        "fault": fault,
     }
     datasets = {"train": data.train}
     if data.validation is not None:
@@ -191,13 +197,14 @@ def _finish_tracking(cfg: TrainConfig, tracking_uri: str, run_id: str, out: Trai
         out.loss_curve = f"runs:/{run_id}/loss_curve.png"
     already = [a.path for a in client.list_artifacts(run_id)]
     if register and out.hf_model_path and "model" not in already:
+        from pipelines.methods import method_of
+        from pipelines.provenance import git_commit
+
         tags = {
             "method": cfg.method.name,
-            "lam": str(cfg.method.lam if cfg.method.name == "ift" else ""),
-            "decay": str(cfg.method.decay if cfg.method.name == "ift" else ""),
-            "beta": str(cfg.method.resolved_beta if cfg.method.needs_pairs else ""),
+            **{k: str(v) for k, v in method_of(cfg.method).hyperparameters(cfg.method).items()},
             "data_fingerprint": fingerprints.get("train", ""),
-            "git_commit": tracking.git_commit(),
+            "git_commit": git_commit(),
             "run_name": cfg.run_name,
         }
         out.model_uri, out.registered_version = tracking.register_model(cfg, tracking_uri, run_id, out.hf_model_path, tags)

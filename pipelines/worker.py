@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,20 +25,17 @@ import torch
 
 from ift.data import pad_collate
 from pipelines.config import TrainConfig
+from pipelines.methods import build_objective
 from pipelines.loop import (
     DS_TAG,
     HF_MODEL_DIR,
     LoopState,
-    MethodStep,
     Schedule,
     build_engine,
     build_model_and_tokenizer,
     export_hf_model,
     run_training,
 )
-
-FAIL_ENV = "IFT_FAIL_AT_STEP"  # fault injection for tests: "step:rank:marker_file"
-
 
 class RankSliceCollate:
     """Global batch (numpy columns) -> this rank's padded tensors."""
@@ -59,15 +57,22 @@ class RankSliceCollate:
         return out
 
 
-def _maybe_fail(spec: str | None, step: int, rank: int) -> None:
-    """Fault injection (``IFT_FAIL_AT_STEP=step:rank:marker``): kill this worker process
-    once at ``step``; the marker file makes it happen once, so the restarted group runs on."""
-    if not spec:
-        return
-    at, fail_rank, marker = spec.split(":", 2)
-    if step == int(at) and rank == int(fail_rank) and not os.path.exists(marker):
-        open(marker, "w").close()
-        os._exit(1)
+@dataclass(frozen=True)
+class KillWorker:
+    """A test hook: kill the worker of ``rank`` (``os._exit``) right after optimizer step ``step``.
+
+    Passed explicitly as ``train(cfg, fault=KillWorker(...))``; production runs never
+    carry one.  The marker file makes it fire once, so the restarted group runs on.
+    """
+
+    step: int
+    rank: int
+    marker: str
+
+    def __call__(self, step: int, rank: int) -> None:
+        if step == self.step and rank == self.rank and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os._exit(1)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -87,7 +92,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.optimization.seed)
 
     model, tokenizer = build_model_and_tokenizer(cfg)
-    method = MethodStep(cfg, model, device, rank)
+    objective = build_objective(cfg.method, model, device, seed=cfg.optimization.seed, rank=rank)
     engine = build_engine(cfg, model, schedule.total_steps, use_gpu)
 
     state = LoopState()
@@ -116,10 +121,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     reference_table = None
     if precompute:
         all_rows = RankSliceCollate(0, 1, micro * world, tokenizer.pad_token_id, keep_ids=True)
-        reference_table = method.precompute_reference(
+        reference_table = objective.precompute_reference(
             train_shard.iter_torch_batches(batch_size=micro * world, collate_fn=all_rows)
         )
 
+    fault: KillWorker | None = loop_config.get("fault")
     progress = loop_config.get("progress") if rank == 0 else None
     client = run_id = None
     if rank == 0 and loop_config.get("mlflow_run_id"):
@@ -131,7 +137,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         client.log_metric(run_id, "resumed_from_step", state.step, step=state.step)
 
     def on_step(st: LoopState, metrics: dict[str, float], is_last: bool) -> None:
-        _maybe_fail(loop_config.get("fail_at"), st.step, rank)
+        if fault is not None:
+            fault(st.step, rank)
         metrics = {**metrics, "step": st.step}
         if progress is not None:
             progress.update.remote(st.step, metrics)  # fire and forget: the bar must not slow training
@@ -156,7 +163,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report(metrics)
 
     run_training(
-        cfg, engine=engine, method=method, schedule=schedule, state=state,
+        cfg, engine=engine, objective=objective, schedule=schedule, state=state,
         batches_for_epoch=batches_for_epoch,
         validation_batches=validation_batches if val_shard is not None else None,
         device=device, on_step=on_step, reference_table=reference_table,

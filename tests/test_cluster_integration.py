@@ -46,7 +46,7 @@ JOB_TIMEOUT_S = 420  # the job took 3-5 min on a heavily loaded 2-core machine
 # Variables from the caller's shell that would point the subprocesses elsewhere.
 _SCRUB = (
     "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH",
-    "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME", "IFT_FAIL_AT_STEP",
+    "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME",
 )
 
 

@@ -21,7 +21,7 @@ from pipelines.config import load_config
 from pipelines.data import prepare_datasets
 from pipelines.tracking import mlflow_store
 from pipelines.train import train
-from pipelines.worker import FAIL_ENV
+from pipelines.worker import KillWorker
 
 pytestmark = pytest.mark.slow
 
@@ -141,11 +141,10 @@ def test_training_changed_the_weights_so_the_equivalences_are_not_vacuous(equiva
     assert any(not torch.allclose(init[k], trained[k]) for k in trained)
 
 
-def test_killed_worker_resumes_from_the_last_checkpoint_and_finishes(tmp_path, corpora, monkeypatch):
+def test_killed_worker_resumes_from_the_last_checkpoint_and_finishes(tmp_path, corpora):
     marker = tmp_path / "failed-once"
-    monkeypatch.setenv(FAIL_ENV, f"6:1:{marker}")
     cfg = config(tmp_path, corpora, "optimization.max_steps=10")
-    result = train(cfg, show_progress=False)
+    result = train(cfg, show_progress=False, fault=KillWorker(step=6, rank=1, marker=str(marker)))
     assert marker.exists(), "the fault was not injected"
     client = mlflow.MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
     resumed = [m.value for m in client.get_metric_history(result.mlflow_run_id, "resumed_from_step")]
@@ -163,13 +162,12 @@ def test_killed_worker_resumes_from_the_last_checkpoint_and_finishes(tmp_path, c
     assert result.registered_version == "1"
 
 
-def test_rerunning_the_same_command_resumes_instead_of_restarting(tmp_path, corpora, monkeypatch):
+def test_rerunning_the_same_command_resumes_instead_of_restarting(tmp_path, corpora):
     marker = tmp_path / "failed-once"
-    monkeypatch.setenv(FAIL_ENV, f"6:0:{marker}")
     overrides = ("optimization.max_steps=8", "checkpointing.max_failures=0")
     with pytest.raises(Exception):
-        train(config(tmp_path, corpora, *overrides), show_progress=False)
-    monkeypatch.delenv(FAIL_ENV)
+        train(config(tmp_path, corpora, *overrides), show_progress=False,
+              fault=KillWorker(step=6, rank=0, marker=str(marker)))
     cfg = config(tmp_path, corpora, *overrides)
     result = train(cfg, show_progress=False)
     client = mlflow.MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)

@@ -1,0 +1,189 @@
+"""The method table: each training method's name, config fields and objective call, in one place.
+
+The training loop, validation, the model-version tags and the benchmarks all go
+through :data:`METHODS`; nothing else dispatches on a method's name.  Adding an
+option to a method is one field in :class:`pipelines.config.MethodConfig` and one
+line in that method's row (its ``fields``) and objective below.
+
+An :class:`Objective` is built once per worker (it may hold state: IFT's λ
+schedule and RNGs, DPO's frozen reference) and called once per micro-batch with
+the model (a module or a DeepSpeed engine) and a collated batch.  No Ray here.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ift.objectives import (
+    LambdaSchedule,
+    ObjectiveOutput,
+    dpo_batch_loss,
+    frozen_embedding_copy,
+    ift_loss,
+    orpo_batch_loss,
+    reference_pair_logps,
+    sft_loss,
+)
+
+if TYPE_CHECKING:
+    from pipelines.config import MethodConfig
+
+Batch = dict[str, Any]
+ReferenceTable = dict[tuple[str, int], tuple[float, float]]
+
+
+class Objective:
+    """A method's loss on one micro-batch.
+
+    ``response_prefix`` names the batch keys that hold the sequences whose NLL is
+    comparable across methods ("" for SFT-format batches, "chosen_" for pairs).
+    """
+
+    response_prefix = ""
+
+    def __init__(self, cfg: MethodConfig, model: nn.Module, device: torch.device, *, seed: int, rank: int = 0):
+        self.cfg = cfg
+
+    def __call__(self, model: nn.Module, batch: Batch, step: int, *, validation: bool = False) -> ObjectiveOutput:
+        raise NotImplementedError
+
+    @property
+    def can_validate(self) -> bool:
+        """Whether the objective can be computed on unseen (validation) batches."""
+        return True
+
+
+class SFTObjective(Objective):
+    """Paper eq. (27): the mean per-sequence NLL of the response tokens."""
+
+    def __call__(self, model: nn.Module, batch: Batch, step: int, *, validation: bool = False) -> ObjectiveOutput:
+        return sft_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+
+
+class IFTObjective(Objective):
+    """Paper eqs. (17) and (22) through :func:`ift.objectives.ift_loss`, with the λ schedule.
+
+    λ jitter draws from one generator seeded identically on every rank (all ranks
+    train with the same λ); sampled predictions draw per rank.  Validation uses the
+    schedule's noiseless λ, so validation losses are comparable across steps.
+    """
+
+    def __init__(self, cfg: MethodConfig, model: nn.Module, device: torch.device, *, seed: int, rank: int = 0):
+        super().__init__(cfg, model, device, seed=seed, rank=rank)
+        self.schedule = LambdaSchedule(
+            lam_max=cfg.lam, kind=cfg.lam_schedule, lam_min=cfg.lam_min, warmup_steps=cfg.lam_warmup_steps,
+            jitter_std=cfg.lam_jitter_std,
+        )
+        self.lam_generator = torch.Generator().manual_seed(seed)
+        self.sample_generator = torch.Generator(device=device).manual_seed(seed + 1000 + rank)
+        self.fusion_embeddings = frozen_embedding_copy(model).to(device) if cfg.frozen_fusion_embeddings else None
+
+    def lam(self, step: int, *, validation: bool = False) -> float:
+        return self.schedule.base(step) if validation else self.schedule(step, self.lam_generator)
+
+    def __call__(self, model: nn.Module, batch: Batch, step: int, *, validation: bool = False) -> ObjectiveOutput:
+        m = self.cfg
+        return ift_loss(
+            model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+            lam=self.lam(step, validation=validation), decay=m.decay, detach_weights=m.detach_weights,
+            prediction=m.prediction, temperature=m.temperature, top_k=m.top_k, top_p=m.top_p,
+            generator=self.sample_generator if m.prediction == "sample" else None,
+            fusion_embeddings=self.fusion_embeddings,
+        )
+
+
+class DPOObjective(Objective):
+    """Paper eq. (32) (sigmoid DPO) against a frozen copy of the start policy.
+
+    With ``precompute_reference`` the reference log-probs of every training pair
+    are computed once (:meth:`precompute_reference`) and the copy is freed; the
+    objective then needs them attached to each batch and cannot score unseen pairs.
+    """
+
+    response_prefix = "chosen_"
+
+    def __init__(self, cfg: MethodConfig, model: nn.Module, device: torch.device, *, seed: int, rank: int = 0):
+        super().__init__(cfg, model, device, seed=seed, rank=rank)
+        self.beta = METHODS["dpo"].beta(cfg)
+        self.reference: nn.Module | None = copy.deepcopy(model).to(device).eval().requires_grad_(False)
+
+    @property
+    def can_validate(self) -> bool:
+        return self.reference is not None
+
+    def __call__(self, model: nn.Module, batch: Batch, step: int, *, validation: bool = False) -> ObjectiveOutput:
+        return dpo_batch_loss(model, batch, beta=self.beta, reference_model=self.reference)
+
+    def precompute_reference(self, batches: Iterable[Batch]) -> ReferenceTable:
+        """Reference log-probs of every pair, keyed by (source, row); frees the reference model."""
+        table: ReferenceTable = {}
+        for batch in batches:
+            chosen, rejected = reference_pair_logps(self.reference, batch)
+            for key, c, r in zip(zip(batch["source"], batch["row"].tolist()), chosen.tolist(), rejected.tolist()):
+                table[key] = (c, r)
+        self.reference = None
+        return table
+
+
+class ORPOObjective(Objective):
+    """ORPO (Hong et al.): NLL of the chosen response plus β × the odds-ratio term; no reference."""
+
+    response_prefix = "chosen_"
+
+    def __init__(self, cfg: MethodConfig, model: nn.Module, device: torch.device, *, seed: int, rank: int = 0):
+        super().__init__(cfg, model, device, seed=seed, rank=rank)
+        self.beta = METHODS["orpo"].beta(cfg)
+
+    def __call__(self, model: nn.Module, batch: Batch, step: int, *, validation: bool = False) -> ObjectiveOutput:
+        return orpo_batch_loss(model, batch, beta=self.beta)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the method table."""
+
+    name: str
+    objective: type[Objective]
+    paired: bool  # trains on (chosen, rejected) pairs, so reads preference rows
+    fields: tuple[str, ...]  # the MethodConfig fields it reads besides `name` (logged as model-version tags)
+    default_beta: float | None = None  # β when `method.beta` is unset (the paper's §5.1 values)
+
+    def beta(self, cfg: MethodConfig) -> float | None:
+        return cfg.beta if cfg.beta is not None else self.default_beta
+
+    def hyperparameters(self, cfg: MethodConfig) -> dict[str, Any]:
+        """The values of this method's fields in ``cfg`` (β resolved to its default)."""
+        return {f: (self.beta(cfg) if f == "beta" else getattr(cfg, f)) for f in self.fields}
+
+    def build(self, cfg: MethodConfig, model: nn.Module, device: torch.device, *, seed: int, rank: int = 0) -> Objective:
+        return self.objective(cfg, model, device, seed=seed, rank=rank)
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method(
+            "ift", IFTObjective, paired=False,
+            fields=("lam", "decay", "lam_schedule", "lam_min", "lam_warmup_steps", "lam_jitter_std", "detach_weights",
+                    "prediction", "temperature", "top_k", "top_p", "frozen_fusion_embeddings"),
+        ),
+        Method("sft", SFTObjective, paired=False, fields=()),
+        Method("dpo", DPOObjective, paired=True, fields=("beta", "precompute_reference"), default_beta=0.1),
+        Method("orpo", ORPOObjective, paired=True, fields=("beta",), default_beta=0.25),
+    )
+}
+
+
+def method_of(cfg: MethodConfig) -> Method:
+    """The table row of ``cfg.name`` (the config schema only admits names in the table)."""
+    return METHODS[cfg.name]
+
+
+def build_objective(cfg: MethodConfig, model: nn.Module, device: torch.device, *, seed: int, rank: int = 0) -> Objective:
+    return method_of(cfg).build(cfg, model, device, seed=seed, rank=rank)

@@ -1,0 +1,132 @@
+"""pipelines.methods, the method table: the one place a method's name maps to its
+config fields and its objective call (training loop, validation, tags, benchmarks)."""
+
+from __future__ import annotations
+
+import typing
+
+import pytest
+import torch
+
+from ift.data import pad_collate, tokenize_rows
+from ift.objectives import dpo_batch_loss, sft_loss
+from ift.toydata import make_preference_pairs
+from pipelines.config import MethodConfig, load_config
+from pipelines.loop import attach_reference, build_model_and_tokenizer
+from pipelines.methods import METHODS, build_objective, method_of
+from tests.conftest import build_llama
+
+CPU = torch.device("cpu")
+
+
+def sft_batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Two rows of 10 tokens: a 4-token prompt (label -100), then the response; row 1 padded by 2."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 32, (2, 10), generator=g)
+    attention = torch.ones_like(ids)
+    attention[1, -2:] = 0
+    labels = ids.clone()
+    labels[:, :4] = -100
+    labels[attention == 0] = -100
+    return {"input_ids": ids, "attention_mask": attention, "labels": labels}
+
+
+def test_the_config_schema_admits_exactly_the_methods_in_the_table():
+    assert set(typing.get_args(MethodConfig.model_fields["name"].annotation)) == set(METHODS)
+
+
+def test_every_method_option_belongs_to_a_method_in_the_table():
+    options = set(MethodConfig.model_fields) - {"name"}
+    claimed = {f for m in METHODS.values() for f in m.fields}
+    assert options - claimed == set(), "a MethodConfig field that no method reads"
+    assert claimed - options == set(), "a table row names a field MethodConfig does not have"
+
+
+def test_pair_methods_are_exactly_dpo_and_orpo():
+    assert {name for name, m in METHODS.items() if m.paired} == {"dpo", "orpo"}
+
+
+def test_beta_defaults_to_the_papers_values_and_an_explicit_beta_wins():
+    assert method_of(MethodConfig(name="dpo")).beta(MethodConfig(name="dpo")) == 0.1
+    assert method_of(MethodConfig(name="orpo")).beta(MethodConfig(name="orpo")) == 0.25
+    assert MethodConfig(name="orpo", beta=0.5).resolved_beta == 0.5
+    assert MethodConfig(name="ift").resolved_beta is None
+
+
+def test_hyperparameters_are_the_methods_own_fields_only():
+    ift = MethodConfig(name="ift", lam=0.3, decay=0.9)
+    assert method_of(ift).hyperparameters(ift)["lam"] == 0.3 and "beta" not in method_of(ift).hyperparameters(ift)
+    assert method_of(MethodConfig(name="dpo")).hyperparameters(MethodConfig(name="dpo")) == {
+        "beta": 0.1, "precompute_reference": False}
+    assert method_of(MethodConfig(name="sft")).hyperparameters(MethodConfig(name="sft")) == {}
+
+
+def test_the_sft_objective_is_sft_loss():
+    model, batch = build_llama(), sft_batch()
+    objective = build_objective(MethodConfig(name="sft"), model, CPU, seed=0)
+    expected = sft_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"]).loss
+    assert objective(model, batch, step=0).loss.item() == expected.item()
+
+
+def test_the_ift_objective_with_lambda_zero_and_decay_zero_is_sft():
+    model, batch = build_llama(), sft_batch(1)
+    objective = build_objective(MethodConfig(name="ift", lam=0.0, decay=0.0), model, CPU, seed=0)
+    expected = sft_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"]).loss
+    assert objective(model, batch, step=0).loss.item() == expected.item()
+
+
+def test_ift_trains_with_jittered_lambda_and_validates_with_the_noiseless_one():
+    model, batch = build_llama(), sft_batch(2)
+    cfg = MethodConfig(name="ift", lam=0.5, lam_jitter_std=0.1)
+    objective = build_objective(cfg, model, CPU, seed=0)
+    noisy = objective(model, batch, step=0).metrics["lam"].item()
+    # The same draw as the objective's own generator, seeded with the run's seed.
+    expected_noisy = 0.5 + 0.1 * torch.randn((), generator=torch.Generator().manual_seed(0)).item()
+    assert noisy == pytest.approx(expected_noisy) and noisy != 0.5
+    assert objective(model, batch, step=0, validation=True).metrics["lam"].item() == 0.5
+
+
+def test_ift_validation_lambda_follows_the_warmup_schedule():
+    model, batch = build_llama(), sft_batch(3)
+    cfg = MethodConfig(name="ift", lam=0.4, lam_schedule="linear_warmup", lam_min=0.0, lam_warmup_steps=4)
+    objective = build_objective(cfg, model, CPU, seed=0)
+    assert objective(model, batch, step=1, validation=True).metrics["lam"].item() == pytest.approx(0.1)
+
+
+def test_dpo_scores_against_a_frozen_copy_of_the_start_model():
+    model, _ = build_model_and_tokenizer(load_config(None, ["method.name=dpo"]))
+    objective = build_objective(MethodConfig(name="dpo"), model, CPU, seed=0)
+    assert objective.reference is not model and not any(p.requires_grad for p in objective.reference.parameters())
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)  # training moves the policy; the reference stays put
+    assert not torch.equal(next(model.parameters()), next(objective.reference.parameters()))
+
+
+def test_dpo_precomputed_reference_matches_the_live_reference_model():
+    cfg = load_config(None, ["method.name=dpo", "data.max_length=96"])
+    model, tokenizer = build_model_and_tokenizer(cfg)
+    examples, _ = tokenize_rows(tokenizer, make_preference_pairs(4, seed=1), source="p", max_length=96,
+                                mode="preference")
+    batch = pad_collate(examples, tokenizer.pad_token_id)
+    batch["source"], batch["row"] = ["p"] * 4, torch.arange(4)
+    live = build_objective(cfg.method, model, CPU, seed=0)
+    expected = live(model, batch, 0).loss
+    pre = build_objective(cfg.method, model, CPU, seed=0)
+    table = pre.precompute_reference([batch])
+    assert pre.reference is None  # freed after precomputing
+    attach_reference(batch, table, CPU)
+    torch.testing.assert_close(pre(model, batch, 0).loss, expected)
+    assert not pre.can_validate and live.can_validate
+
+
+def test_the_dpo_objective_uses_the_configured_beta():
+    cfg = load_config(None, ["method.name=dpo", "method.beta=0.3", "data.max_length=96"])
+    model, tokenizer = build_model_and_tokenizer(cfg)
+    examples, _ = tokenize_rows(tokenizer, make_preference_pairs(2, seed=2), source="p", max_length=96,
+                                mode="preference")
+    batch = pad_collate(examples, tokenizer.pad_token_id)
+    objective = build_objective(cfg.method, model, CPU, seed=0)
+    with torch.no_grad():
+        next(model.parameters()).mul_(1.5)  # policy ≠ reference, so β changes the loss
+    expected = dpo_batch_loss(model, batch, beta=0.3, reference_model=objective.reference).loss
+    assert objective(model, batch, 0).loss.item() == expected.item()
