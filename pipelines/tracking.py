@@ -3,20 +3,23 @@ registered model with its version tags, and the loss-curve plot."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
+import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import mlflow
 from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 
 from pipelines.config import TrainConfig, flatten
 from pipelines.provenance import git_commit
 
 RUN_NAME_TAG = "ift.run_name"
+MODEL_ARTIFACT = "model"  # the run artifact holding the registered transformers model
 # mlflow.transformers.log_model infers requirements by importing torchvision,
 # which this project does not need; name them instead.
 PIP_REQUIREMENTS = ["torch", "transformers", "safetensors", "tokenizers"]
@@ -29,35 +32,6 @@ def resolve_tracking_uri(uri: str, base_dir: str | os.PathLike | None = None) ->
         path = Path(base_dir or os.getcwd()) / uri[len(prefix):]
         return prefix + str(path.resolve())
     return uri
-
-
-@contextlib.contextmanager
-def mlflow_store(tracking_uri: str) -> Iterator[MlflowClient]:
-    """Point MLflow's process-global tracking *and* registry URIs at one store, then restore them.
-
-    ``mlflow.transformers.log_model(registered_model_name=...)`` and ``models:/`` loads
-    resolve the registry from globals.  ``set_registry_uri`` pins the registry (and
-    exports ``MLFLOW_REGISTRY_URI`` to every subprocess, Ray workers included), so a
-    naive "save ``get_registry_uri()``, restore it" leaves the registry pinned to the
-    last store used: later registrations in the same process would land there.  This
-    saves and restores the raw module state and environment instead.
-    """
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    saved = (tracking_utils._tracking_uri, registry_utils._registry_uri,
-             {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")})
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
-    try:
-        yield MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    finally:
-        tracking_utils._tracking_uri, registry_utils._registry_uri, env = saved
-        for key, value in env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def artifact_location(tracking_uri: str) -> str | None:
@@ -153,26 +127,69 @@ def plot_loss_curve(client: MlflowClient, run_id: str, out_path: str | os.PathLi
     return out
 
 
-def register_model(cfg: TrainConfig, tracking_uri: str, run_id: str, hf_dir: str, tags: dict[str, str]):
-    """Log the HF model to the run and register a new version under the configured name."""
+def register_model(cfg: TrainConfig, tracking_uri: str, run_id: str, hf_dir: str,
+                   tags: dict[str, str]) -> tuple[str, str | None]:
+    """Save the HF model as an MLflow ``transformers`` model in the run's artifacts
+    (``model/``) and register it as a new version of ``cfg.mlflow.registered_model_name``.
+
+    Returns ``(model_uri, version)`` (``version`` is None when no name is configured).
+    Only the client API with explicit URIs is used: MLflow's process-global tracking
+    and registry URIs are never touched, so one process can train, register and
+    evaluate against several stores.
+    """
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, use_safetensors=True)
     tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
-    with mlflow_store(tracking_uri) as client, mlflow.start_run(run_id=run_id):
-        info = mlflow.transformers.log_model(
-            transformers_model={"model": model, "tokenizer": tokenizer},
-            name="model",
-            task="text-generation",
-            pip_requirements=PIP_REQUIREMENTS,
-            registered_model_name=cfg.mlflow.registered_model_name,
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / MODEL_ARTIFACT
+        mlflow.transformers.save_model(
+            transformers_model={"model": model, "tokenizer": tokenizer}, path=str(local),
+            task="text-generation", pip_requirements=PIP_REQUIREMENTS,
         )
-    version = None
-    if cfg.mlflow.registered_model_name:
-        version = str(info.registered_model_version)
-        for k, v in tags.items():
-            client.set_model_version_tag(cfg.mlflow.registered_model_name, str(version), k, v)
-    return info.model_uri, version
+        client.log_artifacts(run_id, str(local), MODEL_ARTIFACT)
+    model_uri = f"runs:/{run_id}/{MODEL_ARTIFACT}"
+    name = cfg.mlflow.registered_model_name
+    if not name:
+        return model_uri, None
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+    source = f"{client.get_run(run_id).info.artifact_uri}/{MODEL_ARTIFACT}"
+    version = client.create_model_version(name, source=source, run_id=run_id, tags=tags)
+    return model_uri, str(version.version)
+
+
+def load_model_components(model_uri: str, tracking_uri: str) -> dict[str, Any]:
+    """``{"model": ..., "tokenizer": ...}`` of an MLflow transformers model (``models:/name/N``,
+    ``models:/name@alias``, ``runs:/id/path``) from the given store, without touching
+    MLflow's process-global URIs."""
+    from mlflow.artifacts import download_artifacts
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = download_artifacts(artifact_uri=artifact_source(model_uri, tracking_uri), dst_path=tmp,
+                                   tracking_uri=tracking_uri)
+        return mlflow.transformers.load_model(local, return_type="components")
+
+
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))/?$")
+
+
+def artifact_source(model_uri: str, tracking_uri: str) -> str:
+    """Where the artifacts of ``model_uri`` live: a registered version (``models:/name/N`` or
+    ``models:/name@alias``) resolves through the registry of ``tracking_uri``; any other URI
+    (``runs:/``, a path) is returned as it is."""
+    match = _MODELS_URI.match(model_uri)
+    if not match:
+        return model_uri
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    name, version = match["name"], match["version"]
+    if match["alias"]:
+        version = client.get_model_version_by_alias(name, match["alias"]).version
+    return client.get_model_version_download_uri(name, version)
 
 
 def end_run(tracking_uri: str, run_id: str, ok: bool) -> None:

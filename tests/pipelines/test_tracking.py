@@ -1,4 +1,5 @@
-"""MLflow store handling: one process may train, register and evaluate against several stores."""
+"""pipelines.tracking: one process may train, register and evaluate against several MLflow
+stores; registration and loading go through explicit URIs, never MLflow's process globals."""
 
 from __future__ import annotations
 
@@ -6,60 +7,79 @@ import os
 
 import mlflow
 import pytest
-from mlflow.tracking._model_registry import utils as registry_utils
+from mlflow.tracking import MlflowClient
 
-from pipelines.tracking import mlflow_store
+from ift.models import load_model, load_tokenizer
+from pipelines.config import load_config
+from pipelines.tracking import experiment_id, load_model_components, register_model, start_or_resume_run
 
-
-@pytest.fixture(autouse=True)
-def unset_mlflow_globals(monkeypatch):
-    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
-        # setenv first so monkeypatch records the original (maybe absent) value and restores it,
-        # even after a test sets the variable outside monkeypatch (mlflow.set_registry_uri does).
-        monkeypatch.setenv(key, "")
-        monkeypatch.delenv(key)
-    monkeypatch.setattr(registry_utils, "_registry_uri", None)
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    monkeypatch.setattr(tracking_utils, "_tracking_uri", None)
+GLOBALS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 
 
-def _register_in(store: str, name: str) -> str:
-    with mlflow_store(store) as client:
-        if not client.search_registered_models(f"name='{name}'"):
-            client.create_registered_model(name)
-        return client.create_model_version(name, source="file:///nowhere", run_id=None).version
+@pytest.fixture(scope="module")
+def tiny_hf_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hf")
+    load_model("tiny", seed=0).save_pretrained(out, safe_serialization=True)
+    load_tokenizer("tiny").save_pretrained(out)
+    return str(out)
 
 
-def test_the_store_leaves_no_pinned_registry_or_environment_behind(tmp_path):
-    with mlflow_store(f"sqlite:///{tmp_path / 'a.db'}"):
-        assert mlflow.get_registry_uri() == f"sqlite:///{tmp_path / 'a.db'}"
-        assert os.environ["MLFLOW_REGISTRY_URI"] == f"sqlite:///{tmp_path / 'a.db'}"
-    assert registry_utils._registry_uri is None
-    assert "MLFLOW_REGISTRY_URI" not in os.environ and "MLFLOW_TRACKING_URI" not in os.environ
+@pytest.fixture
+def no_mlflow_globals(monkeypatch):
+    for key in GLOBALS:
+        monkeypatch.delenv(key, raising=False)
+    mlflow.set_tracking_uri(None)
+    yield
+    mlflow.set_tracking_uri(None)
 
 
-def test_registrations_in_two_stores_in_one_process_each_start_at_version_1(tmp_path):
-    # Regression: restoring get_registry_uri() pinned the registry to the first store,
-    # so a second training run in the same process registered version 2 in the wrong db.
-    assert str(_register_in(f"sqlite:///{tmp_path / 'a.db'}", "m")) == "1"
-    assert str(_register_in(f"sqlite:///{tmp_path / 'b.db'}", "m")) == "1"
+def _train_run(store: str, name: str = "m") -> tuple[object, str]:
+    cfg = load_config(None, [f"mlflow.tracking_uri={store}", f"mlflow.registered_model_name={name}"])
+    run_id, _ = start_or_resume_run(cfg, store)
+    return cfg, run_id
 
 
-def test_an_outer_pinned_registry_is_restored(tmp_path, monkeypatch):
-    outer = f"sqlite:///{tmp_path / 'outer.db'}"
-    mlflow.set_registry_uri(outer)
-    inner = f"sqlite:///{tmp_path / 'inner.db'}"
-    with mlflow_store(inner):
-        assert mlflow.get_registry_uri() == inner
-    assert mlflow.get_registry_uri() == outer and os.environ["MLFLOW_REGISTRY_URI"] == outer
+def test_registrations_in_two_stores_in_one_process_each_start_at_version_1(tmp_path, tiny_hf_dir, no_mlflow_globals):
+    # Regression: a process-global registry pinned to the first store made the second
+    # training run in the same process register version 2 in the wrong db.
+    for db in ("a.db", "b.db"):
+        store = f"sqlite:///{tmp_path / db}"
+        cfg, run_id = _train_run(store)
+        assert register_model(cfg, store, run_id, tiny_hf_dir, {"method": "ift"})[1] == "1"
+
+
+def test_registering_and_loading_leave_mlflows_process_globals_untouched(tmp_path, tiny_hf_dir, no_mlflow_globals):
+    before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+    store = f"sqlite:///{tmp_path / 'store.db'}"
+    cfg, run_id = _train_run(store)
+    register_model(cfg, store, run_id, tiny_hf_dir, {})
+    load_model_components("models:/m/1", store)
+    assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri()) == before
+    assert not any(key in os.environ for key in GLOBALS)
+
+
+def test_a_registered_version_carries_its_tags_and_loads_with_the_trained_weights(tmp_path, tiny_hf_dir):
+    store = f"sqlite:///{tmp_path / 'store.db'}"
+    cfg, run_id = _train_run(store, "tagged")
+    model_uri, version = register_model(cfg, store, run_id, tiny_hf_dir, {"method": "ift", "lam": "0.2"})
+    assert model_uri == f"runs:/{run_id}/model" and version == "1"
+    mv = MlflowClient(store, registry_uri=store).get_model_version("tagged", "1")
+    assert mv.run_id == run_id and mv.tags == {"method": "ift", "lam": "0.2"}
+    loaded = load_model_components("models:/tagged/1", store)["model"].state_dict()
+    expected = load_model(tiny_hf_dir).state_dict()
+    assert loaded.keys() == expected.keys() and all((loaded[k] == expected[k]).all() for k in expected)
+
+
+def test_without_a_registered_name_the_model_is_logged_but_not_registered(tmp_path, tiny_hf_dir):
+    store = f"sqlite:///{tmp_path / 'store.db'}"
+    cfg = load_config(None, [f"mlflow.tracking_uri={store}", "mlflow.registered_model_name="])
+    run_id, _ = start_or_resume_run(cfg, store)
+    assert register_model(cfg, store, run_id, tiny_hf_dir, {}) == (f"runs:/{run_id}/model", None)
+    assert MlflowClient(store, registry_uri=store).search_registered_models() == []
+    assert load_model_components(f"runs:/{run_id}/model", store)["tokenizer"] is not None
 
 
 def test_a_new_experiment_in_a_sqlite_store_keeps_its_artifacts_beside_the_db(tmp_path, monkeypatch):
-    from mlflow.tracking import MlflowClient
-
-    from pipelines.tracking import experiment_id
-
     monkeypatch.chdir(tmp_path / "..")  # not the store's folder: artifacts must not follow the cwd
     store = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
     (tmp_path / "store").mkdir()

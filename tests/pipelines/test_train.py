@@ -19,7 +19,7 @@ from ift.data import DataError
 from ift.toydata import make_conversations, make_preference_pairs, write_jsonl
 from pipelines.config import load_config
 from pipelines.data import prepare_datasets
-from pipelines.tracking import mlflow_store
+from pipelines.tracking import load_model_components
 from pipelines.train import train
 from pipelines.worker import KillWorker
 
@@ -96,8 +96,7 @@ def test_each_method_trains_with_two_workers_and_the_loss_falls(tmp_path, corpor
     assert tags["method"] == method and tags["data_fingerprint"]
     assert "loss_curve.png" in [a.path for a in client.list_artifacts(result.mlflow_run_id)]
     # The registered model loads back offline, as users browse and use it.
-    with mlflow_store(cfg.mlflow.tracking_uri):
-        components = mlflow.transformers.load_model("models:/tiny-test/1", return_type="components")
+    components = load_model_components("models:/tiny-test/1", cfg.mlflow.tracking_uri)
     ids = components["tokenizer"]("hello", return_tensors="pt").input_ids
     assert components["model"](ids).logits.shape[-1] == len(components["tokenizer"])
 
