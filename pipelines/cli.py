@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if command == "configs":
         return _configs(rest)
     if command == "sweep":
-        from tune.sweep import main as sweep_main
+        from tune.cli import main as sweep_main
 
         return sweep_main(rest)
     if command == "eval":

@@ -1,0 +1,282 @@
+"""Running a sweep's trials: a Ray Tune ``Tuner`` over a small driver function, one
+``ift train`` run per sampled config, with the search algorithm, the ASHA scheduler,
+the console progress lines and :func:`run_sweep`, which runs a sweep end to end.
+
+How a sweep runs
+----------------
+* The Tuner runs :func:`trial_driver` once per sampled config.  The driver applies
+  the sampled values to the base :class:`~pipelines.config.TrainConfig` and calls
+  :func:`pipelines.train.train`, the body of ``ift train``: the same Ray Data
+  preparation, the same ``TorchTrainer`` + DeepSpeed loop, the same MLflow run
+  (nested under the sweep's parent run).  This is the Ray Train V2 recipe (V2 is
+  Ray's default since the version ``pyproject.toml`` requires): a Tuner over a driver
+  function that launches a ``TorchTrainer`` whose ``RunConfig`` carries a
+  ``TuneReportCallback``.
+* Rank 0 reports ``val_nll``/``val_loss`` at evaluation steps
+  (``optimization.eval_every_n_steps``); ``_ReportEvaluations`` forwards those
+  reports to Tune, where ASHA compares trials at ``step`` milestones.
+* Trials stopped by ASHA would keep their placement group:
+  :mod:`tune.placement_groups` gives it back.
+* After the Tuner: one results row per trial (:mod:`tune.results`), child runs
+  marked FINISHED / KILLED (early stopped) / FAILED, and the best *completed*
+  trial's model registered with the alias ``champion`` (:mod:`tune.tracking`).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+
+from pipelines import tracking as mlflow_tracking
+from pipelines.config import TrainConfig, apply_overrides
+from tune import tracking
+from tune.config import SweepConfig, check_sweep, plain
+from tune.placement_groups import PlacementGroupJanitor, placement_group_recorder
+from tune.results import SweepResult, collect_rows, fmt, mark_best, say, trial_run_name, write_outputs
+
+
+def _report_callback_cls() -> type:
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class _ReportEvaluations(TuneReportCallback):
+        """TuneReportCallback that forwards only the reports carrying the sweep metric.
+
+        Rank 0 also reports training loss at log steps; Tune requires the
+        metric in every result, and ASHA should only see evaluations.
+        """
+
+        def __init__(self, metric: str):
+            super().__init__()
+            self._metric = metric
+
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics and self._metric in metrics[0]:
+                super().after_report(run_context, metrics, checkpoint)
+
+    return _ReportEvaluations
+
+
+def trial_driver(config: dict[str, Any], *, base: dict, sweep_id: str, parent_run_id: str, trials_dir: str,
+                 metric: str, registry: Any) -> None:
+    """One trial: ``ift train`` with the sampled values, its MLflow run nested under the sweep's.
+
+    ``registry`` is the placement-group janitor's registry actor (``None``: no janitor).
+    """
+    import ray.data
+    from ray import tune as rtune
+
+    from pipelines.train import train
+
+    # Several trials prepare data at once: their Ray Data bars would interleave on the console.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    trial_id = rtune.get_context().get_trial_id()
+    values = {k: plain(v) for k, v in config.items()}
+    values["run_name"] = trial_run_name(sweep_id, trial_id)
+    values["checkpointing.storage_path"] = trials_dir
+    cfg = apply_overrides(TrainConfig.model_validate(base), values)
+    callbacks: list = [_report_callback_cls()(metric)]
+    recorder = placement_group_recorder(registry, trial_id) if registry is not None else None
+    if recorder is not None:
+        callbacks.append(recorder)
+    train(cfg, parent_run_id=parent_run_id, show_progress=False, extra_callbacks=callbacks, register=False)
+
+
+def _progress_callback_cls() -> type:
+    from ray import tune as rtune
+
+    class _SweepProgress(rtune.Callback):
+        """One line per trial event (start, evaluation, end), on the driver's stdout."""
+
+        def __init__(self, metric: str, keys: list[str]):
+            self.metric, self.keys = metric, keys
+
+        def log(self, msg: str) -> None:
+            say(msg)
+
+        def _values(self, trial) -> str:
+            return " ".join(f"{k}={fmt(plain(trial.config.get(k)))}" for k in self.keys)
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.log(f"[sweep] trial {trial.trial_id} started: {self._values(trial)}")
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if self.metric in result:
+                self.log(f"[sweep] trial {trial.trial_id} step {result.get('step')}: "
+                         f"{self.metric} {result[self.metric]:.4f}")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            last = trial.last_result or {}
+            self.log(f"[sweep] trial {trial.trial_id} ended at step {last.get('step')} "
+                     f"({self.metric} {fmt(last.get(self.metric))})")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.log(f"[sweep] trial {trial.trial_id} FAILED ({self._values(trial)}); the sweep goes on")
+
+    return _SweepProgress
+
+
+def _default_concurrency(base: TrainConfig, driver_cpus: float) -> int:
+    """As many trials as worker groups fit, while every trial's data preparation
+    (tokenizer actors) still leaves one CPU for Ray Data's read tasks."""
+    import ray
+
+    from pipelines.train import _use_gpu
+
+    total = ray.cluster_resources()
+    cpus = total.get("CPU", 1)
+    train_need = base.scaling.num_workers * base.scaling.cpus_per_worker + driver_cpus
+    prep_need = base.data.tokenize_concurrency * min(1.0, base.scaling.cpus_per_worker) + driver_cpus
+    n = min(int(cpus // train_need), int(max(cpus - 1, 0) // prep_need)) if train_need > 0 else int(cpus)
+    if _use_gpu(base) and base.scaling.gpus_per_worker > 0:
+        n = min(n, int(total.get("GPU", 0) // (base.scaling.num_workers * base.scaling.gpus_per_worker)))
+    return max(1, n)
+
+
+def _search(sweep: SweepConfig, max_concurrent: int) -> tuple[dict[str, Any], Any]:
+    """Tune param space and search algorithm."""
+    space = sweep.space()
+    param_space = {k: spec.tune_domain(sweep.algorithm) for k, spec in space.items()}
+    if sweep.algorithm == "optuna":
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        return param_space, OptunaSearch(sampler=optuna.samplers.TPESampler(seed=sweep.seed))
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    # A search algorithm passed in is not wrapped by TuneConfig.max_concurrent_trials
+    # (only Searchers are): the generator limits itself.
+    return param_space, BasicVariantGenerator(random_state=sweep.seed, max_concurrent=max_concurrent)
+
+
+def _scheduler(sweep: SweepConfig, base: TrainConfig) -> Any:
+    """ASHA on the sweep metric, its clock defaulting to the training config's eval steps."""
+    if sweep.scheduler.type == "none":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    sc = sweep.scheduler
+    if sc.time_attr == "step":
+        grace = sc.grace_period or base.optimization.eval_every_n_steps or 1
+        max_t = sc.max_t or base.optimization.max_steps or 1_000_000
+    else:
+        grace = sc.grace_period or 1
+        max_t = sc.max_t or 1_000_000
+    # stop_last_trials=False: a trial that reaches max_t is not stopped at its last report
+    # (it finishes, exports its model and closes its MLflow run).
+    return ASHAScheduler(time_attr=sc.time_attr, grace_period=grace, max_t=max(max_t, grace),
+                         reduction_factor=sc.reduction_factor, stop_last_trials=False)
+
+
+def _tuner(sweep: SweepConfig, base: TrainConfig, *, sweep_id: str, sweep_dir: str, parent_id: str,
+           max_concurrent: int, registry: Any, verbose: int) -> Any:
+    """The Tuner: :func:`trial_driver` per sampled config, each driver reserving only its own bundle."""
+    from ray import tune as rtune
+
+    metric, mode = sweep.metric, sweep.mode
+    param_space, search_alg = _search(sweep, max_concurrent)
+    trainable = rtune.with_resources(
+        rtune.with_parameters(
+            trial_driver, base=base.model_dump(mode="json"), sweep_id=sweep_id, parent_run_id=parent_id,
+            trials_dir=f"{sweep_dir}/trials", metric=metric, registry=registry,
+        ),
+        {"CPU": sweep.driver_cpus, "memory": sweep.driver_memory_mb * 2**20},
+    )
+    return rtune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=rtune.TuneConfig(
+            metric=metric, mode=mode, search_alg=search_alg, scheduler=_scheduler(sweep, base),
+            num_samples=sweep.resolved_num_samples(), reuse_actors=False,
+            # Optuna (a Searcher) gets a ConcurrencyLimiter from this; the variant generator limits itself.
+            max_concurrent_trials=max_concurrent if sweep.algorithm == "optuna" else None,
+            trial_name_creator=lambda t: t.trial_id, trial_dirname_creator=lambda t: t.trial_id,
+        ),
+        run_config=rtune.RunConfig(
+            name="tune", storage_path=sweep_dir, verbose=verbose,
+            failure_config=rtune.FailureConfig(max_failures=0, fail_fast=False),
+            callbacks=[_progress_callback_cls()(metric, list(sweep.space()))],
+        ),
+    )
+
+
+def _sweep_dirs(sweep: SweepConfig, base: TrainConfig, sweep_id: str) -> tuple[str, Path]:
+    """The sweep's storage (Tune state, trial checkpoints; may be a URI) and the local
+    folder the CSV and heatmap are written to (a temp folder when the storage is remote)."""
+    root = sweep.storage_path or os.path.join(base.checkpointing.storage_path, "sweeps")
+    if "://" not in root:
+        root = str(Path(root).resolve())
+    sweep_dir = f"{root.rstrip('/')}/{sweep_id}"
+    local_dir = Path(sweep_dir) if "://" not in sweep_dir else Path(tempfile_dir(sweep_id))
+    local_dir.mkdir(parents=True, exist_ok=True)
+    return sweep_dir, local_dir
+
+
+def run_sweep(sweep: SweepConfig, base: TrainConfig, *, verbose: int = 1,
+              log: Callable[[str], None] | None = None) -> SweepResult:
+    """Run the sweep end to end; see the module docstring."""
+    log = log or say
+    from pipelines.train import init_ray
+
+    check_sweep(sweep, base)
+    t0 = time.time()
+    init_ray()
+    tracking_uri = mlflow_tracking.resolve_tracking_uri(base.mlflow.tracking_uri)
+    base = apply_overrides(base, {"mlflow.tracking_uri": tracking_uri})
+    sweep_id = f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    sweep_dir, local_dir = _sweep_dirs(sweep, base, sweep_id)
+    space = sweep.space()
+    keys = list(space)
+    metric, mode = sweep.metric, sweep.mode
+    max_conc = sweep.max_concurrent_trials or _default_concurrency(base, sweep.driver_cpus)
+    model_name = sweep.registered_model_name or base.mlflow.registered_model_name
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp_id = mlflow_tracking.experiment_id(client, base.mlflow.experiment, tracking_uri)
+    parent_id = tracking.start_parent_run(client, exp_id, sweep_id, sweep, base, sweep_dir=sweep_dir,
+                                          max_concurrent=max_conc)
+    log(f"[sweep] {sweep_id}: {sweep.algorithm} search over {', '.join(f'{k}~{s.describe()}' for k, s in space.items())}; "
+        f"{sweep.scheduler.type} on {metric} ({mode}); up to {max_conc} trials at a time")
+    log(f"[sweep] MLflow parent run {parent_id} in {tracking_uri}")
+
+    janitor = PlacementGroupJanitor(log=log)
+    janitor.start()
+    tuner = _tuner(sweep, base, sweep_id=sweep_id, sweep_dir=sweep_dir, parent_id=parent_id,
+                   max_concurrent=max_conc, registry=janitor.registry, verbose=verbose)
+    ok = False
+    try:
+        grid = tuner.fit()
+        ok = True
+    finally:
+        janitor.stop()
+        if not ok:
+            mlflow_tracking.end_run(tracking_uri, parent_id, ok=False)
+
+    rows = collect_rows(grid, sweep_id, keys, metric)
+    tracking.reconcile_child_runs(client, exp_id, parent_id, sweep_id, rows, base)
+    best = mark_best(rows, metric, mode)
+    result = SweepResult(
+        sweep_id=sweep_id, sweep_dir=sweep_dir, parent_run_id=parent_id, experiment_id=exp_id,
+        tracking_uri=tracking_uri, metric=metric, mode=mode, keys=keys, rows=rows, best=best,
+        registered_model_name=model_name, released_placement_groups=list(janitor.released),
+        max_concurrent_trials=max_conc,
+    )
+    if best is not None and model_name and best.get("hf_model_path"):
+        tracking.register_champion(result, base, sweep, client)
+    elif best is not None and not model_name:
+        log("[sweep] no mlflow.registered_model_name / sweep.registered_model_name: the champion is not registered")
+    write_outputs(result, local_dir)
+    tracking.finish_parent_run(client, result, started_at=t0)
+    return result
+
+
+def tempfile_dir(name: str) -> str:
+    """A local folder for a sweep whose storage is remote."""
+    import tempfile
+
+    return os.path.join(tempfile.gettempdir(), "ift-sweeps", name)
