@@ -428,9 +428,13 @@ def test_collate_pads_chosen_and_rejected_to_one_common_length() -> None:
         "rejected_labels",
         "rejected_attention_mask",
     }
+    # The shorter chosen side is padded to the rejected side's length: pad id on tokens, -100 on labels.
+    assert batch["chosen_input_ids"].tolist() == [[1, 2, 0, 0], [7, 0, 0, 0]]
+    assert batch["chosen_labels"].tolist() == [[1, 2, -100, -100], [7, -100, -100, -100]]
     assert batch["chosen_attention_mask"].tolist() == [[1, 1, 0, 0], [1, 0, 0, 0]]
-    # One forward over both sides:
-    assert torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]]).shape == (4, 4)
+    assert batch["rejected_input_ids"].tolist() == [[3, 4, 5, 6], [8, 0, 0, 0]]
+    assert batch["rejected_labels"].tolist() == [[3, 4, 5, 6], [8, -100, -100, -100]]
+    assert batch["rejected_attention_mask"].tolist() == [[1, 1, 1, 1], [1, 0, 0, 0]]
 
 
 def test_collate_rejects_mismatched_label_length() -> None:
