@@ -258,6 +258,16 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
+def split_config_argument(items: list[str]) -> tuple[str | None, list[str]]:
+    """``[CONFIG] key=value ...`` from the command line -> ``(CONFIG or None, overrides)``.
+
+    The first item is the config (a path or a packaged name) unless it has an ``=``.
+    """
+    if items and "=" not in items[0]:
+        return items[0], list(items[1:])
+    return None, list(items)
+
+
 def packaged_config_path(name: str) -> Path:
     """Path of a config shipped inside ``pipelines/configs`` (``tiny`` -> tiny.yaml)."""
     return Path(str(resources.files(PACKAGED_CONFIGS).joinpath(f"{name}.yaml")))

@@ -114,3 +114,12 @@ def test_flatten_gives_dotted_params():
 def test_schema_description_lists_keys_with_help():
     text = describe_schema()
     assert "method.decay" in text and "propagation decay" in text
+
+
+def test_the_first_command_line_item_is_the_config_unless_it_is_an_override():
+    from pipelines.config import split_config_argument
+
+    assert split_config_argument(["my.yaml", "a.b=1"]) == ("my.yaml", ["a.b=1"])
+    assert split_config_argument(["tiny-zero3"]) == ("tiny-zero3", [])
+    assert split_config_argument(["a.b=1", "c=2"]) == (None, ["a.b=1", "c=2"])
+    assert split_config_argument([]) == (None, [])
