@@ -13,7 +13,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export MLFLOW_ENABLE_TELEMETRY ?= false
 export DO_NOT_TRACK ?= 1
 
-.PHONY: install demo test bench frozenlake clean
+.PHONY: install demo test test-fast lint format bench frozenlake clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,19 @@ demo: $(STAMP)
 ## test: the whole suite (about 21 minutes on 2 cores); the slowest tests are listed at the end
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15
+
+## test-fast: everything not marked slow (no multi-process Ray/DeepSpeed runs), under 4 minutes on 2 cores
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" --durations=10
+
+## lint: ruff's checks and formatting, configured in pyproject.toml (make format applies both)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 ## bench: step time/memory per method, the scan, the data path, scaling -> benchmarks/results/
 bench: $(STAMP)
