@@ -20,9 +20,14 @@ Three layouts are produced, matching the formats :mod:`ift.data` accepts:
   ``{"prompt", "chosen": [messages], "rejected": [messages]}``;
 - ``{"prompt": str, "completion": str}``.
 
-Regenerate the bundled files with::
+The data of the offline lm-eval tasks shipped in ``pipelines/eval_tasks``
+(:func:`offline_task_rows`) come from the same generators with their own seeds,
+the arithmetic problems held out from the bundled files.
+
+Regenerate the bundled files and the eval tasks' data with::
 
     python -m ift.toydata pipelines/data
+    python -m pipelines.evaluation build-tasks
 """
 
 from __future__ import annotations
@@ -77,6 +82,13 @@ _OBJECTS = ("apples", "books", "coins", "pencils", "stickers", "cookies", "marbl
 _WORDS = tuple(
     "red blue green cat dog sun moon tree river stone bird fish apple bread milk rain snow wind star road".split()
 )
+# The three wordings of a capital question, shared by the training data and the
+# offline multiple-choice eval task (which must ask in the wording the model learnt).
+CAPITALS_PHRASINGS = (
+    "What is the capital of {country}?",
+    "Which city is the capital of {country}?",
+    "Name the capital city of {country}.",
+)
 _SYSTEM_PROMPTS = (
     "You are a helpful assistant.",
     "You are a concise assistant. Answer briefly.",
@@ -122,13 +134,7 @@ def _capital_task(rng: random.Random) -> tuple[str, str, str]:
     # Wrong capital: another country's capital, never the right one.
     wrong_idx = (idx + rng.randrange(1, len(_CAPITALS))) % len(_CAPITALS)
     wrong_capital = _CAPITALS[wrong_idx][1]
-    question = rng.choice(
-        (
-            f"What is the capital of {country}?",
-            f"Which city is the capital of {country}?",
-            f"Name the capital city of {country}.",
-        )
-    )
+    question = rng.choice(CAPITALS_PHRASINGS).format(country=country)
     return question, f"The capital of {country} is {capital}.", f"The capital of {country} is {wrong_capital}."
 
 
@@ -252,6 +258,67 @@ def write_bundled_data(out_dir: str | Path) -> list[Path]:
         write_jsonl(fn(n, seed), path)
         written.append(path)
     return written
+
+
+# --------------------------------------------------------------------------- offline eval tasks
+# The data of the lm-eval tasks shipped in pipelines/eval_tasks (ift_arith,
+# ift_capitals_mc): same generators and wording as the training data, so a model
+# trained on the bundled files can learn them, with their own seeds.
+
+ARITH_SEED = 7001  # the bundled training/validation data use seeds 0-2 and 1000-1002
+ARITH_N = 200
+CAPITALS_SEED = 7002
+
+
+def _bundled_questions() -> set[str]:
+    """Every user turn of the bundled data files (the arithmetic eval problems are held out from them)."""
+    seen: set[str] = set()
+    for fn, n, seed in BUNDLED_FILES.values():
+        for row in fn(n, seed):
+            for conv in (row.get("messages"), row.get("chosen")):
+                seen.update(m["content"] for m in conv or () if m["role"] == "user")
+    return seen
+
+
+def offline_task_rows() -> dict[str, list[Row]]:
+    """The shipped offline eval tasks' data, generated deterministically.
+
+    - ``ift_arith``: :data:`ARITH_N` problems from :func:`arithmetic_problem`
+      with seed :data:`ARITH_SEED`, skipping questions that occur in the
+      bundled data files (held out);
+    - ``ift_capitals_mc``: every country of :func:`capital_facts` in the
+      training data's three wordings (:data:`CAPITALS_PHRASINGS`), with the
+      right answer and three other countries' capitals as whole-sentence
+      choices in a shuffled order.
+    """
+    rng = random.Random(ARITH_SEED)
+    held_out = _bundled_questions()
+    arith: list[Row] = []
+    seen: set[str] = set()
+    while len(arith) < ARITH_N:
+        q, solution, answer = arithmetic_problem(rng)
+        if q in held_out or q in seen:
+            continue
+        seen.add(q)
+        arith.append({"question": q, "answer": str(answer), "solution": solution})
+
+    rng = random.Random(CAPITALS_SEED)
+    facts = capital_facts()
+    caps: list[Row] = []
+    for phrasing in CAPITALS_PHRASINGS:
+        for i, (country, capital) in enumerate(facts):
+            others = [c for j, (_, c) in enumerate(facts) if j != i]
+            options = [capital, *rng.sample(others, 3)]
+            rng.shuffle(options)
+            caps.append(
+                {
+                    "question": phrasing.format(country=country),
+                    "choices": [f"The capital of {country} is {c}." for c in options],
+                    "label": options.index(capital),
+                    "country": country,
+                }
+            )
+    return {"ift_arith": arith, "ift_capitals_mc": caps}
 
 
 def main(argv: list[str] | None = None) -> None:

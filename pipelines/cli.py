@@ -72,11 +72,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return sweep_main(rest)
     if command == "eval":
-        from pipelines.evaluate import main_eval
+        from pipelines.evaluation.cli import main_eval
 
         return main_eval(rest)
     if command == "compare":
-        from pipelines.evaluate import main_compare
+        from pipelines.evaluation.cli import main_compare
 
         return main_compare(rest)
     if command == "frozenlake":

@@ -213,14 +213,14 @@ def _finish_tracking(cfg: TrainConfig, tracking_uri: str, run_id: str, out: Trai
 
 def _evaluate_at_end(cfg: TrainConfig, tracking_uri: str, out: TrainResult) -> dict[str, float]:
     from ift.models import load_model, load_tokenizer
-    from pipelines import evaluate
+    from pipelines import evaluation
 
     model = load_model(out.hf_model_path)
     tokenizer = load_tokenizer(out.hf_model_path)
-    scores = evaluate.evaluate_model(model, tokenizer, tasks=cfg.eval.tasks or None, limit=cfg.eval.limit)
+    scores = evaluation.evaluate_model(model, tokenizer, tasks=cfg.eval.tasks or None, limit=cfg.eval.limit)
     if out.mlflow_run_id:
-        evaluate.log_scores(scores, tracking_uri=tracking_uri, run_id=out.mlflow_run_id,
-                            registered_model_name=cfg.mlflow.registered_model_name, version=out.registered_version)
+        evaluation.log_scores(scores, tracking_uri=tracking_uri, run_id=out.mlflow_run_id,
+                              registered_model_name=cfg.mlflow.registered_model_name, version=out.registered_version)
     return scores
 
 

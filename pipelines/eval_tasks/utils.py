@@ -2,7 +2,7 @@
 
 lm-eval imports this file by path (``!function utils.<name>`` in the task
 YAMLs), so it must not import the project.  The data are the JSONL files next
-to it, written by ``python -m pipelines.evaluate build-tasks``; nothing is
+to it, written by ``python -m pipelines.evaluation build-tasks``; nothing is
 downloaded.
 """
 

@@ -1,4 +1,4 @@
-"""Tests for ift.toydata: the deterministic synthetic corpora and bundled files."""
+"""Tests for ift.toydata: the deterministic synthetic corpora, the bundled files and the offline eval tasks' data."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from ift import toydata
-from ift.data import normalize_row
+from ift.data import normalize_row, read_jsonl
+from pipelines.evaluation.tasks import OFFLINE_TASKS, TASKS_DIR
 
 REPO = Path(__file__).resolve().parents[2]
 DATA_DIR = REPO / "pipelines" / "data"
@@ -127,3 +128,21 @@ def test_validation_split_is_not_a_copy_of_training_rows() -> None:
     # set (30 countries x 3 phrasings), so ~20% overlap is expected.
     assert val != train[:100]
     assert sum(line in set(train) for line in val) < 40
+
+
+# --------------------------------------------------------------------------- offline eval tasks
+
+
+def test_shipped_task_files_are_what_the_generator_writes():
+    rows = toydata.offline_task_rows()
+    for name in OFFLINE_TASKS:
+        assert list(read_jsonl(TASKS_DIR / f"{name}.jsonl")) == rows[name], (
+            f"{name}.jsonl is stale: run python -m pipelines.evaluation build-tasks"
+        )
+
+
+def test_arithmetic_eval_problems_are_held_out_from_the_bundled_data():
+    bundled = toydata._bundled_questions()
+    questions = [r["question"] for r in toydata.offline_task_rows()["ift_arith"]]
+    assert len(questions) == toydata.ARITH_N == len(set(questions))
+    assert not bundled & set(questions)
