@@ -8,10 +8,10 @@ How a sweep runs
   the sampled values to the base :class:`~pipelines.config.TrainConfig` and calls
   :func:`pipelines.train.train`, the body of ``ift train``: the same Ray Data
   preparation, the same ``TorchTrainer`` + DeepSpeed loop, the same MLflow run
-  (nested under the sweep's parent run).  This is the Ray Train V2 recipe (V2 is
-  Ray's default since the version ``pyproject.toml`` requires): a Tuner over a driver
-  function that launches a ``TorchTrainer`` whose ``RunConfig`` carries a
-  ``TuneReportCallback``.
+  (nested under the sweep's parent run).  This is the Ray Train V2 recipe: a Tuner
+  over a driver function that launches a ``TorchTrainer`` whose ``RunConfig`` carries
+  a ``TuneReportCallback``.  V2 is Ray's default (ray-project/ray#57857), so nothing
+  here sets ``RAY_TRAIN_V2_ENABLED``.
 * Rank 0 reports ``val_nll``/``val_loss`` at evaluation steps
   (``optimization.eval_every_n_steps``); ``_ReportEvaluations`` forwards those
   reports to Tune, where ASHA compares trials at ``step`` milestones.
