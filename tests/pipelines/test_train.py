@@ -164,9 +164,12 @@ def test_killed_worker_resumes_from_the_last_checkpoint_and_finishes(tmp_path, c
 def test_rerunning_the_same_command_resumes_instead_of_restarting(tmp_path, corpora):
     marker = tmp_path / "failed-once"
     overrides = ("optimization.max_steps=8", "checkpointing.max_failures=0")
-    with pytest.raises(Exception):
+    with pytest.raises(ray.train.WorkerGroupError) as err:
         train(config(tmp_path, corpora, *overrides), show_progress=False,
               fault=KillWorker(step=6, rank=0, marker=str(marker)))
+    # It failed because the killed rank-0 process died (max_failures=0), not for any other reason.
+    assert marker.exists(), "the fault was not injected"
+    assert "The actor died unexpectedly" in str(err.value.worker_failures[0])
     cfg = config(tmp_path, corpora, *overrides)
     result = train(cfg, show_progress=False)
     client = mlflow.MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
