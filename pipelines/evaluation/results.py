@@ -176,7 +176,7 @@ def plain_table(header: list[str], cells: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in [shown, *cells]) for i in range(len(header))]
 
     def line(r: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
 
     return "\n".join([line(shown), "  ".join("-" * w for w in widths), *(line(c) for c in cells)])
 

@@ -1,4 +1,4 @@
-"""pipelines.evaluation.harness: lm-eval runs on the offline tasks, RNG/train-mode preservation, a trained model scores higher."""
+"""pipelines.evaluation.harness: lm-eval runs on the offline tasks, RNG and train mode kept, training helps."""
 
 from __future__ import annotations
 
