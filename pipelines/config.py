@@ -278,16 +278,23 @@ def packaged_config_names() -> list[str]:
     return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
 
 
-def _resolve_paths(tree: dict, base_dir: Path) -> None:
-    """Data paths in a YAML are relative to that YAML's directory (unless absolute or hub)."""
+def resolve_data_paths(tree: dict, base_dir: str | os.PathLike) -> None:
+    """Make relative data paths in a config tree absolute against ``base_dir``, in place.
+
+    A YAML's paths are relative to that YAML's folder; ``key=value`` overrides are
+    relative to the working directory of the person who typed them.  Either way they
+    are made absolute once, at load time: Ray tasks and sweep trials run elsewhere.
+    Hub ids (``hf:``), URIs and absolute paths are left alone, and so is a relative
+    path that does not exist under ``base_dir`` (it may be meant for another base).
+    """
     for split in ("train", "validation"):
         for src in (tree.get("data") or {}).get(split) or []:
             if isinstance(src, dict) and isinstance(src.get("path"), str):
                 p = src["path"]
                 if not (p.startswith("hf:") or "://" in p or os.path.isabs(p)):
-                    candidate = base_dir / p
+                    candidate = Path(base_dir) / p
                     if candidate.exists() or any(ch in p for ch in "*?["):
-                        src["path"] = str(candidate)
+                        src["path"] = os.path.abspath(candidate)
 
 
 def read_yaml_mapping(file: Path) -> dict[str, Any]:
@@ -317,12 +324,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
                 f"config file '{path}' not found; packaged configs are: {', '.join(packaged_config_names())}"
             )
     tree = read_yaml_mapping(file)
-    _resolve_paths(tree, file.parent)
+    resolve_data_paths(tree, file.parent)
     for key, value in parse_overrides(overrides or []):
         try:
             _set_dotted(tree, key, value)
         except (IndexError, ValueError, TypeError) as exc:
             raise ConfigError(f"override {key}: {exc}") from exc
+    resolve_data_paths(tree, Path.cwd())
     source = f"{file}" + (f" with overrides {' '.join(overrides)}" if overrides else "")
     try:
         cfg = TrainConfig.model_validate(tree)
@@ -332,10 +340,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 
 def apply_overrides(cfg: TrainConfig, values: dict[str, Any]) -> TrainConfig:
-    """A copy of ``cfg`` with dotted-key values set and re-validated (used by sweeps)."""
+    """A copy of ``cfg`` with dotted-key values set and re-validated (used by sweeps);
+    relative data paths among them resolve against the working directory."""
     tree = cfg.model_dump(mode="python")
     for key, value in values.items():
         _set_dotted(tree, key, value)
+    resolve_data_paths(tree, Path.cwd())
     try:
         return TrainConfig.model_validate(tree)
     except ValidationError as err:

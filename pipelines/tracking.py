@@ -72,13 +72,17 @@ def start_or_resume_run(cfg: TrainConfig, tracking_uri: str, *, parent_run_id: s
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(exp_id, tags=tags, run_name=cfg.run_name)
-    params = {k: ("" if v is None else str(v))[:6000] for k, v in flatten(cfg).items()}
-    items = list(params.items())
+    log_params(client, run.info.run_id, flatten(cfg))
+    return run.info.run_id, False
+
+
+def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
+    """Params in batches of 100 (MLflow's limit per call), values cut to MLflow's 6000 characters."""
     from mlflow.entities import Param
 
+    items = [Param(k, ("" if v is None else str(v))[:6000]) for k, v in params.items()]
     for i in range(0, len(items), 100):
-        client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in items[i : i + 100]])
-    return run.info.run_id, False
+        client.log_batch(run_id, params=items[i : i + 100])
 
 
 def log_data_report(client: MlflowClient, run_id: str, fingerprints: dict[str, str], report: dict[str, Any],

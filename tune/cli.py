@@ -9,17 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipelines.config import ConfigError
+from pipelines.config import ConfigError, split_config_argument
 from tune.config import load_sweep, packaged_sweep_names, packaged_sweep_path
-
-
-def split_config_path(items: list[str]) -> tuple[str | None, list[str]]:
-    """``[CONFIG] key=value ...`` -> ``(CONFIG or None, the key=value items)``: the first item
-    is a config path (or packaged name) unless it is an override."""
-    items = list(items)
-    if items and "=" not in items[0]:
-        return items.pop(0), items
-    return None, items
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in packaged_sweep_names():
             print(f"{name:24s} {packaged_sweep_path(name)}")
         return 0
-    path, items = split_config_path(args.items)
+    path, items = split_config_argument(args.items)
     try:
         sweep, base = load_sweep(path, items, algorithm=args.algorithm, num_samples=args.num_samples,
                                  max_concurrent=args.max_concurrent, space=args.space)

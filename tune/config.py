@@ -256,20 +256,6 @@ def _check_space_keys(base: TrainConfig, space: dict[str, ParamSpec]) -> None:
             raise ConfigError(f"search space: '{key}' is a section, not a value")
 
 
-def _absolute_data_paths(cfg: TrainConfig) -> TrainConfig:
-    """Relative data paths (from key=value overrides) resolve against the cwd, once, here:
-    trial drivers run in their trial directory."""
-    values = {}
-    for split in ("train", "validation"):
-        for i, src in enumerate(getattr(cfg.data, split)):
-            p = src.path
-            if not (p.startswith("hf:") or "://" in p or os.path.isabs(p)) and (
-                os.path.exists(p) or any(ch in p for ch in "*?[")
-            ):
-                values[f"data.{split}.{i}.path"] = os.path.abspath(p)
-    return apply_overrides(cfg, values) if values else cfg
-
-
 def load_sweep(
     path: str | os.PathLike | None = None,
     overrides: list[str] | None = None,
@@ -329,7 +315,6 @@ def load_sweep(
     merged = {**sf.overrides, **dict(train_items)}
     if merged:
         base = apply_overrides(base, merged)
-    base = _absolute_data_paths(base)
     check_sweep(sf.sweep, base)
     return sf.sweep, base
 

@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from pipelines import tracking
@@ -45,21 +45,10 @@ def start_parent_run(client: MlflowClient, exp_id: str, sweep_id: str, sweep: Sw
         **{f"space.{k}": spec.describe() for k, spec in space.items()},
         **{f"base.{k}": v for k, v in flatten(base).items() if k not in space},
     }
-    _log_params(client, parent_id, params)
+    tracking.log_params(client, parent_id, params)
     client.log_dict(parent_id, {"sweep": sweep.model_dump(mode="json"), "base": base.model_dump(mode="json")},
                     "sweep_config.json")
     return parent_id
-
-
-def _log_params(client: MlflowClient, run_id: str, params: dict) -> None:
-    """Params in batches of 100 (MLflow's limit per call), values cut to MLflow's 6000 characters.
-
-    The same batching as ``pipelines.tracking.start_or_resume_run``'s; it belongs there as
-    one helper once that module grows one.
-    """
-    items = [Param(k, ("" if v is None else str(v))[:6000]) for k, v in params.items()]
-    for i in range(0, len(items), 100):
-        client.log_batch(run_id, params=items[i: i + 100])
 
 
 def reconcile_child_runs(client: MlflowClient, exp_id: str, parent_id: str, sweep_id: str, rows: list[dict],
@@ -78,8 +67,7 @@ def reconcile_child_runs(client: MlflowClient, exp_id: str, parent_id: str, swee
                 "mlflow.runName": row["run_name"], "mlflow.parentRunId": parent_id,
                 tracking.RUN_NAME_TAG: row["run_name"], "method": base.method.name,
             })
-            client.log_batch(run.info.run_id, params=[Param(k, str(row.get(k))) for k in row
-                                                      if "." in k])
+            tracking.log_params(client, run.info.run_id, {k: row.get(k) for k in row if "." in k})
         run_id = run.info.run_id
         row["mlflow_run_id"] = run_id
         client.set_tag(run_id, "ift.sweep_id", sweep_id)

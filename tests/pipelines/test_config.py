@@ -123,3 +123,35 @@ def test_the_first_command_line_item_is_the_config_unless_it_is_an_override():
     assert split_config_argument(["tiny-zero3"]) == ("tiny-zero3", [])
     assert split_config_argument(["a.b=1", "c=2"]) == (None, ["a.b=1", "c=2"])
     assert split_config_argument([]) == (None, [])
+
+
+def test_data_paths_in_a_yaml_are_relative_to_the_yaml_and_made_absolute(tmp_path, monkeypatch):
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "rows.jsonl").write_text("{}\n")
+    (tmp_path / "cfg" / "run.yaml").write_text("data:\n  train:\n    - path: rows.jsonl\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("cfg/run.yaml")
+    assert cfg.data.train[0].path == str(tmp_path / "cfg" / "rows.jsonl")
+
+
+def test_data_paths_in_overrides_are_relative_to_the_working_directory(tmp_path, monkeypatch):
+    (tmp_path / "mine.jsonl").write_text("{}\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["data.train=[{path: mine.jsonl}]", "data.validation=[{path: 'shards/*.jsonl'}]"])
+    assert cfg.data.train[0].path == str(tmp_path / "mine.jsonl")
+    assert cfg.data.validation[0].path == str(tmp_path / "shards" / "*.jsonl")  # a glob may match later
+
+
+def test_hub_ids_uris_and_missing_relative_paths_are_left_as_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["data.train=[{path: 'hf:org/set'}, {path: 's3://b/k.jsonl'}, {path: nowhere.jsonl}]"])
+    assert [s.path for s in cfg.data.train] == ["hf:org/set", "s3://b/k.jsonl", "nowhere.jsonl"]
+
+
+def test_sweep_overrides_resolve_data_paths_against_the_working_directory(tmp_path, monkeypatch):
+    from pipelines.config import apply_overrides
+
+    (tmp_path / "other.jsonl").write_text("{}\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = apply_overrides(load_config(None), {"data.train": [{"path": "other.jsonl"}]})
+    assert cfg.data.train[0].path == str(tmp_path / "other.jsonl")
