@@ -23,15 +23,12 @@ def _train(argv: list[str]) -> int:
     parser.add_argument("--help-config", action="store_true", help="list every config key with its default")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    from pipelines.config import ConfigError, describe_schema, load_config
+    from pipelines.config import ConfigError, describe_schema, load_config, split_config_argument
 
     if args.help_config:
         print(describe_schema())
         return 0
-    config_path = None
-    overrides = list(args.items)
-    if overrides and "=" not in overrides[0]:
-        config_path = overrides.pop(0)
+    config_path, overrides = split_config_argument(args.items)
     try:
         cfg = load_config(config_path, overrides)
     except ConfigError as exc:
