@@ -179,14 +179,15 @@ def load_model_components(model_uri: str, tracking_uri: str) -> dict[str, Any]:
         return mlflow.transformers.load_model(local, return_type="components")
 
 
-_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))/?$")
+# A registered model version: models:/NAME/VERSION or models:/NAME@ALIAS.
+MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))/?$")
 
 
 def artifact_source(model_uri: str, tracking_uri: str) -> str:
     """Where the artifacts of ``model_uri`` live: a registered version (``models:/name/N`` or
     ``models:/name@alias``) resolves through the registry of ``tracking_uri``; any other URI
     (``runs:/``, a path) is returned as it is."""
-    match = _MODELS_URI.match(model_uri)
+    match = MODELS_URI.match(model_uri)
     if not match:
         return model_uri
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)

@@ -39,7 +39,6 @@ class ModelSource:
         return self.method or self.ref
 
 
-_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))/?$")
 _RUNS_URI = re.compile(r"^runs:/(?P<run_id>[^/]+)(?:/(?P<path>.+))?$")
 
 
@@ -80,7 +79,9 @@ def _list_hint(tracking_uri: str) -> str:
 
 
 def _parse_models_uri(model_uri: str) -> re.Match[str]:
-    m = _MODELS_URI.match(model_uri)
+    from pipelines.tracking import MODELS_URI  # brings MLflow, which a preset or path does not need
+
+    m = MODELS_URI.match(model_uri)
     if not m:
         raise EvalError(f"cannot parse model URI {model_uri!r}; expected models:/NAME@ALIAS or models:/NAME/VERSION")
     return m
