@@ -203,3 +203,23 @@ def test_skip_mode_counts_exactly_the_bad_rows(tmp_path, corpora):
     report = data.report.to_dict()
     assert data.train_rows == 7 and report["skipped"] == 3 and report["seen"] == 10
     assert sorted(s["row"] for s in report["samples"]) == [2, 5, 7]
+
+
+def test_evaluation_at_end_scores_the_final_model_and_logs_on_the_run(tmp_path):
+    from ift.models import load_model, load_tokenizer
+    from pipelines.tracking import start_or_resume_run
+    from pipelines.train import TrainResult, _evaluate_at_end
+
+    hf_dir = tmp_path / "hf_model"
+    load_model("tiny", seed=0).save_pretrained(hf_dir, safe_serialization=True)
+    load_tokenizer("tiny").save_pretrained(hf_dir)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(None, [f"mlflow.tracking_uri={store}", "eval.at_end=true", "eval.limit=4",
+                             "mlflow.registered_model_name="])
+    run_id, _ = start_or_resume_run(cfg, store)
+    out = TrainResult(run_name=cfg.run_name, checkpoint_path=str(tmp_path), hf_model_path=str(hf_dir), metrics={},
+                      mlflow_run_id=run_id)
+    scores = _evaluate_at_end(cfg, store, out)
+    assert {"ift_arith/exact_match", "ift_capitals_mc/acc"} <= set(scores)
+    logged = mlflow.MlflowClient(tracking_uri=store).get_run(run_id).data.metrics
+    assert logged["eval/ift_arith/exact_match"] == scores["ift_arith/exact_match"]
