@@ -15,6 +15,29 @@ Conventions: ``labels`` has the shape of ``input_ids`` with ``-100`` on prompt
 and padding (the Hugging Face convention); the token at position t+1 is
 predicted from the logits at position t.  Log-probabilities are computed in
 float32 whatever the model's dtype.
+
+Packed (padding-free) batches: every model-level objective also takes
+``position_ids=`` in the layout of :func:`ift.data.pack_collate` (sequences back
+to back, ``position_ids`` restarting at 0 at each sequence, ``attention_mask``
+``None``).  Each sequence is then treated on its own, exactly as if it were a
+row of a padded batch:
+
+* attention: the model gets ``attention_mask=None`` and the packed
+  ``position_ids``; transformers (``masking_utils.create_causal_mask`` ->
+  ``find_packed_sequence_indices``) then builds a block-diagonal causal mask for
+  ``sdpa``/``eager``/``flex_attention``, and the flash-attention integration
+  (``modeling_flash_attention_utils._is_packed_sequence``) runs the varlen kernel
+  with ``cu_seqlens`` read off ``position_ids == 0``, for which the rows are
+  flattened into one (it only reads position_ids on a batch of one row);
+* targets: a sequence's first token is never a target (the logit before it is
+  the previous sequence's last token);
+* IFT's shifted prediction at a sequence's first position is the token itself,
+  the rule position 0 of a padded row follows;
+* per-token log-probs are scattered into a (num_sequences, longest) padded
+  layout (:func:`unpack_sequences`), and the ``*_from_logps`` functions run on
+  that unchanged, so the discounted scan of eq. (22) and the per-sequence
+  normalisation stop at boundaries and the loss is the mean of per-sequence
+  losses, as in a padded batch.
 """
 
 from __future__ import annotations
@@ -47,6 +70,8 @@ __all__ = [
     "dpo_loss",
     "orpo_loss",
     "sequence_logps",
+    "unpack_sequences",
+    "packed_token_logps",
     "concat_pair",
     "reference_pair_logps",
     "dpo_batch_loss",
@@ -251,22 +276,128 @@ class LambdaSchedule:
 # --------------------------------------------------------------------------- model-level objectives
 
 
-def _forward_logits(model: nn.Module, attention_mask: torch.Tensor, **inputs) -> torch.Tensor:
+def _forward_logits(model: nn.Module, attention_mask: torch.Tensor | None, **inputs) -> torch.Tensor:
     out = model(attention_mask=attention_mask, use_cache=False, **inputs)
     return out.logits if hasattr(out, "logits") else out[0]
+
+
+# --------------------------------------------------------------------------- packed batches
+
+
+def _check_packed(position_ids: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+    """Refuse a packed batch whose boundaries the model and the loss would read differently.
+
+    transformers splits sequences where consecutive positions do not step by 1, the loss (and
+    flash attention) where ``position_ids == 0``; both agree exactly when each row starts at 0
+    and every position is either 0 or its predecessor + 1.  A 2-D ``attention_mask`` would switch
+    transformers' packed-sequence detection off, so it must be ``None`` (or all ones, then dropped).
+    """
+    if position_ids.shape != input_ids.shape[:2]:
+        raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}, input_ids {tuple(input_ids.shape[:2])}")
+    pos = position_ids
+    checks = [(pos[:, 0] != 0).any() | ~((pos[:, 1:] == 0) | (pos[:, 1:] == pos[:, :-1] + 1)).all()]
+    if attention_mask is not None:
+        checks.append((attention_mask == 0).any())
+    bad_layout, *bad_mask = torch.stack(checks).tolist()  # one host sync
+    if any(bad_mask):
+        raise ValueError(
+            "a packed batch (position_ids given) has no padding mask: pass attention_mask=None "
+            "(the tail padding of ift.data.collate_packs needs none; it only has -100 labels)"
+        )
+    if bad_layout:
+        raise ValueError(
+            "packed position_ids must start each row at 0 and, inside a sequence, count up by 1 "
+            "(restarting at 0 at each sequence start), the layout of ift.data.pack_collate"
+        )
+
+
+def _packed_forward_logits(model: nn.Module, position_ids: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
+    """Logits of a packed batch with attention confined to each sequence.
+
+    ``attention_mask=None`` is what lets transformers detect the packing from ``position_ids``
+    (``masking_utils._preprocess_mask_arguments`` only looks when the 2-D mask is None) and build
+    the block-diagonal causal mask.  Flash attention reads packing from ``position_ids`` only on a
+    batch of one row, so the rows are flattened into one for it (each row starts at 0, so the
+    varlen boundaries are unchanged) and the logits reshaped back.
+    """
+    config = getattr(model, "config", None)
+    impl = str(getattr(config, "_attn_implementation", "") or "")
+    rows, length = position_ids.shape
+    if "flash" in impl and rows > 1:
+        flat = {k: v.reshape(1, rows * length, *v.shape[2:]) for k, v in inputs.items()}
+        logits = _forward_logits(model, None, position_ids=position_ids.reshape(1, -1), **flat)
+        return logits.view(rows, length, *logits.shape[2:])
+    return _forward_logits(model, None, position_ids=position_ids, **inputs)
+
+
+def _sequence_layout(position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Where each token of a packed batch goes in the padded layout: flat (sequence, offset) indices, S, T."""
+    starts = position_ids == 0
+    seq = starts.reshape(-1).cumsum(0) - 1
+    # One host sync for both sizes.
+    num_sequences, longest = torch.stack([starts.sum(), position_ids.max() + 1]).tolist()
+    return seq, position_ids.reshape(-1), num_sequences, longest
+
+
+def _scatter(x: torch.Tensor, layout: tuple[torch.Tensor, torch.Tensor, int, int], fill: float | bool) -> torch.Tensor:
+    seq, offset, num_sequences, longest = layout
+    out = x.new_full((num_sequences, longest, *x.shape[2:]), fill)
+    out[seq, offset] = x.reshape(-1, *x.shape[2:])
+    return out
+
+
+def unpack_sequences(x: torch.Tensor, position_ids: torch.Tensor, *, fill: float | bool = 0) -> torch.Tensor:
+    """Scatter a per-token tensor of a packed batch, shape (P, L, ...), into the padded layout (S, T, ...).
+
+    Sequence s is the s-th sequence start (``position_ids == 0``) in row-major order and token
+    ``(p, t)`` lands at ``(s, position_ids[p, t])``, so each sequence becomes a row starting at
+    column 0, padded with ``fill`` to the longest, T = max position + 1 (a batch's tail padding
+    continues the last sequence's positions and lands after it).  Differentiable in ``x``.
+    """
+    return _scatter(x, _sequence_layout(position_ids), fill)
+
+
+def packed_token_logps(
+    logits: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`token_logps` of a packed batch, in the padded per-sequence layout.
+
+    Returns ``(logps, mask)`` of shape (S, T-1), equal to what :func:`token_logps` gives on the
+    same S sequences right-padded to length T.  The logit at a sequence's last token is never
+    scored against the next sequence's first token: that target is masked whatever its label.
+    """
+    labels = labels.masked_fill(position_ids == 0, IGNORE_INDEX)
+    logps, mask = token_logps(logits, labels)
+    # logps[:, t] predicts token t+1 from token t, so it belongs to token t's sequence at offset
+    # position_ids[:, t]; a zero column for the row's last token (which predicts nothing) makes it
+    # (P, L), and the last column of the (S, T) layout (offset T-1 predicts nothing) is dropped.
+    layout = _sequence_layout(position_ids)
+    logps = _scatter(F.pad(logps, (0, 1)), layout, 0)[:, :-1]
+    mask = _scatter(F.pad(mask, (0, 1), value=False), layout, False)[:, :-1]
+    return logps, mask
 
 
 def sft_loss(
     model: nn.Module,
     input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None,
     labels: torch.Tensor,
     *,
     on_empty: str = "raise",
+    position_ids: torch.Tensor | None = None,
 ) -> ObjectiveOutput:
-    """SFT (eq. 27) on the response tokens, length-normalised per sequence."""
-    logits = _forward_logits(model, attention_mask, input_ids=input_ids)
-    logps, mask = token_logps(logits, labels)
+    """SFT (eq. 27) on the response tokens, length-normalised per sequence.
+
+    With ``position_ids`` the batch is packed (module docstring): the same loss and metrics as
+    the same sequences in a padded batch.
+    """
+    if position_ids is None:
+        logits = _forward_logits(model, attention_mask, input_ids=input_ids)
+        logps, mask = token_logps(logits, labels)
+    else:
+        _check_packed(position_ids, input_ids, attention_mask)
+        logits = _packed_forward_logits(model, position_ids, input_ids=input_ids)
+        logps, mask = packed_token_logps(logits, labels, position_ids)
     loss, metrics = sft_loss_from_logps(logps, mask, on_empty=on_empty)
     return ObjectiveOutput(loss, metrics)
 
@@ -323,7 +454,7 @@ def frozen_embedding_copy(model: nn.Module) -> nn.Module:
 def ift_loss(
     model: nn.Module,
     input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None,
     labels: torch.Tensor,
     lam: float = 0.2,
     decay: float = 0.95,
@@ -336,6 +467,7 @@ def ift_loss(
     generator: torch.Generator | None = None,
     fusion_embeddings: nn.Module | None = None,
     on_empty: str = "raise",
+    position_ids: torch.Tensor | None = None,
 ) -> ObjectiveOutput:
     """Intuitive Fine-Tuning loss for one batch (paper §4, Appendix B.3).
 
@@ -356,20 +488,44 @@ def ift_loss(
     target on response tokens, i.e. how far the fused input is from the SFT one).
 
     With ``lam=0`` and ``decay=0`` this is exactly :func:`sft_loss`.
+
+    With ``position_ids`` the batch is packed (module docstring): both passes attend within each
+    sequence only, a sequence's first position keeps its own token (as position 0 of a padded
+    row does) instead of the previous sequence's last prediction, and eq. (22)'s scan and the
+    per-sequence normalisation run on each sequence alone, so loss, gradients and metrics equal
+    those of the same sequences in a padded batch (with greedy prediction; sampling draws its
+    random numbers in another shape).  A sequence's first token is never a target there, so it is
+    not counted in ``prediction_accuracy`` even if its label is set.
     """
     if not 0.0 <= float(lam) <= 1.0:
         raise ValueError(f"lam must lie in [0, 1], got {lam}")
     embed = model.get_input_embeddings()
     fuse_embed = fusion_embeddings if fusion_embeddings is not None else embed
+    packed = position_ids is not None
+    if packed:
+        _check_packed(position_ids, input_ids, attention_mask)
+        # Nothing in the row predicts a sequence's first token (the logit before it is the
+        # previous sequence's), so it is neither a target nor a fused position.
+        labels = labels.masked_fill(position_ids == 0, IGNORE_INDEX)
+
+    def forward(**inputs: torch.Tensor) -> torch.Tensor:
+        if packed:
+            return _packed_forward_logits(model, position_ids, **inputs)
+        return _forward_logits(model, attention_mask, **inputs)
+
     is_target = labels != IGNORE_INDEX
 
     with torch.no_grad():
-        logits = _forward_logits(model, attention_mask, inputs_embeds=embed(input_ids))
+        logits = forward(inputs_embeds=embed(input_ids))
         next_pred = predict_next_tokens(
             logits, strategy=prediction, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
         )
         del logits
         shifted = torch.cat([input_ids[:, :1], next_pred[:, :-1]], dim=1)
+        if packed:
+            # The padded rule for position 0, at every sequence start: never the previous
+            # sequence's last prediction.
+            shifted = torch.where(position_ids == 0, input_ids, shifted)
         pred_ids = torch.where(is_target, shifted, input_ids)
         hits = ((pred_ids == input_ids) & is_target).sum()
         accuracy = hits.float() / is_target.sum().clamp(min=1)
@@ -379,11 +535,12 @@ def ift_loss(
         fused = true_embeds
     else:
         fused = (1.0 - lam) * true_embeds + lam * fuse_embed(pred_ids)
-    logits = _forward_logits(model, attention_mask, inputs_embeds=fused)
-    logps, mask = token_logps(logits, labels)
-    loss, metrics = ift_loss_from_logps(
-        logps, mask, decay, detach_weights=detach_weights, on_empty=on_empty
-    )
+    logits = forward(inputs_embeds=fused)
+    if packed:
+        logps, mask = packed_token_logps(logits, labels, position_ids)
+    else:
+        logps, mask = token_logps(logits, labels)
+    loss, metrics = ift_loss_from_logps(logps, mask, decay, detach_weights=detach_weights, on_empty=on_empty)
     metrics["lam"] = torch.tensor(float(lam))
     metrics["prediction_accuracy"] = accuracy.detach()
     return ObjectiveOutput(loss, metrics)
@@ -452,11 +609,25 @@ def orpo_loss(
 
 
 def sequence_logps(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor,
+    *,
+    position_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response log-prob and response length per sequence, shape (B,) each."""
-    logits = _forward_logits(model, attention_mask, input_ids=input_ids)
-    logps, mask = token_logps(logits, labels)
+    """Summed response log-prob and response length per sequence, shape (B,) each.
+
+    With ``position_ids`` (a packed batch) there is one entry per packed sequence, in row-major
+    order, shape (S,).
+    """
+    if position_ids is None:
+        logits = _forward_logits(model, attention_mask, input_ids=input_ids)
+        logps, mask = token_logps(logits, labels)
+    else:
+        _check_packed(position_ids, input_ids, attention_mask)
+        logits = _packed_forward_logits(model, position_ids, input_ids=input_ids)
+        logps, mask = packed_token_logps(logits, labels, position_ids)
     n = mask.sum(-1)
     if not bool((n > 0).all()):
         rows = torch.nonzero(n == 0).flatten().tolist()
@@ -476,12 +647,37 @@ def concat_pair(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Ten
     return ids, att, lab, b
 
 
+def _pair_inputs(
+    batch: dict[str, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None, int]:
+    """``(input_ids, attention_mask, labels, position_ids, number of pairs)`` for one forward.
+
+    Padded: :func:`concat_pair`, position_ids ``None``.  Packed (``chosen_position_ids`` in the
+    batch, layout of :func:`ift.data.pack_collate`): the chosen rows then the rejected rows, so the
+    first half of the sequences (row-major) are the chosen ones and sequence k + b is the rejected
+    side of pair k; attention_mask ``None``.
+    """
+    if "chosen_position_ids" not in batch:
+        ids, att, lab, b = concat_pair(batch)
+        return ids, att, lab, None, b
+    chosen_pos, rejected_pos = batch["chosen_position_ids"], batch["rejected_position_ids"]
+    b, b_rejected = torch.stack([(chosen_pos == 0).sum(), (rejected_pos == 0).sum()]).tolist()
+    if b != b_rejected:
+        raise ValueError(f"packed preference batch has {b} chosen but {b_rejected} rejected sequences")
+    ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
+    lab = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
+    pos = torch.cat([chosen_pos, rejected_pos])
+    return ids, None, lab, pos, b
+
+
 @torch.no_grad()
-def reference_pair_logps(reference_model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_pair_logps(
+    reference_model: nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-probs of the chosen and the rejected rows under the frozen
-    reference π_ref of DPO (paper eq. 32), shape (B,) each."""
-    ids, att, lab, b = concat_pair(batch)
-    ref, _ = sequence_logps(reference_model, ids, att, lab)
+    reference π_ref of DPO (paper eq. 32), shape (B,) each (B pairs, padded or packed)."""
+    ids, att, lab, pos, b = _pair_inputs(batch)
+    ref, _ = sequence_logps(reference_model, ids, att, lab, position_ids=pos)
     return ref[:b], ref[b:]
 
 
@@ -497,6 +693,9 @@ def dpo_batch_loss(
     The reference log-probs come from ``reference_model`` (a frozen copy of the
     start policy, run under no-grad), or were precomputed once and stored in the
     batch as ``reference_chosen_logps`` / ``reference_rejected_logps``.
+
+    A packed batch (``chosen_position_ids``/``rejected_position_ids``, from
+    :func:`ift.data.pack_collate`) gives the value and gradients of the same pairs padded.
     """
     if "reference_chosen_logps" in batch:
         ref_c, ref_r = batch["reference_chosen_logps"], batch["reference_rejected_logps"]
@@ -504,8 +703,8 @@ def dpo_batch_loss(
         raise ValueError("dpo needs reference_model, or precomputed reference_*_logps in the batch")
     else:
         ref_c, ref_r = reference_pair_logps(reference_model, batch)
-    ids, att, lab, b = concat_pair(batch)
-    pol, n = sequence_logps(model, ids, att, lab)
+    ids, att, lab, pos, b = _pair_inputs(batch)
+    pol, n = sequence_logps(model, ids, att, lab, position_ids=pos)
     loss, metrics = dpo_loss(pol[:b], pol[b:], ref_c.to(pol.dtype), ref_r.to(pol.dtype), beta=beta)
     metrics["nll"] = (-pol[:b] / n[:b]).detach().mean()
     metrics["num_sequences"] = torch.tensor(float(b))
@@ -514,9 +713,9 @@ def dpo_batch_loss(
 
 
 def orpo_batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, beta: float = 0.25) -> ObjectiveOutput:
-    """ORPO on a collated preference batch; no reference model."""
-    ids, att, lab, b = concat_pair(batch)
-    pol, n = sequence_logps(model, ids, att, lab)
+    """ORPO on a collated preference batch, padded or packed (as :func:`dpo_batch_loss`); no reference model."""
+    ids, att, lab, pos, b = _pair_inputs(batch)
+    pol, n = sequence_logps(model, ids, att, lab, position_ids=pos)
     mean_logps = pol / n
     loss, metrics = orpo_loss(mean_logps[:b], mean_logps[b:], -mean_logps[:b], beta=beta)
     metrics["num_sequences"] = torch.tensor(float(b))
