@@ -63,6 +63,7 @@ from __future__ import annotations
 import bisect
 import json
 import logging
+import numbers
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -838,7 +839,8 @@ def collate_packs(
         if k in token_keys or k.endswith("attention_mask"):
             continue
         values = [v for row in packs for v in row[k]]
-        if values and all(isinstance(v, (int, float, bool)) for v in values):
+        # numbers.Number also admits the numpy scalars a Ray Data batch holds.
+        if values and all(isinstance(v, numbers.Number) for v in values):
             batch[k] = torch.tensor(values)
         else:
             batch[k] = values

@@ -25,7 +25,7 @@ row of a padded batch:
 * attention: the model gets ``attention_mask=None`` and the packed
   ``position_ids``; transformers (``masking_utils.create_causal_mask`` ->
   ``find_packed_sequence_indices``) then builds a block-diagonal causal mask for
-  ``sdpa``/``eager``/``flex_attention``, and the flash-attention integration
+  ``sdpa`` and ``eager`` (tested; ``flex_attention`` takes the same path), and the flash-attention integration
   (``modeling_flash_attention_utils._is_packed_sequence``) runs the varlen kernel
   with ``cu_seqlens`` read off ``position_ids == 0``, for which the rows are
   flattened into one (it only reads position_ids on a batch of one row);

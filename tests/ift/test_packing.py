@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -226,6 +227,14 @@ def test_build_packs_gives_rows_a_pipeline_can_batch_later():
     assert all(len(r["input_ids"]) <= 24 and r["position_ids"][0] == 0 for r in rows)
     assert sum(len(r["input_ids"]) for r in rows) == sum(len(e["input_ids"]) for e in examples)
     assert collate_packs(rows, PAD)["input_ids"].shape[0] == len(rows)
+    # Ray Data hands over numpy arrays and numpy scalars: the same batch comes out.
+    as_numpy = [
+        {"input_ids": np.asarray(e["input_ids"]), "labels": np.asarray(e["labels"]), "row": np.int64(i)}
+        for i, e in enumerate(examples)
+    ]
+    with_rows = [e | {"row": i} for i, e in enumerate(examples)]
+    a, b = pack_collate(with_rows, PAD, pack_length=24), pack_collate(as_numpy, PAD, pack_length=24)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # --------------------------------------------------------------------------- attention
