@@ -17,8 +17,17 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import ift.objectives as objectives
-from ift.data import IGNORE_INDEX, build_packs, collate_packs, join_pack, pack_collate, pack_examples, pad_collate
-from ift.models import TINY_CONFIG
+from ift.data import (
+    IGNORE_INDEX,
+    build_packs,
+    collate_packs,
+    join_pack,
+    pack_collate,
+    pack_examples,
+    pad_collate,
+    tokenize_rows,
+)
+from ift.models import TINY_CONFIG, load_model, load_tokenizer
 from ift.objectives import (
     dpo_batch_loss,
     ift_loss,
@@ -401,6 +410,34 @@ def test_packed_token_logps_never_scores_a_sequences_last_logit_against_the_next
     # sequence 0 predicts tokens 1 and 2 from logits 0 and 1; logit 2 (its last) scores nothing.
     torch.testing.assert_close(logps[0], full[0, :2])
     torch.testing.assert_close(logps[1], full[0, 3:5])
+
+
+def test_the_tiny_preset_on_tokenized_rows_packed_equals_padded_for_ift_and_dpo():
+    """End to end: ift.models.load_model("tiny") and rows through ift.data.tokenize_rows, both modes."""
+    tokenizer = load_tokenizer("tiny")
+    model = load_model("tiny", dtype=torch.float64, seed=0, tokenizer=tokenizer).eval()
+    rows = [
+        {"prompt": "What is two plus two?", "chosen": "Four.", "rejected": "Five, I think."},
+        {"prompt": "Name a colour.", "chosen": "Blue, like the sky.", "rejected": "Seven."},
+        {"prompt": "Say hello.", "chosen": "Hello!", "rejected": "No."},
+        {"prompt": "Count to three.", "chosen": "One, two, three.", "rejected": "One, three, two, five."},
+    ]
+    pad_id = tokenizer.pad_token_id
+    sft, _ = tokenize_rows(tokenizer, rows, source="rows", mode="sft", max_length=64)
+    pairs, _ = tokenize_rows(tokenizer, rows, source="rows", mode="preference", max_length=64)
+    padded, packed = pad_collate(sft, pad_id), pack_collate(sft, pad_id, pack_length=48)
+    check_packed_batch(packed)
+    assert_same(
+        loss_and_grads(model, lambda: padded_call(ift_loss, model, padded, 0.2, 0.95)),
+        loss_and_grads(model, lambda: packed_call(ift_loss, model, packed, 0.2, 0.95)),
+    )
+    reference = load_model("tiny", dtype=torch.float64, seed=1, tokenizer=tokenizer).eval()
+    padded, packed = pad_collate(pairs, pad_id), pack_collate(pairs, pad_id, pack_length=48)
+    check_packed_batch(packed, prefix="chosen_")
+    assert_same(
+        loss_and_grads(model, lambda: dpo_batch_loss(model, padded, reference_model=reference)),
+        loss_and_grads(model, lambda: dpo_batch_loss(model, packed, reference_model=reference)),
+    )
 
 
 # --------------------------------------------------------------------------- no leakage
