@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 
-from tests.conftest import build_llama
 from ift.objectives import (
     EmptyTargetError,
     LambdaSchedule,
@@ -25,6 +24,7 @@ from ift.objectives import (
     sft_loss_from_logps,
     token_logps,
 )
+from tests.conftest import build_llama
 
 # ----------------------------------------------------------------------------- a straightforward float64 IFT
 
@@ -48,7 +48,8 @@ def reference_ift(model, input_ids, attention_mask, labels, lam, decay):
         for t in range(length - 1):
             ok = labels[b, t + 1] != -100
             valid.append(bool(ok))
-            logp.append(torch.log_softmax(logits[b, t], -1)[labels[b, t + 1]] if ok else torch.zeros((), dtype=logits.dtype))
+            zero = torch.zeros((), dtype=logits.dtype)
+            logp.append(torch.log_softmax(logits[b, t], -1)[labels[b, t + 1]] if ok else zero)
         n = sum(valid)
         if decay == 0:
             w = [1.0 if v else 0.0 for v in valid]
@@ -360,8 +361,11 @@ def test_orpo_is_finite_when_the_chosen_response_is_certain():
 def preference_batch():
     ids, att, lab = make_batch()
     return {
-        "chosen_input_ids": ids, "chosen_attention_mask": att, "chosen_labels": lab,
-        "rejected_input_ids": torch.where(lab == -100, ids, (ids + 1) % 32), "rejected_attention_mask": att,
+        "chosen_input_ids": ids,
+        "chosen_attention_mask": att,
+        "chosen_labels": lab,
+        "rejected_input_ids": torch.where(lab == -100, ids, (ids + 1) % 32),
+        "rejected_attention_mask": att,
         "rejected_labels": torch.where(lab == -100, lab, (ids + 1) % 32),
     }
 
@@ -379,12 +383,14 @@ def test_dpo_with_precomputed_reference_equals_dpo_with_the_reference_model(llam
             p.add_(0.01)
     live = dpo_batch_loss(llama64, batch, reference_model=ref).loss
     from ift.objectives import sequence_logps
+
     ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
     att = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
     lab = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
     with torch.no_grad():
         ref_logps, _ = sequence_logps(ref, ids, att, lab)
-    pre = dpo_batch_loss(llama64, batch | {"reference_chosen_logps": ref_logps[:3], "reference_rejected_logps": ref_logps[3:]})
+    precomputed = {"reference_chosen_logps": ref_logps[:3], "reference_rejected_logps": ref_logps[3:]}
+    pre = dpo_batch_loss(llama64, batch | precomputed)
     torch.testing.assert_close(live, pre.loss)
 
 
@@ -397,7 +403,8 @@ def test_orpo_batch_loss_matches_formula_on_model_logps(llama64):
     batch = preference_batch()
     out = orpo_batch_loss(llama64, batch)
     from ift.objectives import sequence_logps
-    c, nc = sequence_logps(llama64, batch["chosen_input_ids"], batch["chosen_attention_mask"], batch["chosen_labels"])
-    r, nr = sequence_logps(llama64, batch["rejected_input_ids"], batch["rejected_attention_mask"], batch["rejected_labels"])
+
+    c, nc = sequence_logps(llama64, *(batch[f"chosen_{k}"] for k in ("input_ids", "attention_mask", "labels")))
+    r, nr = sequence_logps(llama64, *(batch[f"rejected_{k}"] for k in ("input_ids", "attention_mask", "labels")))
     expected, _ = orpo_loss(c / nc, r / nr, -c / nc)
     torch.testing.assert_close(out.loss, expected)
