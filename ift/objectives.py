@@ -514,6 +514,9 @@ def ift_loss(
         return _forward_logits(model, attention_mask, **inputs)
 
     is_target = labels != IGNORE_INDEX
+    # No logit predicts a row's first token, so the loss never scores it (token_logps starts
+    # at position 1): it is neither fused nor counted as a hit, whatever its label says.
+    is_target[:, 0] = False
 
     with torch.no_grad():
         logits = forward(inputs_embeds=embed(input_ids))

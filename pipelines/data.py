@@ -275,9 +275,11 @@ def prepare_datasets(cfg: TrainConfig) -> PreparedData:
 
     train = good("train").random_shuffle(seed=seed).materialize()
     validation = good("validation").materialize() if cfg.data.validation else None
+    train_tokens = tokens.get("train", 0)
     if validation is None and cfg.data.validation_fraction > 0:
         train, validation = train.train_test_split(cfg.data.validation_fraction, shuffle=True, seed=seed)
         train, validation = train.materialize(), validation.materialize()
+        train_tokens = int(train.sum("num_tokens") or 0)  # held-out rows are no training tokens
     fps = {"train": fingerprint(cfg.data.train, cfg)}
     if cfg.data.validation:
         fps["validation"] = fingerprint(cfg.data.validation, cfg)
@@ -288,7 +290,7 @@ def prepare_datasets(cfg: TrainConfig) -> PreparedData:
         validation_rows=validation.count() if validation is not None else 0,
         report=report,
         fingerprints=fps,
-        train_tokens=tokens.get("train", 0),
+        train_tokens=train_tokens,
     )
 
 

@@ -290,11 +290,6 @@ def test_prediction_accuracy_is_0_when_no_response_token_is_the_models_greedy_ch
     assert ift_loss(llama64, ids, att, lab).metrics["prediction_accuracy"].item() == 0.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: ift_loss counts position 0 as a target and as a hit when labels[:, 0] != -100 "
-    "(e.g. after truncate_left keeps the start of an overlong response), though nothing predicts it",
-)
 def test_prediction_accuracy_ignores_the_first_token_which_nothing_predicts(llama64):
     ids = make_batch()[0][:1, :8]
     no_prompt = (ids, torch.ones_like(ids), ids.clone())  # every label is a target, position 0 included

@@ -227,16 +227,38 @@ def test_validation_fraction_holds_out_that_share_of_train_rows(held_out) -> Non
     assert set(train) | set(validation) == {("all.jsonl", row) for row in range(20)}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: pipelines/data.py prepare_datasets counts train_tokens before validation_fraction splits off the "
-    "validation rows, so their tokens are counted as train tokens",
-)
 def test_train_tokens_exclude_the_rows_held_out_for_validation(held_out) -> None:
     assert held_out.train_tokens == sum(len(ex["input_ids"]) for ex in examples(held_out.train))
 
 
 # --------------------------------------------------------------------------- bad rows
+
+
+def test_malformed_rows_fail_naming_the_file_and_row(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    rows = [json.dumps(r) for r in make_conversations(6, seed=1)]
+    rows[3] = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}'
+    rows[4] = "{not json"
+    bad.write_text("\n".join(rows) + "\n")
+    cfg = config([{"path": str(bad)}])
+    with pytest.raises(DataError) as err:
+        prepare_datasets(cfg)
+    assert err.value.source == str(bad) and err.value.row == 3
+    assert "empty" in str(err.value) and "1 more bad rows" in str(err.value)
+
+
+def test_skip_mode_counts_exactly_the_bad_rows(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    rows = [json.dumps(r) for r in make_conversations(10, seed=1)]
+    rows[2] = '{"prompt": "no answer here"}'
+    rows[5] = "[1, 2]"
+    rows[7] = '{"messages": [{"role": "assistant", "content": "I speak first"}]}'
+    bad.write_text("\n".join(rows) + "\n")
+    cfg = config([{"path": str(bad)}], [], "data.on_bad_row=skip")
+    data = prepare_datasets(cfg)
+    report = data.report.to_dict()
+    assert data.train_rows == 7 and report["skipped"] == 3 and report["seen"] == 10
+    assert sorted(s["row"] for s in report["samples"]) == [2, 5, 7]
 
 
 def test_bad_row_in_a_parquet_file_fails_naming_the_file_and_row(tmp_path: Path) -> None:

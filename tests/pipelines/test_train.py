@@ -15,10 +15,8 @@ import ray
 import torch
 from safetensors.torch import load_file
 
-from ift.data import DataError
 from ift.toydata import make_conversations, make_preference_pairs, write_jsonl
 from pipelines.config import load_config
-from pipelines.data import prepare_datasets
 from pipelines.tracking import load_model_components
 from pipelines.train import train
 from pipelines.worker import KillWorker
@@ -176,33 +174,6 @@ def test_rerunning_the_same_command_resumes_instead_of_restarting(tmp_path, corp
     assert [m.value for m in client.get_metric_history(result.mlflow_run_id, "resumed_from_step")] == [4.0]
     runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-
-
-def test_malformed_rows_fail_naming_the_file_and_row(tmp_path, corpora):
-    bad = tmp_path / "bad.jsonl"
-    rows = [json.dumps(r) for r in make_conversations(6, seed=1)]
-    rows[3] = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}'
-    rows[4] = "{not json"
-    bad.write_text("\n".join(rows) + "\n")
-    cfg = config(tmp_path, corpora, f"data.train=[{{path: {bad}}}]", "data.validation=[]")
-    with pytest.raises(DataError) as err:
-        prepare_datasets(cfg)
-    assert err.value.source == str(bad) and err.value.row == 3
-    assert "empty" in str(err.value) and "1 more bad rows" in str(err.value)
-
-
-def test_skip_mode_counts_exactly_the_bad_rows(tmp_path, corpora):
-    bad = tmp_path / "bad.jsonl"
-    rows = [json.dumps(r) for r in make_conversations(10, seed=1)]
-    rows[2] = '{"prompt": "no answer here"}'
-    rows[5] = "[1, 2]"
-    rows[7] = '{"messages": [{"role": "assistant", "content": "I speak first"}]}'
-    bad.write_text("\n".join(rows) + "\n")
-    cfg = config(tmp_path, corpora, f"data.train=[{{path: {bad}}}]", "data.validation=[]", "data.on_bad_row=skip")
-    data = prepare_datasets(cfg)
-    report = data.report.to_dict()
-    assert data.train_rows == 7 and report["skipped"] == 3 and report["seen"] == 10
-    assert sorted(s["row"] for s in report["samples"]) == [2, 5, 7]
 
 
 def test_evaluation_at_end_scores_the_final_model_and_logs_on_the_run(tmp_path):
