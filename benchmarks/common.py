@@ -11,9 +11,10 @@ import os
 import platform
 import statistics
 import sys
+from collections.abc import Iterable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from pipelines.provenance import git_commit
 
@@ -49,7 +50,7 @@ def load_average() -> list[float] | None:
 def load_note(loads: Iterable[list[float] | None], cores: int | None = None) -> str | None:
     """A warning when the 1-minute load average exceeded the core count at any sample."""
     cores = cores or cpu_count()
-    worst = max((l[0] for l in loads if l), default=None)
+    worst = max((load[0] for load in loads if load), default=None)
     if worst is not None and worst > cores:
         return (
             f"machine loaded: 1-min load average up to {worst:.1f} on {cores} cores while measuring "

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from benchmarks.common import load_average
 
@@ -36,7 +37,9 @@ BATCH = 256
 def _corpus(n_rows: int, seed: int) -> list[dict[str, Any]]:
     from ift.toydata import make_conversations
 
-    return [{"source": "bench", "row": i, "payload": json.dumps(r)} for i, r in enumerate(make_conversations(n_rows, seed))]
+    return [
+        {"source": "bench", "row": i, "payload": json.dumps(r)} for i, r in enumerate(make_conversations(n_rows, seed))
+    ]
 
 
 def init_ray() -> float:
@@ -61,8 +64,12 @@ def _ray_once(items: list[dict[str, Any]], procs: int) -> tuple[float, int, int,
     ds.context.enable_progress_bars = False
     t = time.perf_counter()
     out = ds.map_batches(
-        TokenizeRows, fn_constructor_args=(TOKENIZER, "sft", MAX_LENGTH, "truncate_left", False),
-        batch_size=BATCH, compute=ray.data.ActorPoolStrategy(size=procs), num_cpus=1, batch_format="numpy",
+        TokenizeRows,
+        fn_constructor_args=(TOKENIZER, "sft", MAX_LENGTH, "truncate_left", False),
+        batch_size=BATCH,
+        compute=ray.data.ActorPoolStrategy(size=procs),
+        num_cpus=1,
+        batch_format="numpy",
     ).materialize()
     dt = time.perf_counter() - t
     meta = out.select_columns(["num_tokens", "error"]).to_pandas()
@@ -77,16 +84,24 @@ def _hf_once(items: list[dict[str, Any]], procs: int) -> tuple[float, int, int, 
     hf = datasets.Dataset.from_list(items)
     t = time.perf_counter()
     fn = TokenizeRows(TOKENIZER, "sft", MAX_LENGTH, "truncate_left", False)  # Ray's actors do this in the timer too
-    out = hf.map(fn, batched=True, batch_size=BATCH, num_proc=procs if procs > 1 else None,
-                 keep_in_memory=True, remove_columns=["payload"], load_from_cache_file=False)
+    out = hf.map(
+        fn,
+        batched=True,
+        batch_size=BATCH,
+        num_proc=procs if procs > 1 else None,
+        keep_in_memory=True,
+        remove_columns=["payload"],
+        load_from_cache_file=False,
+    )
     dt = time.perf_counter() - t
     tokens = sum(int(n) for n in out["num_tokens"])
     errors = sum(1 for e in out["error"] if e)
     return dt, len(out), tokens, errors
 
 
-def run(n_rows: int = 50_000, procs: tuple[int, ...] = (2,), seed: int = 7,
-        log: Callable[[str], None] = print) -> dict[str, Any]:
+def run(
+    n_rows: int = 50_000, procs: tuple[int, ...] = (2,), seed: int = 7, log: Callable[[str], None] = print
+) -> dict[str, Any]:
     import datasets
 
     datasets.disable_progress_bars()
@@ -116,8 +131,10 @@ def run(n_rows: int = 50_000, procs: tuple[int, ...] = (2,), seed: int = 7,
                 "steady_rows_per_s": steady,
                 "steady_tokens_per_s": steady * tokens / nf if steady else None,
             }
-            log(f"[data] P={p} {lib:8s}: {nf / tf:8.0f} rows/s end to end, "
-                f"{(steady or float('nan')):8.0f} rows/s steady, {tokens / tf:9.0f} tokens/s ({tf:.1f}s)")
+            log(
+                f"[data] P={p} {lib:8s}: {nf / tf:8.0f} rows/s end to end, "
+                f"{(steady or float('nan')):8.0f} rows/s steady, {tokens / tf:9.0f} tokens/s ({tf:.1f}s)"
+            )
         entry["tokens_match"] = entry["ray_data"]["tokens"] == entry["datasets"]["tokens"]
         entry["ray_over_datasets_rows_per_s"] = entry["ray_data"]["rows_per_s"] / entry["datasets"]["rows_per_s"]
         rs, ds_ = entry["ray_data"]["steady_rows_per_s"], entry["datasets"]["steady_rows_per_s"]
@@ -130,8 +147,8 @@ def run(n_rows: int = 50_000, procs: tuple[int, ...] = (2,), seed: int = 7,
         "batch_size": BATCH,
         "ray_init_s": ray_init_s,
         "method": "same in-memory corpus and the same TokenizeRows work on both sides; end to end includes worker "
-                  "start; steady = (rows_full - rows_small)/(t_full - t_small) with one batch per worker in the "
-                  "small run; ray.init and building the in-memory datasets are excluded",
+        "start; steady = (rows_full - rows_small)/(t_full - t_small) with one batch per worker in the "
+        "small run; ray.init and building the in-memory datasets are excluded",
         "load_average_before": load_before,
         "load_average_after": load_average(),
         "procs": results,

@@ -64,10 +64,17 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             status = "not measured"
         else:
             status = "met" if value <= limit else "missed"
-        entry = {"target": f"{label} <= {limit:.2f}x SFT", "label": label, "limit": limit, "value": value,
-                 "status": status}
+        entry = {
+            "target": f"{label} <= {limit:.2f}x SFT",
+            "label": label,
+            "limit": limit,
+            "value": value,
+            "status": status,
+        }
         if key == "ratio_to_sft":
-            entry["cpu_time_value"] = results.get(section, {}).get("methods", {}).get(method, {}).get("cpu_ratio_to_sft")
+            entry["cpu_time_value"] = (
+                results.get(section, {}).get("methods", {}).get(method, {}).get("cpu_ratio_to_sft")
+            )
         out.append(entry)
     return out
 
@@ -177,9 +184,11 @@ def render_markdown(doc: dict[str, Any]) -> str:
                 f"{s['rows']} rows x K, γ = {s['gamma']}, {s['torch_threads']} thread(s), median of {s['rounds']} "
                 "interleaved rounds.  `scan` = `ift.scan.discounted_cumsum` (backend torch); `loop` = float32 "
                 "reverse loop; `kernel` = torch-discounted-cumsum with a 1-D γ"
-                + ("" if s["kernel_available"] else " (**skipped: not installed**)") + ".  Errors: max |y − y_float64|.",
+                + ("" if s["kernel_available"] else " (**skipped: not installed**)")
+                + ".  Errors: max |y − y_float64|.",
                 "",
-                "| K | scan, ms | loop, ms | loop / scan | kernel, ms | kernel / scan | err scan | err loop | err kernel |",
+                "| K | scan, ms | loop, ms | loop / scan | kernel, ms | kernel / scan "
+                "| err scan | err loop | err kernel |",
                 "|---|---|---|---|---|---|---|---|---|",
             ]
             for k, e in s["lengths"].items():
@@ -189,7 +198,8 @@ def render_markdown(doc: dict[str, Any]) -> str:
                     f"| {e['loop_over_scan']:.1f}x | {_ms(kern.get('median_s'))} "
                     f"| {fmt_ratio(e.get('kernel_over_scan'))} | {e['scan']['max_abs_err']:.1e} "
                     f"| {e['loop']['max_abs_err']:.1e} | "
-                    + (f"{kern['max_abs_err']:.1e}" if "max_abs_err" in kern else "n/a") + " |"
+                    + (f"{kern['max_abs_err']:.1e}" if "max_abs_err" in kern else "n/a")
+                    + " |"
                 )
             lines.append("")
     if "data" in r:
@@ -206,7 +216,8 @@ def render_markdown(doc: dict[str, Any]) -> str:
                 f"excluded.  Load average before/after: {s.get('load_average_before')} / "
                 f"{s.get('load_average_after')}.",
                 "",
-                "| processes | library | rows/s end to end | tokens/s end to end | rows/s steady | tokens/s steady | seconds |",
+                "| processes | library | rows/s end to end | tokens/s end to end | rows/s steady "
+                "| tokens/s steady | seconds |",
                 "|---|---|---|---|---|---|---|",
             ]
             for p, e in s["procs"].items():
@@ -268,8 +279,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     p.add_argument("--out", default="benchmarks/results", help="directory for results.json and results.md")
     p.add_argument("--fail-on-miss", action="store_true", help="exit 1 when a target is missed")
-    p.add_argument("--render", metavar="RESULTS_JSON", default=None,
-                   help="only rewrite results.md next to an existing results.json and print the targets")
+    p.add_argument(
+        "--render",
+        metavar="RESULTS_JSON",
+        default=None,
+        help="only rewrite results.md next to an existing results.json and print the targets",
+    )
     g = p.add_argument_group("step")
     g.add_argument("--model", default="tiny")
     g.add_argument("--dtype", default="float32", choices=["float32", "bf16"])
@@ -308,9 +323,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
     machine = machine_info()
-    log(f"benchmarks: {', '.join(only)}{' (quick)' if args.quick else ''} on {machine['cpu_model']}, "
+    log(
+        f"benchmarks: {', '.join(only)}{' (quick)' if args.quick else ''} on {machine['cpu_model']}, "
         f"{machine['cpu_cores']} cores{', ' + machine['gpu'] if machine.get('gpu') else ''}; "
-        f"load average {machine['load_average_start']}")
+        f"load average {machine['load_average_start']}"
+    )
     results: dict[str, Any] = {}
     timings: dict[str, float] = {}
     for section in SECTIONS:
@@ -319,14 +336,22 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         try:
             if section == "step":
-                from benchmarks.step_time import StepConfig, run as run_step
+                from benchmarks.step_time import StepConfig
+                from benchmarks.step_time import run as run_step
 
                 kw = dict(sizes["step"])
                 for key, val in (("batch_size", args.batch_size), ("seq_len", args.seq_len), ("steps", args.steps)):
                     if val is not None:
                         kw[key] = val
-                cfg = StepConfig(model=args.model, dtype=args.dtype, engine=args.engine, zero_stage=args.zero,
-                                 device=args.device, peak_tflops=args.peak_tflops, **kw)
+                cfg = StepConfig(
+                    model=args.model,
+                    dtype=args.dtype,
+                    engine=args.engine,
+                    zero_stage=args.zero,
+                    device=args.device,
+                    peak_tflops=args.peak_tflops,
+                    **kw,
+                )
                 results["step"] = run_step(cfg, log=log)
             elif section == "scan":
                 from benchmarks.scan import run as run_scan

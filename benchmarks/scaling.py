@@ -19,7 +19,8 @@ from __future__ import annotations
 import tempfile
 import time
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from benchmarks.common import cpu_count, load_average
 
@@ -45,28 +46,55 @@ def run(
         for zero in zero_stages:
             for w in workers:
                 name = f"bench-w{w}-z{zero}-{uuid.uuid4().hex[:6]}"
-                cfg = load_config(None, [
-                    f"run_name={name}", f"method.name={method}", f"scaling.num_workers={w}",
-                    f"deepspeed.zero_stage={zero}", f"optimization.max_steps={steps}",
-                    f"optimization.log_every_n_steps={steps // 2}", "optimization.eval_every_n_steps=0",
-                    "data.validation=[]", f"checkpointing.every_n_steps={10 * steps}",
-                    f"checkpointing.storage_path={storage}", "checkpointing.max_failures=0",
-                    "mlflow.enabled=false", "eval.at_end=false", *extra_overrides,
-                ])
+                cfg = load_config(
+                    None,
+                    [
+                        f"run_name={name}",
+                        f"method.name={method}",
+                        f"scaling.num_workers={w}",
+                        f"deepspeed.zero_stage={zero}",
+                        f"optimization.max_steps={steps}",
+                        f"optimization.log_every_n_steps={steps // 2}",
+                        "optimization.eval_every_n_steps=0",
+                        "data.validation=[]",
+                        f"checkpointing.every_n_steps={10 * steps}",
+                        f"checkpointing.storage_path={storage}",
+                        "checkpointing.max_failures=0",
+                        "mlflow.enabled=false",
+                        "eval.at_end=false",
+                        *extra_overrides,
+                    ],
+                )
                 t = time.perf_counter()
                 try:
                     res = train(cfg, show_progress=False, register=False)
                     tps = res.metrics.get("tokens_per_s")
-                    cell = {"workers": w, "zero_stage": zero, "tokens_per_s": tps,
-                            "wall_s": time.perf_counter() - t, "final_step": res.metrics.get("step"),
-                            "load_average": load_average()}
+                    cell = {
+                        "workers": w,
+                        "zero_stage": zero,
+                        "tokens_per_s": tps,
+                        "wall_s": time.perf_counter() - t,
+                        "final_step": res.metrics.get("step"),
+                        "load_average": load_average(),
+                    }
                 except Exception as exc:  # one failed cell must not lose the others
-                    cell = {"workers": w, "zero_stage": zero, "tokens_per_s": None,
-                            "wall_s": time.perf_counter() - t, "error": f"{type(exc).__name__}: {exc}"[:2000]}
+                    cell = {
+                        "workers": w,
+                        "zero_stage": zero,
+                        "tokens_per_s": None,
+                        "wall_s": time.perf_counter() - t,
+                        "error": f"{type(exc).__name__}: {exc}"[:2000],
+                    }
                 cells[f"w{w}_z{zero}"] = cell
-                log(f"[scaling] {w} worker(s), ZeRO-{zero}: "
-                    + (f"{cell['tokens_per_s']:.0f} tokens/s" if cell.get("tokens_per_s") else f"failed: {cell.get('error')}")
-                    + f" ({cell['wall_s']:.0f}s for the whole run)")
+                log(
+                    f"[scaling] {w} worker(s), ZeRO-{zero}: "
+                    + (
+                        f"{cell['tokens_per_s']:.0f} tokens/s"
+                        if cell.get("tokens_per_s")
+                        else f"failed: {cell.get('error')}"
+                    )
+                    + f" ({cell['wall_s']:.0f}s for the whole run)"
+                )
     by_zero: dict[str, Any] = {}
     for zero in zero_stages:
         one, two = cells.get(f"w1_z{zero}", {}).get("tokens_per_s"), cells.get(f"w2_z{zero}", {}).get("tokens_per_s")
@@ -74,7 +102,7 @@ def run(
             by_zero[str(zero)] = {"speedup_2_over_1": two / one, "efficiency": two / (2 * one)}
     return {
         "config": "packaged tiny config (IFT, tiny preset, bundled demo_chat.jsonl, max_length 256, micro-batch 8 per "
-                  "worker, 1 CPU per worker)",
+        "worker, 1 CPU per worker)",
         "method": method,
         "steps": steps,
         "measured_steps": f"{steps // 2 + 1}-{steps}",
@@ -96,8 +124,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--zero", default="0,2,3")
     p.add_argument("--steps", type=int, default=20)
     args = p.parse_args(argv)
-    out = run(tuple(int(x) for x in args.workers.split(",")), tuple(int(x) for x in args.zero.split(",")),
-              steps=args.steps)
+    out = run(
+        tuple(int(x) for x in args.workers.split(",")), tuple(int(x) for x in args.zero.split(",")), steps=args.steps
+    )
     print(json.dumps(out, indent=1))
 
 

@@ -21,7 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -65,12 +66,13 @@ def run(
         # Loss-like items: non-negative, mostly small, as ift_weights feeds the scan.
         x = torch.rand(rows, k, generator=g, dtype=torch.float32) / k
         gamma_1d = torch.full((rows,), gamma, dtype=torch.float32)
+        # Default arguments bind this iteration's tensors to each closure.
         variants: dict[str, Callable[[], torch.Tensor]] = {
-            "scan": lambda: discounted_cumsum(x, gamma),
-            "loop": lambda: float32_loop(x, gamma),
+            "scan": lambda x=x: discounted_cumsum(x, gamma),
+            "loop": lambda x=x: float32_loop(x, gamma),
         }
         if kernel_fn is not None:
-            variants["kernel"] = lambda: kernel_fn(x, gamma_1d)
+            variants["kernel"] = lambda x=x, g1=gamma_1d: kernel_fn(x, g1)
         ref = discounted_cumsum_reference(x, gamma)
         scale = float(ref.abs().max())
         errors = {name: float((fn().double() - ref).abs().max()) for name, fn in variants.items()}  # + warm-up
@@ -91,10 +93,15 @@ def run(
         if "kernel" not in entry:
             entry["kernel"] = {"skipped": "torch-discounted-cumsum not installed"}
         results[str(k)] = entry
-        kern = (f"kernel {entry['kernel']['median_s'] * 1e3:8.3f} ms" if entry["kernel_over_scan"] is not None
-                else "kernel skipped")
-        log(f"[scan] K={k:5d}: scan {scan_t * 1e3:8.3f} ms | loop {entry['loop']['median_s'] * 1e3:8.3f} ms "
-            f"({entry['loop_over_scan']:.1f}x the scan) | {kern}")
+        kern = (
+            f"kernel {entry['kernel']['median_s'] * 1e3:8.3f} ms"
+            if entry["kernel_over_scan"] is not None
+            else "kernel skipped"
+        )
+        log(
+            f"[scan] K={k:5d}: scan {scan_t * 1e3:8.3f} ms | loop {entry['loop']['median_s'] * 1e3:8.3f} ms "
+            f"({entry['loop_over_scan']:.1f}x the scan) | {kern}"
+        )
     return {
         "rows": rows,
         "gamma": gamma,
@@ -117,8 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
-    out = run(tuple(int(k) for k in args.lengths.split(",")), rows=args.rows, rounds=args.rounds,
-              threads=args.threads)
+    out = run(tuple(int(k) for k in args.lengths.split(",")), rows=args.rows, rounds=args.rounds, threads=args.threads)
     print(json.dumps(out, indent=1))
 
 

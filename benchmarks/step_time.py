@@ -54,12 +54,12 @@ import copy
 import json
 import os
 import re
-import statistics
 import socket
-import sys
+import statistics
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -184,8 +184,13 @@ def _init_single_process_dist() -> None:
         s.bind(("127.0.0.1", 0))
         os.environ["MASTER_PORT"] = str(s.getsockname()[1])
         s.close()
-    for k, v in (("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
-                 ("LOCAL_WORLD_SIZE", "1")):
+    for k, v in (
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("RANK", "0"),
+        ("WORLD_SIZE", "1"),
+        ("LOCAL_RANK", "0"),
+        ("LOCAL_WORLD_SIZE", "1"),
+    ):
         os.environ.setdefault(k, v)
 
 
@@ -193,19 +198,35 @@ def _deepspeed_train_config(cfg: StepConfig):
     from pipelines.config import load_config
 
     precision = "bf16" if cfg.dtype in ("bf16", "bfloat16") else "fp32"
-    return load_config(None, [
-        f"deepspeed.zero_stage={cfg.zero_stage}", f"deepspeed.precision={precision}",
-        f"optimization.micro_batch_size={cfg.batch_size}", "optimization.gradient_accumulation_steps=1",
-        f"optimization.lr={cfg.lr}", "optimization.warmup_ratio=0", "optimization.schedule=constant",
-        "mlflow.enabled=false",
-    ])
+    return load_config(
+        None,
+        [
+            f"deepspeed.zero_stage={cfg.zero_stage}",
+            f"deepspeed.precision={precision}",
+            f"optimization.micro_batch_size={cfg.batch_size}",
+            "optimization.gradient_accumulation_steps=1",
+            f"optimization.lr={cfg.lr}",
+            "optimization.warmup_ratio=0",
+            "optimization.schedule=constant",
+            "mlflow.enabled=false",
+        ],
+    )
 
 
 class MethodRunner:
     """One method's model (a copy of the shared start weights), optimizer and step."""
 
-    def __init__(self, name: str, base_model: torch.nn.Module, cfg: StepConfig, device: torch.device,
-                 sft_batch: dict, pair_batch: dict, *, copy_model: bool = True):
+    def __init__(
+        self,
+        name: str,
+        base_model: torch.nn.Module,
+        cfg: StepConfig,
+        device: torch.device,
+        sft_batch: dict,
+        pair_batch: dict,
+        *,
+        copy_model: bool = True,
+    ):
         from pipelines.config import MethodConfig
         from pipelines.methods import build_objective
 
@@ -218,8 +239,11 @@ class MethodRunner:
         method_cfg = MethodConfig(**BENCH_METHODS[name], lam=cfg.lam, decay=cfg.decay)
         self.objective = build_objective(method_cfg, model, device, seed=cfg.seed)
         self.batch = pair_batch if method_cfg.needs_pairs else sft_batch
-        mask_keys = ["attention_mask"] if "attention_mask" in self.batch else ["chosen_attention_mask",
-                                                                                  "rejected_attention_mask"]
+        mask_keys = (
+            ["attention_mask"]
+            if "attention_mask" in self.batch
+            else ["chosen_attention_mask", "rejected_attention_mask"]
+        )
         self.tokens = int(sum(int(self.batch[k].sum()) for k in mask_keys))
         self.examples = int(next(iter(self.batch.values())).shape[0])
         bf16 = cfg.dtype in ("bf16", "bfloat16")
@@ -230,8 +254,9 @@ class MethodRunner:
             if getattr(self.objective, "reference", None) is not None and bf16:
                 self.objective.reference = self.objective.reference.to(torch.bfloat16)
             _init_single_process_dist()
-            self.engine = build_engine(_deepspeed_train_config(cfg), model,
-                                       total_steps=10**6, use_gpu=device.type == "cuda")
+            self.engine = build_engine(
+                _deepspeed_train_config(cfg), model, total_steps=10**6, use_gpu=device.type == "cuda"
+            )
             self.model = self.engine
             self.autocast = contextlib.nullcontext
         elif cfg.engine == "torch":
@@ -306,9 +331,13 @@ def memory_child(cfg: StepConfig, method: str) -> dict[str, Any]:
         for _ in range(cfg.memory_steps):
             runner.step()
         peak = torch.cuda.max_memory_allocated(device)
-        return {"method": method, "peak_bytes": peak - before, "absolute_peak_bytes": peak,
-                "baseline_bytes": before, "how": "torch.cuda.max_memory_allocated minus memory_allocated "
-                "with the model and batch on the device"}
+        return {
+            "method": method,
+            "peak_bytes": peak - before,
+            "absolute_peak_bytes": peak,
+            "baseline_bytes": before,
+            "how": "torch.cuda.max_memory_allocated minus memory_allocated with the model and batch on the device",
+        }
     import gc
     import resource
 
@@ -322,10 +351,18 @@ def memory_child(cfg: StepConfig, method: str) -> dict[str, Any]:
     rss, hwm = _rss_bytes()
     if not reset:  # VmHWM then covers the whole process life; ru_maxrss is the same number in KiB
         hwm = max(hwm, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    how = ("peak RSS (VmHWM, reset via /proc/self/clear_refs after setup) minus RSS with the model and batch built"
-           if reset else "peak RSS over the process life (ru_maxrss) minus RSS with the model and batch built")
-    return {"method": method, "peak_bytes": hwm - baseline, "absolute_peak_bytes": hwm, "baseline_bytes": baseline,
-            "how": how}
+    how = (
+        "peak RSS (VmHWM, reset via /proc/self/clear_refs after setup) minus RSS with the model and batch built"
+        if reset
+        else "peak RSS over the process life (ru_maxrss) minus RSS with the model and batch built"
+    )
+    return {
+        "method": method,
+        "peak_bytes": hwm - baseline,
+        "absolute_peak_bytes": hwm,
+        "baseline_bytes": baseline,
+        "how": how,
+    }
 
 
 def _memory_task(args: tuple[dict[str, Any], str]) -> dict[str, Any]:
@@ -368,9 +405,12 @@ def measure_memory(cfg: StepConfig, *, parallel: int = 1) -> dict[str, dict[str,
         peaks = sorted(r["peak_bytes"] for r in ok)
         absolute = sorted(r["absolute_peak_bytes"] for r in ok)
         out[m] = {
-            "method": m, "how": ok[0]["how"], "repeats": len(ok),
+            "method": m,
+            "how": ok[0]["how"],
+            "repeats": len(ok),
             "peak_bytes": statistics.median(peaks),
-            "peak_bytes_min": peaks[0], "peak_bytes_max": peaks[-1],
+            "peak_bytes_min": peaks[0],
+            "peak_bytes_max": peaks[-1],
             "absolute_peak_bytes": absolute[len(absolute) // 2],
         }
     return out
@@ -412,17 +452,18 @@ def run(cfg: StepConfig, *, log: Callable[[str], None] = print) -> dict[str, Any
     device, base, sft_batch, pair_batch = _setup(cfg)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     n_params = sum(p.numel() for p in base.parameters())
-    log(f"[step] {cfg.model} ({n_params / 1e6:.2f}M params) on {device_name}, engine={cfg.engine}"
+    log(
+        f"[step] {cfg.model} ({n_params / 1e6:.2f}M params) on {device_name}, engine={cfg.engine}"
         f"{f' zero={cfg.zero_stage}' if cfg.engine == 'deepspeed' else ''}, dtype={cfg.dtype}, "
-        f"batch {cfg.batch_size}x{cfg.seq_len}, {cfg.warmup} warm-up + {cfg.steps} timed rounds")
+        f"batch {cfg.batch_size}x{cfg.seq_len}, {cfg.warmup} warm-up + {cfg.steps} timed rounds"
+    )
 
     memory: dict[str, dict[str, Any]] = {}
     if cfg.memory:
         t0 = time.perf_counter()
         parallel = 1 if device.type == "cuda" else min(len(cfg.methods), os.cpu_count() or 1)
         memory = measure_memory(cfg, parallel=parallel)
-        log(f"[step] peak memory: {cfg.memory_repeats} fresh process(es) per method in "
-            f"{time.perf_counter() - t0:.0f}s")
+        log(f"[step] peak memory: {cfg.memory_repeats} fresh process(es) per method in {time.perf_counter() - t0:.0f}s")
 
     runners = {m: MethodRunner(m, base, cfg, device, sft_batch, pair_batch) for m in cfg.methods}
     times: dict[str, list[float]] = {m: [] for m in cfg.methods}
@@ -447,8 +488,8 @@ def run(cfg: StepConfig, *, log: Callable[[str], None] = print) -> dict[str, Any
     methods: dict[str, dict[str, Any]] = {}
     for m in cfg.methods:
         s = summarize(times[m])
-        ratio = statistics.median(a / b for a, b in zip(times[m], times["sft"]))
-        cpu_ratio = statistics.median(a / max(b, 1e-9) for a, b in zip(cpu_times[m], cpu_times["sft"]))
+        ratio = statistics.median(a / b for a, b in zip(times[m], times["sft"], strict=True))
+        cpu_ratio = statistics.median(a / max(b, 1e-9) for a, b in zip(cpu_times[m], cpu_times["sft"], strict=True))
         flops = THEORY_FORWARDS[m] * fwd
         entry: dict[str, Any] = {
             **s,
@@ -477,10 +518,12 @@ def run(cfg: StepConfig, *, log: Callable[[str], None] = print) -> dict[str, Any
             if sft_mem and mem.get("peak_bytes") is not None:
                 entry["peak_mem_ratio_to_sft"] = mem["peak_bytes"] / sft_mem
         methods[m] = entry
-        log(f"[step] {m:13s} {s['median_s'] * 1e3:9.1f} ms  {ratio:5.2f}x SFT  "
-            + (f"(CPU time {cpu_ratio:4.2f}x)  " if device.type == "cpu" else "") +
-            f"{entry['tokens_per_s']:10.0f} tok/s" + (
-                f"  mem +{mem['peak_bytes'] / 2**20:.1f} MiB" if mem and mem.get("peak_bytes") is not None else ""))
+        log(
+            f"[step] {m:13s} {s['median_s'] * 1e3:9.1f} ms  {ratio:5.2f}x SFT  "
+            + (f"(CPU time {cpu_ratio:4.2f}x)  " if device.type == "cpu" else "")
+            + f"{entry['tokens_per_s']:10.0f} tok/s"
+            + (f"  mem +{mem['peak_bytes'] / 2**20:.1f} MiB" if mem and mem.get("peak_bytes") is not None else "")
+        )
 
     mem_how = next((v.get("how") for v in memory.values() if v.get("how")), None)
     return {
@@ -493,10 +536,10 @@ def run(cfg: StepConfig, *, log: Callable[[str], None] = print) -> dict[str, Any
         "peak_tflops": peak,
         "memory_method": mem_how,
         "timing_method": "interleaved rounds (one step of every method per round, rotating order); median "
-                         "wall-clock step time over rounds after warm-up; ratio = median of per-round paired "
-                         "ratios to SFT; cpu_* = the same with the process's CPU time (time.process_time)",
+        "wall-clock step time over rounds after warm-up; ratio = median of per-round paired "
+        "ratios to SFT; cpu_* = the same with the process's CPU time (time.process_time)",
         "tokens_note": "tokens = non-pad tokens of the batch the trainable forward sees; DPO/ORPO see chosen+"
-                       "rejected, i.e. 2x the tokens of SFT/IFT per example",
+        "rejected, i.e. 2x the tokens of SFT/IFT per example",
         "load_average_before": load_before,
         "load_average_after": load_after,
         "methods": methods,
@@ -527,18 +570,38 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
     cfg = StepConfig(
-        model=args.model, dtype=args.dtype, engine=args.engine, zero_stage=args.zero, batch_size=args.batch_size,
-        seq_len=args.seq_len, warmup=args.warmup, steps=args.steps, methods=tuple(args.methods.split(",")),
-        device=args.device, memory=not args.no_memory, memory_repeats=args.memory_repeats,
-        peak_tflops=args.peak_tflops, threads=args.threads,
+        model=args.model,
+        dtype=args.dtype,
+        engine=args.engine,
+        zero_stage=args.zero,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        warmup=args.warmup,
+        steps=args.steps,
+        methods=tuple(args.methods.split(",")),
+        device=args.device,
+        memory=not args.no_memory,
+        memory_repeats=args.memory_repeats,
+        peak_tflops=args.peak_tflops,
+        threads=args.threads,
     )
     result = run(cfg)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
-    print(json.dumps({m: {k: v for k, v in e.items() if k in ("median_s", "ratio_to_sft", "peak_mem_ratio_to_sft",
-                                                                  "tokens_per_s", "mfu")}
-                      for m, e in result["methods"].items()}, indent=1))
+    print(
+        json.dumps(
+            {
+                m: {
+                    k: v
+                    for k, v in e.items()
+                    if k in ("median_s", "ratio_to_sft", "peak_mem_ratio_to_sft", "tokens_per_s", "mfu")
+                }
+                for m, e in result["methods"].items()
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -398,7 +398,9 @@ def init_policy(lake: Lake, seed: int, hidden: int = 32) -> LakePolicy:
         return LakePolicy(lake.n_states, lake.n_actions, hidden)
 
 
-def _fit(net: nn.Module, states: Sequence[int], targets: np.ndarray, steps: int, lr: float, n_states: int) -> list[float]:
+def _fit(
+    net: nn.Module, states: Sequence[int], targets: np.ndarray, steps: int, lr: float, n_states: int
+) -> list[float]:
     """Full-batch Adam on cross-entropy to (soft) target distributions."""
     x = _onehot(states, n_states)
     y = torch.as_tensor(np.asarray(targets), dtype=torch.float32)
@@ -565,7 +567,7 @@ def evaluate(
     probs = net.probs(lake.n_states)
     traj = rollout(lake, probs)
     reach = reach_probabilities(lake, probs, cfg.reach_horizon)
-    p_traj = float(np.prod([probs[s, a] for s, a in zip(optimal_traj.inputs, optimal_traj.actions)]))
+    p_traj = float(np.prod([probs[s, a] for s, a in zip(optimal_traj.inputs, optimal_traj.actions, strict=True)]))
     return {
         "mse": param_mse(net, optimal_net),
         "kl": kl_to_optimal(lake, pi_star, probs),

@@ -39,9 +39,7 @@ def _check_gamma(gamma: float | torch.Tensor, n_rows: int, device: torch.device)
     if g.dim() == 0:
         g = g.expand(n_rows)
     elif g.shape != (n_rows,):
-        raise ValueError(
-            f"gamma must be a float or a tensor of shape (N,)=({n_rows},), got shape {tuple(g.shape)}"
-        )
+        raise ValueError(f"gamma must be a float or a tensor of shape (N,)=({n_rows},), got shape {tuple(g.shape)}")
     if torch.isnan(g).any() or (g < 0).any() or (g > 1).any():
         raise ValueError(f"gamma must lie in [0, 1]; got min={g.min().item()}, max={g.max().item()}")
     return g

@@ -146,7 +146,9 @@ class CheckpointingConfig(_Section):
 
 class MLflowConfig(_Section):
     enabled: bool = Field(True, description="Track the run in MLflow.")
-    tracking_uri: str = Field(DEFAULT_TRACKING_URI, description="Tracking store; relative sqlite paths are made absolute.")
+    tracking_uri: str = Field(
+        DEFAULT_TRACKING_URI, description="Tracking store; relative sqlite paths are made absolute."
+    )
     experiment: str = Field("ift", description="MLflow experiment name.")
     registered_model_name: str | None = Field("ift-tiny", description="Register the final model under this name.")
 
@@ -170,7 +172,7 @@ class TrainConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
-    def _check_combinations(self) -> "TrainConfig":
+    def _check_combinations(self) -> TrainConfig:
         if self.deepspeed.offload_param and self.deepspeed.zero_stage != 3:
             raise ValueError("deepspeed.offload_param needs deepspeed.zero_stage=3")
         if self.method.frozen_fusion_embeddings and self.deepspeed.zero_stage == 3:

@@ -20,9 +20,10 @@ import glob
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import ray
@@ -155,13 +156,15 @@ class TokenizeRows:
         self.truncation = truncation
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        keys = ["input_ids", "labels"] if self.mode == "sft" else [
-            "chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"
-        ]
+        keys = (
+            ["input_ids", "labels"]
+            if self.mode == "sft"
+            else ["chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"]
+        )
         out: dict[str, list] = {k: [] for k in (*keys, "source", "row", "error", "error_kind", "num_tokens")}
         if "split" in batch:  # pass-through tag (train/validation share one tokenizer pool)
             out["split"] = list(batch["split"])
-        for source, row, payload in zip(batch["source"], batch["row"], batch["payload"]):
+        for source, row, payload in zip(batch["source"], batch["row"], batch["payload"], strict=True):
             source, row = str(source), int(row)
             tokens: dict[str, list[int]] = {k: [] for k in keys}
             error = kind = ""
@@ -169,12 +172,21 @@ class TokenizeRows:
                 try:
                     obj = json.loads(payload)
                 except json.JSONDecodeError as exc:
-                    raise DataError(source, row, f"invalid JSON ({exc.msg} at column {exc.colno})", kind="invalid_json")
+                    raise DataError(
+                        source, row, f"invalid JSON ({exc.msg} at column {exc.colno})", kind="invalid_json"
+                    ) from None
                 if not isinstance(obj, dict):
-                    raise DataError(source, row, f"expected a JSON object, got {type(obj).__name__}", kind="invalid_json")
+                    raise DataError(
+                        source, row, f"expected a JSON object, got {type(obj).__name__}", kind="invalid_json"
+                    )
                 tokens = tokenize_example(
-                    self.tokenizer, obj, mode=self.mode, max_length=self.max_length,
-                    truncation=self.truncation, source=source, index=row,
+                    self.tokenizer,
+                    obj,
+                    mode=self.mode,
+                    max_length=self.max_length,
+                    truncation=self.truncation,
+                    source=source,
+                    index=row,
                 )
             except DataError as exc:
                 error, kind = exc.reason, exc.kind
@@ -194,7 +206,10 @@ def tokenize_dataset(ds: ray.data.Dataset, cfg: TrainConfig) -> ray.data.Dataset
     return ds.map_batches(
         TokenizeRows,
         fn_constructor_args=(
-            cfg.model.tokenizer or cfg.model.name, mode, cfg.data.max_length, cfg.data.truncation,
+            cfg.model.tokenizer or cfg.model.name,
+            mode,
+            cfg.data.max_length,
+            cfg.data.truncation,
             cfg.model.trust_remote_code,
         ),
         batch_size=cfg.data.tokenize_batch_size,
@@ -204,7 +219,9 @@ def tokenize_dataset(ds: ray.data.Dataset, cfg: TrainConfig) -> ray.data.Dataset
     )
 
 
-def collect_bad_rows(tokenized: ray.data.Dataset, on_bad_row: str) -> tuple[BadRowReport, dict[str, int], dict[str, int]]:
+def collect_bad_rows(
+    tokenized: ray.data.Dataset, on_bad_row: str
+) -> tuple[BadRowReport, dict[str, int], dict[str, int]]:
     """Scan the (materialized) tokenized rows' small columns once.
 
     Raises on the first bad row (by file, row) under ``on_bad_row="error"``;
@@ -217,7 +234,9 @@ def collect_bad_rows(tokenized: ray.data.Dataset, on_bad_row: str) -> tuple[BadR
     if len(bad) and on_bad_row == "error":
         first = bad.iloc[0]
         more = f" ({len(bad) - 1} more bad rows; data.on_bad_row=skip skips and counts them)" if len(bad) > 1 else ""
-        raise DataError(str(first["source"]), int(first["row"]), str(first["error"]) + more, kind=str(first["error_kind"]))
+        raise DataError(
+            str(first["source"]), int(first["row"]), str(first["error"]) + more, kind=str(first["error_kind"])
+        )
     for r in bad.itertuples():
         report.add(DataError(str(r.source), int(r.row), str(r.error), kind=str(r.error_kind)))
     good = meta[meta["error"] == ""]
@@ -271,7 +290,9 @@ def prepare_datasets(cfg: TrainConfig) -> PreparedData:
     report, rows, tokens = collect_bad_rows(tokenized, cfg.data.on_bad_row)
 
     def good(split: str) -> ray.data.Dataset:
-        return tokenized.filter(expr=f"split == '{split}' and error == ''").drop_columns(["split", "error", "error_kind"])
+        return tokenized.filter(expr=f"split == '{split}' and error == ''").drop_columns(
+            ["split", "error", "error_kind"]
+        )
 
     train = good("train").random_shuffle(seed=seed).materialize()
     validation = good("validation").materialize() if cfg.data.validation else None

@@ -89,11 +89,11 @@ def results_markdown(results: dict) -> str:
 def print_table(results: dict) -> None:
     agg = results["aggregate"]
     widths = [12] + [max(len(c[1]), 17) for c in COLUMNS]
-    print("  ".join(h.ljust(w) for h, w in zip(["policy"] + [c[1] for c in COLUMNS], widths)))
+    print("  ".join(h.ljust(w) for h, w in zip(["policy"] + [c[1] for c in COLUMNS], widths, strict=True)))
     for row in ROWS:
         if row in agg:
             cells = [LABELS[row]] + [_cell(agg[row][k], f) for k, _, f in COLUMNS]
-            print("  ".join(c.ljust(w) for c, w in zip(cells, widths)))
+            print("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)))
 
 
 # --------------------------------------------------------------------------- the picture
@@ -120,7 +120,7 @@ def plot(results: dict, path: Path, seed_index: int = 0) -> Path:
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.7 * rows), squeeze=False)
     # arrow direction per action (dx, dy) in image coordinates (row grows downward)
     vec = {0: (-1, 0), 1: (0, 1), 2: (1, 0), 3: (0, -1)}
-    for ax, name in zip(axes.flat, names):
+    for ax, name in zip(axes.flat, names, strict=False):
         pol = rec["policies"][name]
         probs = np.array(pol["probs"])
         ax.imshow(grid, cmap=cmap, vmin=-0.5, vmax=3.5)
@@ -136,9 +136,19 @@ def plot(results: dict, path: Path, seed_index: int = 0) -> Path:
                     p = probs[s, a]
                     if p < 0.02:
                         continue
-                    ax.arrow(c, r, 0.42 * p * dx, 0.42 * p * dy, width=0.025, head_width=0.1,
-                             head_length=0.06, length_includes_head=True, color="#333", zorder=3)
-        ys, xs = zip(*[divmod(s, ncol) for s in pol["path"]])
+                    ax.arrow(
+                        c,
+                        r,
+                        0.42 * p * dx,
+                        0.42 * p * dy,
+                        width=0.025,
+                        head_width=0.1,
+                        head_length=0.06,
+                        length_includes_head=True,
+                        color="#333",
+                        zorder=3,
+                    )
+        ys, xs = zip(*[divmod(s, ncol) for s in pol["path"]], strict=True)
         ax.plot(xs, ys, "-o", color="#d62728", lw=4, ms=6, alpha=0.45, zorder=2)
         ax.set_xticks(range(ncol))
         ax.set_yticks(range(nrow))
@@ -148,11 +158,10 @@ def plot(results: dict, path: Path, seed_index: int = 0) -> Path:
         ax.tick_params(which="both", length=0, labelsize=7)
         ok = "reaches G" if pol["success"] else "fails"
         ax.set_title(f"{LABELS[name]}: MSE {pol['mse']:.4f}, KL {pol['kl']:.2f}\ngreedy path {ok}", fontsize=10)
-    for ax in list(axes.flat)[len(names):]:
+    for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     fig.suptitle(
-        f"Frozen Lake, seed {rec['seed']}: greedy path (red), action probabilities (arrow length); "
-        "holes dark blue",
+        f"Frozen Lake, seed {rec['seed']}: greedy path (red), action probabilities (arrow length); holes dark blue",
         fontsize=10,
     )
     fig.tight_layout()
@@ -263,8 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=5, help="number of seeds, 0..N-1 (default: %(default)s)")
     p.add_argument("--steps", type=int, default=200, help="Adam steps per method and for θ* (default: %(default)s)")
     p.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (default: %(default)s)")
-    p.add_argument("--start", choices=("suboptimal", "random"), default="suboptimal",
-                   help="start point: pre-trained toward the long route, or seeded random init")
+    p.add_argument(
+        "--start",
+        choices=("suboptimal", "random"),
+        default="suboptimal",
+        help="start point: pre-trained toward the long route, or seeded random init",
+    )
     p.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI, help="MLflow tracking URI (default: %(default)s)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")

@@ -14,9 +14,10 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -47,7 +48,7 @@ class LoopState:
         os.replace(tmp, path)  # atomic: a reader sees the old or the new state, never half
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> "LoopState":
+    def load(cls, directory: str | os.PathLike) -> LoopState:
         return cls(**json.loads((Path(directory) / STATE_FILE).read_text()))
 
 
@@ -60,7 +61,7 @@ class Schedule:
     total_steps: int
 
     @classmethod
-    def from_config(cls, cfg: TrainConfig, train_rows: int, world_size: int) -> "Schedule":
+    def from_config(cls, cfg: TrainConfig, train_rows: int, world_size: int) -> Schedule:
         o = cfg.optimization
         global_micro = o.micro_batch_size * world_size
         micro = (train_rows // global_micro) // o.gradient_accumulation_steps * o.gradient_accumulation_steps
@@ -134,12 +135,17 @@ def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
 
 def build_model_and_tokenizer(cfg: TrainConfig):
     tokenizer = load_tokenizer(
-        cfg.model.tokenizer or cfg.model.name, trust_remote_code=cfg.model.trust_remote_code,
+        cfg.model.tokenizer or cfg.model.name,
+        trust_remote_code=cfg.model.trust_remote_code,
         revision=cfg.model.revision,
     )
     model = load_model(
-        cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
-        revision=cfg.model.revision, seed=cfg.optimization.seed, tokenizer=tokenizer,
+        cfg.model.name,
+        dtype=cfg.model.dtype,
+        trust_remote_code=cfg.model.trust_remote_code,
+        revision=cfg.model.revision,
+        seed=cfg.optimization.seed,
+        tokenizer=tokenizer,
     )
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -157,11 +163,15 @@ def build_engine(cfg: TrainConfig, model: torch.nn.Module, total_steps: int, use
             (no_decay if p.dim() < 2 or "norm" in name.lower() else decay).append(p)
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=o.lr, betas=tuple(o.betas),
+        lr=o.lr,
+        betas=tuple(o.betas),
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, use_gpu),
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, use_gpu),
     )
     return engine
 
@@ -170,7 +180,7 @@ def build_engine(cfg: TrainConfig, model: torch.nn.Module, total_steps: int, use
 
 
 def attach_reference(batch: dict[str, Any], table: ReferenceTable, device) -> None:
-    pairs = [table[key] for key in zip(batch["source"], batch["row"].tolist())]
+    pairs = [table[key] for key in zip(batch["source"], batch["row"].tolist(), strict=True)]
     batch["reference_chosen_logps"] = torch.tensor([p[0] for p in pairs], device=device)
     batch["reference_rejected_logps"] = torch.tensor([p[1] for p in pairs], device=device)
 
@@ -196,7 +206,7 @@ def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str,
     keys = sorted(values)
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return {k: float(v) / world for k, v in zip(keys, t.tolist())}
+    return {k: float(v) / world for k, v in zip(keys, t.tolist(), strict=True)}
 
 
 def all_reduce_sum(value: int, device: torch.device) -> int:
@@ -225,7 +235,9 @@ def _stage0_grad_norm(model: torch.nn.Module) -> float:
 
 
 @torch.no_grad()
-def validation_metrics(engine, objective: Objective, batches: Iterable[dict[str, Any]], device, step: int) -> dict[str, float]:
+def validation_metrics(
+    engine, objective: Objective, batches: Iterable[dict[str, Any]], device, step: int
+) -> dict[str, float]:
     """Validation NLL of the (chosen) responses, comparable across methods and λ, plus the
     method's own objective where it can be computed (DPO with precomputed references
     has no reference model left for unseen pairs)."""

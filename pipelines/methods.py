@@ -77,7 +77,10 @@ class IFTObjective(Objective):
     def __init__(self, cfg: MethodConfig, model: nn.Module, device: torch.device, *, seed: int, rank: int = 0):
         super().__init__(cfg, model, device, seed=seed, rank=rank)
         self.schedule = LambdaSchedule(
-            lam_max=cfg.lam, kind=cfg.lam_schedule, lam_min=cfg.lam_min, warmup_steps=cfg.lam_warmup_steps,
+            lam_max=cfg.lam,
+            kind=cfg.lam_schedule,
+            lam_min=cfg.lam_min,
+            warmup_steps=cfg.lam_warmup_steps,
             jitter_std=cfg.lam_jitter_std,
         )
         self.lam_generator = torch.Generator().manual_seed(seed)
@@ -90,9 +93,17 @@ class IFTObjective(Objective):
     def __call__(self, model: nn.Module, batch: Batch, step: int, *, validation: bool = False) -> ObjectiveOutput:
         m = self.cfg
         return ift_loss(
-            model, batch["input_ids"], batch["attention_mask"], batch["labels"],
-            lam=self.lam(step, validation=validation), decay=m.decay, detach_weights=m.detach_weights,
-            prediction=m.prediction, temperature=m.temperature, top_k=m.top_k, top_p=m.top_p,
+            model,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["labels"],
+            lam=self.lam(step, validation=validation),
+            decay=m.decay,
+            detach_weights=m.detach_weights,
+            prediction=m.prediction,
+            temperature=m.temperature,
+            top_k=m.top_k,
+            top_p=m.top_p,
             generator=self.sample_generator if m.prediction == "sample" else None,
             fusion_embeddings=self.fusion_embeddings,
         )
@@ -125,7 +136,8 @@ class DPOObjective(Objective):
         table: ReferenceTable = {}
         for batch in batches:
             chosen, rejected = reference_pair_logps(self.reference, batch)
-            for key, c, r in zip(zip(batch["source"], batch["row"].tolist()), chosen.tolist(), rejected.tolist()):
+            keys = zip(batch["source"], batch["row"].tolist(), strict=True)
+            for key, c, r in zip(keys, chosen.tolist(), rejected.tolist(), strict=True):
                 table[key] = (c, r)
         self.reference = None
         return table
@@ -161,7 +173,9 @@ class Method:
         """The values of this method's fields in ``cfg`` (β resolved to its default)."""
         return {f: (self.beta(cfg) if f == "beta" else getattr(cfg, f)) for f in self.fields}
 
-    def build(self, cfg: MethodConfig, model: nn.Module, device: torch.device, *, seed: int, rank: int = 0) -> Objective:
+    def build(
+        self, cfg: MethodConfig, model: nn.Module, device: torch.device, *, seed: int, rank: int = 0
+    ) -> Objective:
         return self.objective(cfg, model, device, seed=seed, rank=rank)
 
 
@@ -169,9 +183,23 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method(
-            "ift", IFTObjective, paired=False,
-            fields=("lam", "decay", "lam_schedule", "lam_min", "lam_warmup_steps", "lam_jitter_std", "detach_weights",
-                    "prediction", "temperature", "top_k", "top_p", "frozen_fusion_embeddings"),
+            "ift",
+            IFTObjective,
+            paired=False,
+            fields=(
+                "lam",
+                "decay",
+                "lam_schedule",
+                "lam_min",
+                "lam_warmup_steps",
+                "lam_jitter_std",
+                "detach_weights",
+                "prediction",
+                "temperature",
+                "top_k",
+                "top_p",
+                "frozen_fusion_embeddings",
+            ),
         ),
         Method("sft", SFTObjective, paired=False, fields=()),
         Method("dpo", DPOObjective, paired=True, fields=("beta", "precompute_reference"), default_beta=0.1),
@@ -185,5 +213,7 @@ def method_of(cfg: MethodConfig) -> Method:
     return METHODS[cfg.name]
 
 
-def build_objective(cfg: MethodConfig, model: nn.Module, device: torch.device, *, seed: int, rank: int = 0) -> Objective:
+def build_objective(
+    cfg: MethodConfig, model: nn.Module, device: torch.device, *, seed: int, rank: int = 0
+) -> Objective:
     return method_of(cfg).build(cfg, model, device, seed=seed, rank=rank)

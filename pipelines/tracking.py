@@ -29,7 +29,7 @@ def resolve_tracking_uri(uri: str, base_dir: str | os.PathLike | None = None) ->
     """Relative sqlite paths become absolute, so Ray workers (other cwd) hit the same file."""
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        path = Path(base_dir or os.getcwd()) / uri[len(prefix):]
+        path = Path(base_dir or os.getcwd()) / uri[len(prefix) :]
         return prefix + str(path.resolve())
     return uri
 
@@ -40,7 +40,7 @@ def artifact_location(tracking_uri: str) -> str | None:
     directory; ``None`` (the server's default) for any other store."""
     prefix = "sqlite:///"
     if tracking_uri.startswith(prefix):
-        return (Path(tracking_uri[len(prefix):]).parent.resolve() / "mlartifacts").as_uri()
+        return (Path(tracking_uri[len(prefix) :]).parent.resolve() / "mlartifacts").as_uri()
     return None
 
 
@@ -60,15 +60,21 @@ def start_or_resume_run(cfg: TrainConfig, tracking_uri: str, *, parent_run_id: s
     client = MlflowClient(tracking_uri=tracking_uri)
     exp_id = experiment_id(client, cfg.mlflow.experiment, tracking_uri)
     found = client.search_runs(
-        [exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{cfg.run_name}'", max_results=1,
+        [exp_id],
+        filter_string=f"tags.`{RUN_NAME_TAG}` = '{cfg.run_name}'",
+        max_results=1,
         order_by=["attributes.start_time DESC"],
     )
     if found:
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")
         return run_id, True
-    tags = {RUN_NAME_TAG: cfg.run_name, "mlflow.runName": cfg.run_name, "method": cfg.method.name,
-            "git_commit": git_commit()}
+    tags = {
+        RUN_NAME_TAG: cfg.run_name,
+        "mlflow.runName": cfg.run_name,
+        "method": cfg.method.name,
+        "git_commit": git_commit(),
+    }
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(exp_id, tags=tags, run_name=cfg.run_name)
@@ -85,18 +91,39 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> Non
         client.log_batch(run_id, params=items[i : i + 100])
 
 
-def log_data_report(client: MlflowClient, run_id: str, fingerprints: dict[str, str], report: dict[str, Any],
-                    train_rows: int, validation_rows: int, train_tokens: int) -> None:
+def log_data_report(
+    client: MlflowClient,
+    run_id: str,
+    fingerprints: dict[str, str],
+    report: dict[str, Any],
+    train_rows: int,
+    validation_rows: int,
+    train_tokens: int,
+) -> None:
     for split, fp in fingerprints.items():
         client.set_tag(run_id, f"data_fingerprint.{split}", fp)
-    client.log_dict(run_id, {"fingerprints": fingerprints, "bad_rows": report, "train_rows": train_rows,
-                             "validation_rows": validation_rows, "train_tokens": train_tokens}, "data_report.json")
+    client.log_dict(
+        run_id,
+        {
+            "fingerprints": fingerprints,
+            "bad_rows": report,
+            "train_rows": train_rows,
+            "validation_rows": validation_rows,
+            "train_tokens": train_tokens,
+        },
+        "data_report.json",
+    )
     from mlflow.entities import Metric
 
-    client.log_batch(run_id, metrics=[
-        Metric("data/train_rows", train_rows, 0, 0), Metric("data/validation_rows", validation_rows, 0, 0),
-        Metric("data/bad_rows_skipped", report.get("skipped", 0), 0, 0), Metric("data/train_tokens", train_tokens, 0, 0),
-    ])
+    client.log_batch(
+        run_id,
+        metrics=[
+            Metric("data/train_rows", train_rows, 0, 0),
+            Metric("data/validation_rows", validation_rows, 0, 0),
+            Metric("data/bad_rows_skipped", report.get("skipped", 0), 0, 0),
+            Metric("data/train_tokens", train_tokens, 0, 0),
+        ],
+    )
 
 
 def metric_history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -114,11 +141,11 @@ def plot_loss_curve(client: MlflowClient, run_id: str, out_path: str | os.PathLi
     if not loss:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(*zip(*loss), label="train loss")
+    ax.plot(*zip(*loss, strict=True), label="train loss")
     for key, style in (("val_nll", "o-"), ("val_loss", "s--")):
         hist = metric_history(client, run_id, key)
         if hist:
-            ax.plot(*zip(*hist), style, label=key.replace("_", " "))
+            ax.plot(*zip(*hist, strict=True), style, label=key.replace("_", " "))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_title(title)
@@ -131,8 +158,9 @@ def plot_loss_curve(client: MlflowClient, run_id: str, out_path: str | os.PathLi
     return out
 
 
-def register_model(cfg: TrainConfig, tracking_uri: str, run_id: str, hf_dir: str,
-                   tags: dict[str, str]) -> tuple[str, str | None]:
+def register_model(
+    cfg: TrainConfig, tracking_uri: str, run_id: str, hf_dir: str, tags: dict[str, str]
+) -> tuple[str, str | None]:
     """Save the HF model as an MLflow ``transformers`` model in the run's artifacts
     (``model/``) and register it as a new version of ``cfg.mlflow.registered_model_name``.
 
@@ -149,8 +177,10 @@ def register_model(cfg: TrainConfig, tracking_uri: str, run_id: str, hf_dir: str
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / MODEL_ARTIFACT
         mlflow.transformers.save_model(
-            transformers_model={"model": model, "tokenizer": tokenizer}, path=str(local),
-            task="text-generation", pip_requirements=PIP_REQUIREMENTS,
+            transformers_model={"model": model, "tokenizer": tokenizer},
+            path=str(local),
+            task="text-generation",
+            pip_requirements=PIP_REQUIREMENTS,
         )
         client.log_artifacts(run_id, str(local), MODEL_ARTIFACT)
     model_uri = f"runs:/{run_id}/{MODEL_ARTIFACT}"
@@ -174,8 +204,9 @@ def load_model_components(model_uri: str, tracking_uri: str) -> dict[str, Any]:
     from mlflow.artifacts import download_artifacts
 
     with tempfile.TemporaryDirectory() as tmp:
-        local = download_artifacts(artifact_uri=artifact_source(model_uri, tracking_uri), dst_path=tmp,
-                                   tracking_uri=tracking_uri)
+        local = download_artifacts(
+            artifact_uri=artifact_source(model_uri, tracking_uri), dst_path=tmp, tracking_uri=tracking_uri
+        )
         return mlflow.transformers.load_model(local, return_type="components")
 
 

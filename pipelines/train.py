@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -93,8 +92,15 @@ def _progress_loop(tracker, bar: tqdm, done: threading.Event) -> None:
         bar.refresh()
 
 
-def train(cfg: TrainConfig, *, parent_run_id: str | None = None, show_progress: bool = True,
-          extra_callbacks: list | None = None, register: bool = True, fault: KillWorker | None = None) -> TrainResult:
+def train(
+    cfg: TrainConfig,
+    *,
+    parent_run_id: str | None = None,
+    show_progress: bool = True,
+    extra_callbacks: list | None = None,
+    register: bool = True,
+    fault: KillWorker | None = None,
+) -> TrainResult:
     """Run one training job end to end (also the body of every sweep trial).
 
     ``fault`` is a test hook that kills a worker at a given step (see :class:`pipelines.worker.KillWorker`).
@@ -118,8 +124,15 @@ def train(cfg: TrainConfig, *, parent_run_id: str | None = None, show_progress: 
         run_id, resumed = tracking.start_or_resume_run(cfg, tracking_uri, parent_run_id=parent_run_id)
         client = tracking.MlflowClient(tracking_uri=tracking_uri)
         if not resumed:
-            tracking.log_data_report(client, run_id, data.fingerprints, data.report.to_dict(),
-                                     data.train_rows, data.validation_rows, data.train_tokens)
+            tracking.log_data_report(
+                client,
+                run_id,
+                data.fingerprints,
+                data.report.to_dict(),
+                data.train_rows,
+                data.validation_rows,
+                data.train_tokens,
+            )
     tracker = ProgressTracker.remote()
     loop_config = {
         "config": cfg.model_dump(mode="json"),
@@ -138,9 +151,12 @@ def train(cfg: TrainConfig, *, parent_run_id: str | None = None, show_progress: 
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
-            num_workers=cfg.scaling.num_workers, use_gpu=use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker,
-                                  **({"GPU": cfg.scaling.gpus_per_worker} if use_gpu else {})},
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={
+                "CPU": cfg.scaling.cpus_per_worker,
+                **({"GPU": cfg.scaling.gpus_per_worker} if use_gpu else {}),
+            },
         ),
         run_config=RunConfig(
             name=cfg.run_name,
@@ -153,8 +169,13 @@ def train(cfg: TrainConfig, *, parent_run_id: str | None = None, show_progress: 
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
 
-    bar = tqdm(total=schedule.total_steps, desc=f"{cfg.method.name} {cfg.run_name}", unit="step",
-               disable=not show_progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=schedule.total_steps,
+        desc=f"{cfg.method.name} {cfg.run_name}",
+        unit="step",
+        disable=not show_progress,
+        dynamic_ncols=True,
+    )
     done = threading.Event()
     poller = threading.Thread(target=_progress_loop, args=(tracker, bar, done), daemon=True)
     poller.start()
@@ -174,8 +195,12 @@ def train(cfg: TrainConfig, *, parent_run_id: str | None = None, show_progress: 
     if hf_dir and not os.path.isdir(hf_dir):
         hf_dir = None
     out = TrainResult(
-        run_name=cfg.run_name, checkpoint_path=ckpt_path, hf_model_path=hf_dir,
-        metrics=dict(result.metrics or {}), mlflow_run_id=run_id, data_report=data.report.to_dict(),
+        run_name=cfg.run_name,
+        checkpoint_path=ckpt_path,
+        hf_model_path=hf_dir,
+        metrics=dict(result.metrics or {}),
+        mlflow_run_id=run_id,
+        data_report=data.report.to_dict(),
     )
     if run_id is not None:
         _finish_tracking(cfg, tracking_uri, run_id, out, data.fingerprints, register=register)
@@ -184,14 +209,16 @@ def train(cfg: TrainConfig, *, parent_run_id: str | None = None, show_progress: 
     return out
 
 
-def _finish_tracking(cfg: TrainConfig, tracking_uri: str, run_id: str, out: TrainResult,
-                     fingerprints: dict[str, str], *, register: bool) -> None:
+def _finish_tracking(
+    cfg: TrainConfig, tracking_uri: str, run_id: str, out: TrainResult, fingerprints: dict[str, str], *, register: bool
+) -> None:
     from pipelines import tracking
 
     client = tracking.MlflowClient(tracking_uri=tracking_uri)
     plot_dir = Path(out.checkpoint_path or ".")
-    png = tracking.plot_loss_curve(client, run_id, plot_dir / "loss_curve.png",
-                                   f"{cfg.method.name} on {cfg.model.name} ({cfg.run_name})")
+    png = tracking.plot_loss_curve(
+        client, run_id, plot_dir / "loss_curve.png", f"{cfg.method.name} on {cfg.model.name} ({cfg.run_name})"
+    )
     if png is not None:
         client.log_artifact(run_id, str(png))
         out.loss_curve = f"runs:/{run_id}/loss_curve.png"
@@ -207,7 +234,9 @@ def _finish_tracking(cfg: TrainConfig, tracking_uri: str, run_id: str, out: Trai
             "git_commit": git_commit(),
             "run_name": cfg.run_name,
         }
-        out.model_uri, out.registered_version = tracking.register_model(cfg, tracking_uri, run_id, out.hf_model_path, tags)
+        out.model_uri, out.registered_version = tracking.register_model(
+            cfg, tracking_uri, run_id, out.hf_model_path, tags
+        )
     tracking.end_run(tracking_uri, run_id, ok=True)
 
 
@@ -219,8 +248,13 @@ def _evaluate_at_end(cfg: TrainConfig, tracking_uri: str, out: TrainResult) -> d
     tokenizer = load_tokenizer(out.hf_model_path)
     scores = evaluation.evaluate_model(model, tokenizer, tasks=cfg.eval.tasks or None, limit=cfg.eval.limit)
     if out.mlflow_run_id:
-        evaluation.log_scores(scores, tracking_uri=tracking_uri, run_id=out.mlflow_run_id,
-                              registered_model_name=cfg.mlflow.registered_model_name, version=out.registered_version)
+        evaluation.log_scores(
+            scores,
+            tracking_uri=tracking_uri,
+            run_id=out.mlflow_run_id,
+            registered_model_name=cfg.mlflow.registered_model_name,
+            version=out.registered_version,
+        )
     return scores
 
 

@@ -25,7 +25,6 @@ import torch
 
 from ift.data import pad_collate
 from pipelines.config import TrainConfig
-from pipelines.methods import build_objective
 from pipelines.loop import (
     DS_TAG,
     HF_MODEL_DIR,
@@ -36,6 +35,8 @@ from pipelines.loop import (
     export_hf_model,
     run_training,
 )
+from pipelines.methods import build_objective
+
 
 class RankSliceCollate:
     """Global batch (numpy columns) -> this rank's padded tensors."""
@@ -48,7 +49,8 @@ class RankSliceCollate:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         token_keys = [k for k in batch if k.endswith(("input_ids", "labels"))]
         rows = [
-            {k: batch[k][i].tolist() for k in token_keys} for i in range(self.start, min(self.stop, len(batch[token_keys[0]])))
+            {k: batch[k][i].tolist() for k in token_keys}
+            for i in range(self.start, min(self.stop, len(batch[token_keys[0]])))
         ]
         out: dict[str, Any] = pad_collate(rows, self.pad_token_id)
         if self.keep_ids:
@@ -110,7 +112,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     def batches_for_epoch(epoch: int):
         return train_shard.iter_torch_batches(
-            batch_size=micro * world, drop_last=True, collate_fn=collate,
+            batch_size=micro * world,
+            drop_last=True,
+            collate_fn=collate,
             local_shuffle_buffer_size=cfg.data.shuffle_buffer_size or None,
             local_shuffle_seed=cfg.optimization.seed + epoch if cfg.data.shuffle_buffer_size else None,
         )
@@ -146,9 +150,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             from mlflow.entities import Metric
 
             now = int(time.time() * 1000)
-            client.log_batch(run_id, metrics=[
-                Metric(k, float(v), now, st.step) for k, v in metrics.items() if k != "step"
-            ])
+            client.log_batch(
+                run_id, metrics=[Metric(k, float(v), now, st.step) for k, v in metrics.items() if k != "step"]
+            )
         # ray.train.report is a barrier with the controller (slow): report only when
         # there are metrics or a checkpoint; the step condition is the same on every rank.
         if st.step % cfg.checkpointing.every_n_steps == 0 or is_last:
@@ -163,8 +167,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report(metrics)
 
     run_training(
-        cfg, engine=engine, objective=objective, schedule=schedule, state=state,
+        cfg,
+        engine=engine,
+        objective=objective,
+        schedule=schedule,
+        state=state,
         batches_for_epoch=batches_for_epoch,
         validation_batches=validation_batches if val_shard is not None else None,
-        device=device, on_step=on_step, reference_table=reference_table,
+        device=device,
+        on_step=on_step,
+        reference_table=reference_table,
     )

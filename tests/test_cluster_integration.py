@@ -45,8 +45,14 @@ JOB_TIMEOUT_S = 420  # the job took 3-5 min on a heavily loaded 2-core machine
 
 # Variables from the caller's shell that would point the subprocesses elsewhere.
 _SCRUB = (
-    "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH",
-    "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME",
+    "RAY_ADDRESS",
+    "RAY_API_SERVER_ADDRESS",
+    "RAY_AUTH_MODE",
+    "RAY_AUTH_TOKEN",
+    "RAY_AUTH_TOKEN_PATH",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_REGISTRY_URI",
+    "MLFLOW_EXPERIMENT_NAME",
 )
 
 
@@ -114,14 +120,16 @@ class _StartupFailed(Exception):
     pass
 
 
-def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float,
-               headers: dict[str, str] | None = None) -> None:
+def _wait_http(
+    url: str, proc: subprocess.Popen, log: Path, timeout_s: float, headers: dict[str, str] | None = None
+) -> None:
     """Wait for ``url`` to answer 200; _StartupFailed if ``proc`` exits or time runs out."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise _StartupFailed(f"{Path(proc.args[0]).name} exited with {proc.returncode} while starting "
-                                 f"({log}):\n{_tail(log)}")
+            raise _StartupFailed(
+                f"{Path(proc.args[0]).name} exited with {proc.returncode} while starting ({log}):\n{_tail(log)}"
+            )
         try:
             with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=5) as r:
                 if r.status == 200:
@@ -166,13 +174,31 @@ def _start_ray_head(tmp_path: Path, env: dict[str, str], token: str, attempt: in
     log = tmp_path / f"ray_head.{attempt}.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
-             f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-             f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-             f"--runtime-env-agent-port={rt_env}", f"--metrics-export-port={metrics}",
-             f"--ray-client-server-port={client}", "--num-cpus=2", "--num-gpus=0",
-             "--object-store-memory=300000000", f"--temp-dir={temp_dir}"],
-            env=head_env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                str(BIN / "ray"),
+                "start",
+                "--head",
+                "--block",
+                "--disable-usage-stats",
+                f"--port={gcs}",
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dash}",
+                f"--dashboard-agent-listen-port={agent_http}",
+                f"--dashboard-agent-grpc-port={agent_grpc}",
+                f"--runtime-env-agent-port={rt_env}",
+                f"--metrics-export-port={metrics}",
+                f"--ray-client-server-port={client}",
+                "--num-cpus=2",
+                "--num-gpus=0",
+                "--object-store-memory=300000000",
+                f"--temp-dir={temp_dir}",
+            ],
+            env=head_env,
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     url = f"http://127.0.0.1:{dash}"
     try:
@@ -203,12 +229,29 @@ def servers(tmp_path):
     temp_dir = None
     try:
         with open(mlflow_log, "wb") as out:  # starts while the Ray head starts
-            procs.append(subprocess.Popen(
-                [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
-                 "--backend-store-uri", f"sqlite:///{mlflow_root / 'mlflow.db'}",
-                 "--artifacts-destination", str(artifacts)],
-                env=_base_env(), cwd=mlflow_root, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            ))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        str(BIN / "mlflow"),
+                        "server",
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(mlflow_port),
+                        "--workers",
+                        "1",
+                        "--backend-store-uri",
+                        f"sqlite:///{mlflow_root / 'mlflow.db'}",
+                        "--artifacts-destination",
+                        str(artifacts),
+                    ],
+                    env=_base_env(),
+                    cwd=mlflow_root,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
         # On an overloaded machine a head can die in start-up (Ray waits a fixed 30 s
         # for its raylet to register): one more try, on fresh ports.
         failures = []
@@ -251,7 +294,12 @@ def test_runtime_env_ships_the_code_not_the_venv(tmp_path):
     for top in (".venv/", ".git/", "ift_runs/", "mlruns/", "mlartifacts/", "outputs/"):
         assert not any(n.startswith(top) for n in names), top
     assert "mlflow.db" not in names and not any("__pycache__" in n for n in names)
-    for needed in ("pipelines/cli.py", "pipelines/configs/tiny.yaml", "pipelines/data/demo_chat.jsonl", "pyproject.toml"):
+    for needed in (
+        "pipelines/cli.py",
+        "pipelines/configs/tiny.yaml",
+        "pipelines/data/demo_chat.jsonl",
+        "pyproject.toml",
+    ):
         assert needed in names, needed
     assert target.stat().st_size < 50 * 2**20
 
@@ -277,7 +325,11 @@ def test_ift_train_as_ray_job_registers_model_in_mlflow_server(tmp_path, servers
     no_token["RAY_AUTH_MODE"] = "disabled"  # this client sends no token, whatever ~/.ray/auth_token holds
     r = subprocess.run(
         [str(BIN / "ray"), "job", "submit", "--address", url, "--no-wait", "--", "echo", "must-not-run"],
-        env=no_token, cwd=REPO, capture_output=True, text=True, timeout=120,
+        env=no_token,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert r.returncode != 0 and "Missing authentication token" in r.stdout + r.stderr, r.stdout + r.stderr
 
@@ -288,19 +340,45 @@ def test_ift_train_as_ray_job_registers_model_in_mlflow_server(tmp_path, servers
     runs = tmp_path / "runs"
     submission_id = f"cluster-it-{uuid.uuid4().hex[:8]}"
     entrypoint = [
-        "ift", "train", "--no-progress", "tiny",
-        "optimization.max_steps=6", "optimization.eval_every_n_steps=3", "optimization.log_every_n_steps=1",
-        "checkpointing.every_n_steps=3", "scaling.num_workers=1", "scaling.use_gpu=false",
-        f"mlflow.tracking_uri={tracking_uri}", "mlflow.experiment=cluster-it",
-        f"mlflow.registered_model_name={MODEL_NAME}", "run_name=cluster-it",
+        "ift",
+        "train",
+        "--no-progress",
+        "tiny",
+        "optimization.max_steps=6",
+        "optimization.eval_every_n_steps=3",
+        "optimization.log_every_n_steps=1",
+        "checkpointing.every_n_steps=3",
+        "scaling.num_workers=1",
+        "scaling.use_gpu=false",
+        f"mlflow.tracking_uri={tracking_uri}",
+        "mlflow.experiment=cluster-it",
+        f"mlflow.registered_model_name={MODEL_NAME}",
+        "run_name=cluster-it",
         f"checkpointing.storage_path={runs}",
     ]
     started = time.monotonic()
     r = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", url, "--working-dir", ".",
-         "--runtime-env", str(RUNTIME_ENV.relative_to(REPO)), "--submission-id", submission_id,
-         "--no-wait", "--", *entrypoint],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=180,
+        [
+            str(BIN / "ray"),
+            "job",
+            "submit",
+            "--address",
+            url,
+            "--working-dir",
+            ".",
+            "--runtime-env",
+            str(RUNTIME_ENV.relative_to(REPO)),
+            "--submission-id",
+            submission_id,
+            "--no-wait",
+            "--",
+            *entrypoint,
+        ],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert r.returncode == 0, r.stdout + r.stderr
 
@@ -320,8 +398,10 @@ def test_ift_train_as_ray_job_registers_model_in_mlflow_server(tmp_path, servers
     if status != JobStatus.SUCCEEDED:
         logs = "\n".join(jobs.get_job_logs(submission_id).splitlines()[-120:])
         info = jobs.get_job_info(submission_id)
-        pytest.fail(f"job {submission_id} ended {status} after {time.monotonic() - started:.0f}s "
-                    f"({info.message}); last log lines:\n{logs}")
+        pytest.fail(
+            f"job {submission_id} ended {status} after {time.monotonic() - started:.0f}s "
+            f"({info.message}); last log lines:\n{logs}"
+        )
     print(f"job {submission_id} SUCCEEDED in {time.monotonic() - started:.0f}s")
 
     # -- the model version is in the registry of the tracking server.
@@ -339,8 +419,13 @@ def test_ift_train_as_ray_job_registers_model_in_mlflow_server(tmp_path, servers
     # Artifacts went through the server (--artifacts-destination), not to a local path
     # the job happened to share with this test.
     assert any(artifact_dir.rglob("model.safetensors")), "no model weights under the server's artifact store"
-    local = Path(download_artifacts(artifact_uri=client.get_model_version_download_uri(MODEL_NAME, "1"),
-                                    dst_path=str(tmp_path / "dl"), tracking_uri=tracking_uri))
+    local = Path(
+        download_artifacts(
+            artifact_uri=client.get_model_version_download_uri(MODEL_NAME, "1"),
+            dst_path=str(tmp_path / "dl"),
+            tracking_uri=tracking_uri,
+        )
+    )
     assert list(local.rglob("config.json")) and list(local.rglob("model.safetensors"))
 
     # Checkpoints are on the storage path the job was given (shared storage on a real cluster).

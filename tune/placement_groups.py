@@ -77,7 +77,6 @@ def _ray_cleaner_actor():
     return None
 
 
-
 def _registry_cls() -> Any:
     import ray
 
@@ -186,4 +185,3 @@ class PlacementGroupJanitor:
             self._log("[sweep] some Ray Train controllers were still alive when the sweep ended")
         finally:
             ray.kill(self.registry)
-

@@ -108,8 +108,19 @@ def mark_best(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, A
 
 def results_columns(keys: list[str], metric: str) -> list[str]:
     """The columns of ``results.csv``."""
-    return ["trial_id", "status", *keys, "steps", metric, f"best_{metric}", "evaluations", "champion",
-            "run_name", "mlflow_run_id", "error"]
+    return [
+        "trial_id",
+        "status",
+        *keys,
+        "steps",
+        metric,
+        f"best_{metric}",
+        "evaluations",
+        "champion",
+        "run_name",
+        "mlflow_run_id",
+        "error",
+    ]
 
 
 def write_results_csv(rows: list[dict], keys: list[str], metric: str, path: str | os.PathLike) -> Path:
@@ -123,8 +134,9 @@ def write_results_csv(rows: list[dict], keys: list[str], metric: str, path: str 
     return Path(path)
 
 
-def plot_heatmap(rows: list[dict], keys: list[str], metric: str, mode: str, out_path: str | os.PathLike,
-                 title: str = "") -> Path | None:
+def plot_heatmap(
+    rows: list[dict], keys: list[str], metric: str, mode: str, out_path: str | os.PathLike, title: str = ""
+) -> Path | None:
     """The metric over method.lam x method.decay (else the first two numeric keys).
 
     A full grid is drawn as cells; sampled points as coloured markers.  Each
@@ -137,8 +149,13 @@ def plot_heatmap(rows: list[dict], keys: list[str], metric: str, mode: str, out_
     import matplotlib.pyplot as plt
     import numpy as np
 
-    numeric = [k for k in keys if all(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)
-                                      for r in rows if r.get(k) is not None)]
+    numeric = [
+        k
+        for k in keys
+        if all(
+            isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool) for r in rows if r.get(k) is not None
+        )
+    ]
     if HEATMAP_X in numeric and HEATMAP_Y in numeric:
         x_key, y_key = HEATMAP_X, HEATMAP_Y
     elif len(numeric) >= 2:
@@ -179,13 +196,20 @@ def plot_heatmap(rows: list[dict], keys: list[str], metric: str, mode: str, out_
         im = ax.imshow(np.ma.masked_invalid(mat), origin="lower", cmap=cmap, norm=norm, aspect="auto")
         for (i, j), r in cells.items():
             if r["status"] == STOPPED:
-                ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="//", lw=0,
-                                           edgecolor="0.6"))
+                ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="//", lw=0, edgecolor="0.6"))
             v = r.get(metric)
             red, green, blue, _ = cmap(norm(v)) if v is not None else (1, 1, 1, 1)
             dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5
-            ax.text(j, i, label(r), ha="center", va="center", fontsize=9, color="white" if dark else "black",
-                    bbox={"facecolor": "none", "edgecolor": "none"})
+            ax.text(
+                j,
+                i,
+                label(r),
+                ha="center",
+                va="center",
+                fontsize=9,
+                color="white" if dark else "black",
+                bbox={"facecolor": "none", "edgecolor": "none"},
+            )
         ax.set_xticks(range(len(xs)), [f"{x:g}" for x in xs])
         ax.set_yticks(range(len(ys)), [f"{y:g}" for y in ys])
     else:
@@ -194,15 +218,28 @@ def plot_heatmap(rows: list[dict], keys: list[str], metric: str, mode: str, out_
             x, y, v = float(r[x_key]), float(r[y_key]), r.get(metric)
             marker = {COMPLETED: "o", STOPPED: "s", ERROR: "X"}[r["status"]]
             color = "red" if v is None or r["status"] == ERROR else cmap(norm(v))
-            ax.scatter([x], [y], s=180 if r.get("champion") else 90, c=[color], marker=marker,
-                       edgecolors="black", linewidths=1.5 if r.get("champion") else 0.5)
+            ax.scatter(
+                [x],
+                [y],
+                s=180 if r.get("champion") else 90,
+                c=[color],
+                marker=marker,
+                edgecolors="black",
+                linewidths=1.5 if r.get("champion") else 0.5,
+            )
             ax.annotate(label(r), (x, y), textcoords="offset points", xytext=(6, 6), fontsize=8)
         im = matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap)
         ax.margins(0.15)
         from matplotlib.lines import Line2D
 
-        ax.legend(handles=[Line2D([], [], marker=m, ls="", color="0.5", label=lab) for m, lab in
-                           (("o", "completed"), ("s", "stopped early"), ("X", "failed"))], fontsize=8, loc="best")
+        ax.legend(
+            handles=[
+                Line2D([], [], marker=m, ls="", color="0.5", label=lab)
+                for m, lab in (("o", "completed"), ("s", "stopped early"), ("X", "failed"))
+            ],
+            fontsize=8,
+            loc="best",
+        )
     fig.colorbar(im, ax=ax, label=f"{metric} at the trial's last evaluation")
     ax.set_xlabel(x_key + (" (λ)" if x_key == HEATMAP_X else ""))
     ax.set_ylabel(y_key + (" (γ)" if y_key == HEATMAP_Y else ""))
@@ -219,8 +256,9 @@ def write_outputs(result: SweepResult, out_dir: Path) -> None:
     ``out_dir``, and record their paths on ``result``."""
     result.csv_path = str(out_dir / "results.csv")
     write_results_csv(result.rows, result.keys, result.metric, result.csv_path)
-    heat = plot_heatmap(result.rows, result.keys, result.metric, result.mode, out_dir / "heatmap.png",
-                        title=result.sweep_id)
+    heat = plot_heatmap(
+        result.rows, result.keys, result.metric, result.mode, out_dir / "heatmap.png", title=result.sweep_id
+    )
     if heat is not None:
         result.heatmap_path = str(heat)
 
@@ -229,17 +267,33 @@ def summary(result: SweepResult) -> str:
     """The table and pointers printed when ``ift sweep`` ends."""
     m = result.metric
     cols = ["trial", "status", *result.keys, "steps", m]
-    order = sorted(result.rows, key=lambda r: (
-        {COMPLETED: 0, STOPPED: 1, ERROR: 2}[r["status"]],
-        (r[m] if result.mode == "min" else -r[m]) if r.get(m) is not None else math.inf,
-    ))
-    table = [[r["trial_id"] + (" *" if r.get("champion") else ""), r["status"],
-              *[fmt(r.get(k)) for k in result.keys], fmt(r.get("steps")), fmt(r.get(m))] for r in order]
+    order = sorted(
+        result.rows,
+        key=lambda r: (
+            {COMPLETED: 0, STOPPED: 1, ERROR: 2}[r["status"]],
+            (r[m] if result.mode == "min" else -r[m]) if r.get(m) is not None else math.inf,
+        ),
+    )
+    table = [
+        [
+            r["trial_id"] + (" *" if r.get("champion") else ""),
+            r["status"],
+            *[fmt(r.get(k)) for k in result.keys],
+            fmt(r.get("steps")),
+            fmt(r.get(m)),
+        ]
+        for r in order
+    ]
     widths = [max(len(str(c)), *(len(str(row[i])) for row in table)) for i, c in enumerate(cols)]
-    fmt_row = lambda row: "  ".join(str(v).ljust(w) for v, w in zip(row, widths))  # noqa: E731
-    lines = ["", f"Sweep '{result.sweep_id}' finished in {result.wall_s:.0f} s "
-             f"({len(result.rows)} trials, up to {result.max_concurrent_trials} at a time).", "",
-             "  " + fmt_row(cols), "  " + fmt_row(["-" * w for w in widths])]
+    fmt_row = lambda row: "  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True))
+    lines = [
+        "",
+        f"Sweep '{result.sweep_id}' finished in {result.wall_s:.0f} s "
+        f"({len(result.rows)} trials, up to {result.max_concurrent_trials} at a time).",
+        "",
+        "  " + fmt_row(cols),
+        "  " + fmt_row(["-" * w for w in widths]),
+    ]
     lines += ["  " + fmt_row(row) for row in table]
     lines.append("")
     for r in result.rows:
@@ -247,9 +301,11 @@ def summary(result: SweepResult) -> str:
             lines.append(f"  trial {r['trial_id']} failed: {r['error']}")
     if result.best is not None:
         b = result.best
-        lines.append(f"  best completed trial {b['trial_id']}: {m} {b[m]:.4f} with "
-                     + ", ".join(f"{k}={fmt(b[k])}" for k in result.keys)
-                     + " (trials stopped early have no final model and are not candidates)")
+        lines.append(
+            f"  best completed trial {b['trial_id']}: {m} {b[m]:.4f} with "
+            + ", ".join(f"{k}={fmt(b[k])}" for k in result.keys)
+            + " (trials stopped early have no final model and are not candidates)"
+        )
     else:
         lines.append("  no trial completed: nothing registered")
     if result.champion_uri:
@@ -277,4 +333,3 @@ def fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
-

@@ -27,46 +27,73 @@ SWEEP_TAG = "ift.sweep"
 RUN_STATUS = {COMPLETED: "FINISHED", STOPPED: "KILLED", ERROR: "FAILED"}
 
 
-def start_parent_run(client: MlflowClient, exp_id: str, sweep_id: str, sweep: SweepConfig, base: TrainConfig, *,
-                     sweep_dir: str, max_concurrent: int) -> str:
+def start_parent_run(
+    client: MlflowClient,
+    exp_id: str,
+    sweep_id: str,
+    sweep: SweepConfig,
+    base: TrainConfig,
+    *,
+    sweep_dir: str,
+    max_concurrent: int,
+) -> str:
     """Create the sweep's parent run with the sweep settings, the search space and the base
     config as params and ``sweep_config.json``; returns its run id."""
     space = sweep.space()
-    parent = client.create_run(exp_id, run_name=sweep_id, tags={
-        "mlflow.runName": sweep_id, SWEEP_TAG: "parent", "ift.sweep_id": sweep_id,
-        "git_commit": git_commit(), "method": base.method.name,
-    })
+    parent = client.create_run(
+        exp_id,
+        run_name=sweep_id,
+        tags={
+            "mlflow.runName": sweep_id,
+            SWEEP_TAG: "parent",
+            "ift.sweep_id": sweep_id,
+            "git_commit": git_commit(),
+            "method": base.method.name,
+        },
+    )
     parent_id = parent.info.run_id
     params = {
-        "sweep.algorithm": sweep.algorithm, "sweep.metric": sweep.metric, "sweep.mode": sweep.mode,
-        "sweep.num_samples": sweep.resolved_num_samples(), "sweep.max_concurrent_trials": max_concurrent,
-        "sweep.scheduler": sweep.scheduler.type, "sweep.seed": sweep.seed, "sweep.storage": sweep_dir,
+        "sweep.algorithm": sweep.algorithm,
+        "sweep.metric": sweep.metric,
+        "sweep.mode": sweep.mode,
+        "sweep.num_samples": sweep.resolved_num_samples(),
+        "sweep.max_concurrent_trials": max_concurrent,
+        "sweep.scheduler": sweep.scheduler.type,
+        "sweep.seed": sweep.seed,
+        "sweep.storage": sweep_dir,
         **{f"sweep.scheduler.{k}": v for k, v in sweep.scheduler.model_dump().items() if k != "type"},
         **{f"space.{k}": spec.describe() for k, spec in space.items()},
         **{f"base.{k}": v for k, v in flatten(base).items() if k not in space},
     }
     tracking.log_params(client, parent_id, params)
-    client.log_dict(parent_id, {"sweep": sweep.model_dump(mode="json"), "base": base.model_dump(mode="json")},
-                    "sweep_config.json")
+    client.log_dict(
+        parent_id, {"sweep": sweep.model_dump(mode="json"), "base": base.model_dump(mode="json")}, "sweep_config.json"
+    )
     return parent_id
 
 
-def reconcile_child_runs(client: MlflowClient, exp_id: str, parent_id: str, sweep_id: str, rows: list[dict],
-                         base: TrainConfig) -> None:
+def reconcile_child_runs(
+    client: MlflowClient, exp_id: str, parent_id: str, sweep_id: str, rows: list[dict], base: TrainConfig
+) -> None:
     """Every trial gets a child run with its final status: FINISHED, KILLED (stopped early) or FAILED.
 
     Sets ``row["mlflow_run_id"]`` on every row.
     """
-    found = client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'",
-                               max_results=10_000)
+    found = client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=10_000)
     by_name = {r.data.tags.get(tracking.RUN_NAME_TAG): r for r in found}
     for row in rows:
         run = by_name.get(row["run_name"])
         if run is None:  # crashed before `ift train` opened its run (e.g. an invalid sampled value)
-            run = client.create_run(exp_id, run_name=row["run_name"], tags={
-                "mlflow.runName": row["run_name"], "mlflow.parentRunId": parent_id,
-                tracking.RUN_NAME_TAG: row["run_name"], "method": base.method.name,
-            })
+            run = client.create_run(
+                exp_id,
+                run_name=row["run_name"],
+                tags={
+                    "mlflow.runName": row["run_name"],
+                    "mlflow.parentRunId": parent_id,
+                    tracking.RUN_NAME_TAG: row["run_name"],
+                    "method": base.method.name,
+                },
+            )
             tracking.log_params(client, run.info.run_id, {k: row.get(k) for k in row if "." in k})
         run_id = run.info.run_id
         row["mlflow_run_id"] = run_id
@@ -101,14 +128,18 @@ def register_champion(result: SweepResult, base: TrainConfig, sweep: SweepConfig
     best = result.best
     assert best is not None
     run = client.get_run(best["mlflow_run_id"])
-    cfg = apply_overrides(base, {"mlflow.registered_model_name": result.registered_model_name,
-                                 **{k: best[k] for k in result.keys}})
+    cfg = apply_overrides(
+        base, {"mlflow.registered_model_name": result.registered_model_name, **{k: best[k] for k in result.keys}}
+    )
     tags = {
         "method": cfg.method.name,
-        "lam": str(cfg.method.lam), "decay": str(cfg.method.decay),
+        "lam": str(cfg.method.lam),
+        "decay": str(cfg.method.decay),
         result.metric: f"{best[result.metric]:.6f}",
-        "sweep_id": result.sweep_id, "sweep_parent_run_id": result.parent_run_id,
-        "trial_id": best["trial_id"], "run_name": best["run_name"],
+        "sweep_id": result.sweep_id,
+        "sweep_parent_run_id": result.parent_run_id,
+        "trial_id": best["trial_id"],
+        "run_name": best["run_name"],
         "data_fingerprint": run.data.tags.get("data_fingerprint.train", ""),
         "git_commit": git_commit(),
         **{f"space.{k}": str(best[k]) for k in result.keys},

@@ -62,8 +62,16 @@ def _report_callback_cls() -> type:
     return _ReportEvaluations
 
 
-def trial_driver(config: dict[str, Any], *, base: dict, sweep_id: str, parent_run_id: str, trials_dir: str,
-                 metric: str, registry: Any) -> None:
+def trial_driver(
+    config: dict[str, Any],
+    *,
+    base: dict,
+    sweep_id: str,
+    parent_run_id: str,
+    trials_dir: str,
+    metric: str,
+    registry: Any,
+) -> None:
     """One trial: ``ift train`` with the sampled values, its MLflow run nested under the sweep's.
 
     ``registry`` is the placement-group janitor's registry actor (``None``: no janitor).
@@ -107,13 +115,16 @@ def _progress_callback_cls() -> type:
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             if self.metric in result:
-                self.log(f"[sweep] trial {trial.trial_id} step {result.get('step')}: "
-                         f"{self.metric} {result[self.metric]:.4f}")
+                self.log(
+                    f"[sweep] trial {trial.trial_id} step {result.get('step')}: {self.metric} {result[self.metric]:.4f}"
+                )
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             last = trial.last_result or {}
-            self.log(f"[sweep] trial {trial.trial_id} ended at step {last.get('step')} "
-                     f"({self.metric} {fmt(last.get(self.metric))})")
+            self.log(
+                f"[sweep] trial {trial.trial_id} ended at step {last.get('step')} "
+                f"({self.metric} {fmt(last.get(self.metric))})"
+            )
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self.log(f"[sweep] trial {trial.trial_id} FAILED ({self._values(trial)}); the sweep goes on")
@@ -169,12 +180,26 @@ def _scheduler(sweep: SweepConfig, base: TrainConfig) -> Any:
         max_t = sc.max_t or 1_000_000
     # stop_last_trials=False: a trial that reaches max_t is not stopped at its last report
     # (it finishes, exports its model and closes its MLflow run).
-    return ASHAScheduler(time_attr=sc.time_attr, grace_period=grace, max_t=max(max_t, grace),
-                         reduction_factor=sc.reduction_factor, stop_last_trials=False)
+    return ASHAScheduler(
+        time_attr=sc.time_attr,
+        grace_period=grace,
+        max_t=max(max_t, grace),
+        reduction_factor=sc.reduction_factor,
+        stop_last_trials=False,
+    )
 
 
-def _tuner(sweep: SweepConfig, base: TrainConfig, *, sweep_id: str, sweep_dir: str, parent_id: str,
-           max_concurrent: int, registry: Any, verbose: int) -> Any:
+def _tuner(
+    sweep: SweepConfig,
+    base: TrainConfig,
+    *,
+    sweep_id: str,
+    sweep_dir: str,
+    parent_id: str,
+    max_concurrent: int,
+    registry: Any,
+    verbose: int,
+) -> Any:
     """The Tuner: :func:`trial_driver` per sampled config, each driver reserving only its own bundle."""
     from ray import tune as rtune
 
@@ -182,8 +207,13 @@ def _tuner(sweep: SweepConfig, base: TrainConfig, *, sweep_id: str, sweep_dir: s
     param_space, search_alg = _search(sweep, max_concurrent)
     trainable = rtune.with_resources(
         rtune.with_parameters(
-            trial_driver, base=base.model_dump(mode="json"), sweep_id=sweep_id, parent_run_id=parent_id,
-            trials_dir=f"{sweep_dir}/trials", metric=metric, registry=registry,
+            trial_driver,
+            base=base.model_dump(mode="json"),
+            sweep_id=sweep_id,
+            parent_run_id=parent_id,
+            trials_dir=f"{sweep_dir}/trials",
+            metric=metric,
+            registry=registry,
         ),
         {"CPU": sweep.driver_cpus, "memory": sweep.driver_memory_mb * 2**20},
     )
@@ -191,14 +221,21 @@ def _tuner(sweep: SweepConfig, base: TrainConfig, *, sweep_id: str, sweep_dir: s
         trainable,
         param_space=param_space,
         tune_config=rtune.TuneConfig(
-            metric=metric, mode=mode, search_alg=search_alg, scheduler=_scheduler(sweep, base),
-            num_samples=sweep.resolved_num_samples(), reuse_actors=False,
+            metric=metric,
+            mode=mode,
+            search_alg=search_alg,
+            scheduler=_scheduler(sweep, base),
+            num_samples=sweep.resolved_num_samples(),
+            reuse_actors=False,
             # Optuna (a Searcher) gets a ConcurrencyLimiter from this; the variant generator limits itself.
             max_concurrent_trials=max_concurrent if sweep.algorithm == "optuna" else None,
-            trial_name_creator=lambda t: t.trial_id, trial_dirname_creator=lambda t: t.trial_id,
+            trial_name_creator=lambda t: t.trial_id,
+            trial_dirname_creator=lambda t: t.trial_id,
         ),
         run_config=rtune.RunConfig(
-            name="tune", storage_path=sweep_dir, verbose=verbose,
+            name="tune",
+            storage_path=sweep_dir,
+            verbose=verbose,
             failure_config=rtune.FailureConfig(max_failures=0, fail_fast=False),
             callbacks=[_progress_callback_cls()(metric, list(sweep.space()))],
         ),
@@ -217,8 +254,9 @@ def _sweep_dirs(sweep: SweepConfig, base: TrainConfig, sweep_id: str) -> tuple[s
     return sweep_dir, local_dir
 
 
-def run_sweep(sweep: SweepConfig, base: TrainConfig, *, verbose: int = 1,
-              log: Callable[[str], None] | None = None) -> SweepResult:
+def run_sweep(
+    sweep: SweepConfig, base: TrainConfig, *, verbose: int = 1, log: Callable[[str], None] | None = None
+) -> SweepResult:
     """Run the sweep end to end; see the module docstring."""
     log = log or say
     from pipelines.train import init_ray
@@ -238,16 +276,28 @@ def run_sweep(sweep: SweepConfig, base: TrainConfig, *, verbose: int = 1,
 
     client = MlflowClient(tracking_uri=tracking_uri)
     exp_id = mlflow_tracking.experiment_id(client, base.mlflow.experiment, tracking_uri)
-    parent_id = tracking.start_parent_run(client, exp_id, sweep_id, sweep, base, sweep_dir=sweep_dir,
-                                          max_concurrent=max_conc)
-    log(f"[sweep] {sweep_id}: {sweep.algorithm} search over {', '.join(f'{k}~{s.describe()}' for k, s in space.items())}; "
-        f"{sweep.scheduler.type} on {metric} ({mode}); up to {max_conc} trials at a time")
+    parent_id = tracking.start_parent_run(
+        client, exp_id, sweep_id, sweep, base, sweep_dir=sweep_dir, max_concurrent=max_conc
+    )
+    dims = ", ".join(f"{k}~{s.describe()}" for k, s in space.items())
+    log(
+        f"[sweep] {sweep_id}: {sweep.algorithm} search over {dims}; "
+        f"{sweep.scheduler.type} on {metric} ({mode}); up to {max_conc} trials at a time"
+    )
     log(f"[sweep] MLflow parent run {parent_id} in {tracking_uri}")
 
     janitor = PlacementGroupJanitor(log=log)
     janitor.start()
-    tuner = _tuner(sweep, base, sweep_id=sweep_id, sweep_dir=sweep_dir, parent_id=parent_id,
-                   max_concurrent=max_conc, registry=janitor.registry, verbose=verbose)
+    tuner = _tuner(
+        sweep,
+        base,
+        sweep_id=sweep_id,
+        sweep_dir=sweep_dir,
+        parent_id=parent_id,
+        max_concurrent=max_conc,
+        registry=janitor.registry,
+        verbose=verbose,
+    )
     ok = False
     try:
         grid = tuner.fit()
@@ -261,9 +311,18 @@ def run_sweep(sweep: SweepConfig, base: TrainConfig, *, verbose: int = 1,
     tracking.reconcile_child_runs(client, exp_id, parent_id, sweep_id, rows, base)
     best = mark_best(rows, metric, mode)
     result = SweepResult(
-        sweep_id=sweep_id, sweep_dir=sweep_dir, parent_run_id=parent_id, experiment_id=exp_id,
-        tracking_uri=tracking_uri, metric=metric, mode=mode, keys=keys, rows=rows, best=best,
-        registered_model_name=model_name, released_placement_groups=list(janitor.released),
+        sweep_id=sweep_id,
+        sweep_dir=sweep_dir,
+        parent_run_id=parent_id,
+        experiment_id=exp_id,
+        tracking_uri=tracking_uri,
+        metric=metric,
+        mode=mode,
+        keys=keys,
+        rows=rows,
+        best=best,
+        registered_model_name=model_name,
+        released_placement_groups=list(janitor.released),
         max_concurrent_trials=max_conc,
     )
     if best is not None and model_name and best.get("hf_model_path"):

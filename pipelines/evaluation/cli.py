@@ -127,8 +127,14 @@ def main_eval(argv: Sequence[str] | None = None) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        payload = {"model": args.model, "source": src.__dict__, "scores": res.scores, "metrics": res.metrics,
-                   "n_samples": res.n_samples, "limit": args.limit}
+        payload = {
+            "model": args.model,
+            "source": src.__dict__,
+            "scores": res.scores,
+            "metrics": res.metrics,
+            "n_samples": res.n_samples,
+            "limit": args.limit,
+        }
         (out / "scores.json").write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
         print(f"wrote {out / 'scores.json'}")
     print(_logged_line(logged))
@@ -151,8 +157,11 @@ def main_compare(argv: Sequence[str] | None = None) -> int:
         for ref in args.models:
             src, res, logged = _eval_one(ref, args)
             rows.append((src.label, ref, res.scores))
-            print(f"{_describe(src)}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.scores.items())
-                  + f" ({res.seconds:.1f} s); {_logged_line(logged)}")
+            print(
+                f"{_describe(src)}: "
+                + ", ".join(f"{k} {v:.4f}" for k, v in res.scores.items())
+                + f" ({res.seconds:.1f} s); {_logged_line(logged)}"
+            )
     except EvalError as e:
         print(f"ift compare: error: {e}", file=sys.stderr)
         return 2

@@ -147,9 +147,7 @@ def run_evaluation(
                     key = _pick_metric(s, metrics)
                     result.scores[_score_name(s, key)] = float(metrics[key])
                     result.metrics[s.name] = {
-                        k: (float(v) if isinstance(v, (int, float)) else v)
-                        for k, v in metrics.items()
-                        if k != "alias"
+                        k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items() if k != "alias"
                     }
                     n = (out.get("n-samples") or {}).get(s.name) or {}
                     if "effective" in n:

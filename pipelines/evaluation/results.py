@@ -78,8 +78,10 @@ def log_scores(
     """
     from mlflow.entities import Metric, RunTag
 
-    refers_to_store = run_id is not None or registered_model_name is not None or (
-        model_uri is not None and model_uri.startswith(("models:/", "runs:/"))
+    refers_to_store = (
+        run_id is not None
+        or registered_model_name is not None
+        or (model_uri is not None and model_uri.startswith(("models:/", "runs:/")))
     )
     # The run/version must already be there; a model without one may start a new store.
     client = store_client(tracking_uri, must_exist=refers_to_store)

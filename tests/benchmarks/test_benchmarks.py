@@ -28,7 +28,11 @@ def _env() -> dict[str, str]:
 def test_quick_run_writes_results(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--quick", "--only", "scan,step", "--out", str(tmp_path)],
-        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600,
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads((tmp_path / "results.json").read_text())
@@ -43,8 +47,15 @@ def test_quick_run_writes_results(tmp_path):
     assert "error" not in step, step.get("error")
     assert set(step["methods"]) == set(METHODS)
     for name, entry in step["methods"].items():
-        for key in ("median_s", "ratio_to_sft", "theory_ratio_to_sft", "tokens_per_s", "examples_per_s",
-                    "peak_mem_bytes", "peak_mem_ratio_to_sft"):
+        for key in (
+            "median_s",
+            "ratio_to_sft",
+            "theory_ratio_to_sft",
+            "tokens_per_s",
+            "examples_per_s",
+            "peak_mem_bytes",
+            "peak_mem_ratio_to_sft",
+        ):
             assert entry.get(key) is not None, (name, key, entry)
         assert "memory_error" not in entry, entry["memory_error"]
     assert step["methods"]["sft"]["ratio_to_sft"] == pytest.approx(1.0)
@@ -75,8 +86,9 @@ def test_gpu_path_and_scan_do_not_import_ray():
         "bad = sorted(n for n in sys.modules if n.split('.')[0] in ('ray', 'mlflow'))\n"
         "print(','.join(bad))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                         check=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True, check=True, timeout=300
+    )
     assert out.stdout.strip() == "", f"benchmarks' GPU path pulled in: {out.stdout.strip()}"
 
 

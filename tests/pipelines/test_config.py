@@ -50,7 +50,9 @@ def test_misspelled_key_inside_a_yaml_file_names_the_file(tmp_path):
 
 
 def test_unknown_key_in_a_data_source_list_item_is_named():
-    with pytest.raises(ConfigError, match=r"data\.train\.0\.pth: unknown key \(did you mean 'data\.train\.0\.path'\?\)"):
+    with pytest.raises(
+        ConfigError, match=r"data\.train\.0\.pth: unknown key \(did you mean 'data\.train\.0\.path'\?\)"
+    ):
         load_config(None, ["data.train=[{pth: x.jsonl}]"])
 
 
@@ -66,7 +68,10 @@ def test_out_of_range_lambda_is_rejected():
 
 def test_overrides_parse_values_as_yaml():
     assert parse_overrides(["a.b=1e-4", "c=[1, 2]", "d=true", "e=hello"]) == [
-        ("a.b", 1e-4), ("c", [1, 2]), ("d", True), ("e", "hello")
+        ("a.b", 1e-4),
+        ("c", [1, 2]),
+        ("d", True),
+        ("e", "hello"),
     ]
 
 

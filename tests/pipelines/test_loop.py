@@ -13,7 +13,6 @@ import torch.distributed as dist
 from ift.data import pad_collate, tokenize_rows
 from ift.toydata import make_conversations
 from pipelines.config import load_config
-from pipelines.methods import build_objective
 from pipelines.loop import (
     DS_TAG,
     LoopState,
@@ -24,10 +23,9 @@ from pipelines.loop import (
     lr_lambda,
     run_training,
 )
+from pipelines.methods import build_objective
 
-
-DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE",
-            "CROSS_RANK", "CROSS_SIZE")
+DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "CROSS_RANK", "CROSS_SIZE")
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +48,16 @@ def process_group():
 
 
 def tiny_cfg(*overrides):
-    return load_config(None, ["optimization.micro_batch_size=4", "data.max_length=96", "deepspeed.zero_stage=0",
-                              "optimization.lr=3e-3", *overrides])
+    return load_config(
+        None,
+        [
+            "optimization.micro_batch_size=4",
+            "data.max_length=96",
+            "deepspeed.zero_stage=0",
+            "optimization.lr=3e-3",
+            *overrides,
+        ],
+    )
 
 
 def test_schedule_drops_the_remainder_so_every_rank_runs_the_same_steps():
@@ -79,8 +85,11 @@ def test_deepspeed_config_uses_bf16_on_gpu_only_and_merges_overrides():
     cfg = tiny_cfg("deepspeed.zero_stage=3", "deepspeed.overrides={zero_optimization: {reduce_bucket_size: 1000}}")
     cpu, gpu = deepspeed_config(cfg, use_gpu=False), deepspeed_config(cfg, use_gpu=True)
     assert not cpu["bf16"]["enabled"] and gpu["bf16"]["enabled"]
-    assert cpu["zero_optimization"] == {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True,
-                                         "reduce_bucket_size": 1000}
+    assert cpu["zero_optimization"] == {
+        "stage": 3,
+        "stage3_gather_16bit_weights_on_model_save": True,
+        "reduce_bucket_size": 1000,
+    }
 
 
 def test_loop_state_is_written_atomically(tmp_path):
@@ -113,9 +122,17 @@ def _train(cfg, batches, state, stop_at=None, ckpt=None, resume=None):
             raise Stop
 
     try:
-        run_training(cfg, engine=engine, objective=objective, schedule=schedule, state=state,
-                     batches_for_epoch=lambda epoch: iter(batches), validation_batches=None,
-                     device=torch.device("cpu"), on_step=on_step)
+        run_training(
+            cfg,
+            engine=engine,
+            objective=objective,
+            schedule=schedule,
+            state=state,
+            batches_for_epoch=lambda epoch: iter(batches),
+            validation_batches=None,
+            device=torch.device("cpu"),
+            on_step=on_step,
+        )
     except Stop:
         pass
     return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
@@ -129,7 +146,9 @@ def test_resuming_mid_epoch_reaches_the_same_weights_as_an_uninterrupted_run(pro
     _train(cfg, batches, LoopState(), stop_at=7, ckpt=str(tmp_path))  # stops in epoch 2, micro-batch 2
     # tokens_seen counts every non-padding token trained on: all 5 batches of epoch 1, the first 2 of epoch 2.
     tokens = [int(b["attention_mask"].sum()) for b in batches]
-    assert LoopState.load(tmp_path) == LoopState(step=7, epoch=1, micro_in_epoch=2, tokens_seen=sum(tokens) + sum(tokens[:2]))
+    assert LoopState.load(tmp_path) == LoopState(
+        step=7, epoch=1, micro_in_epoch=2, tokens_seen=sum(tokens) + sum(tokens[:2])
+    )
     resumed = _train(cfg, batches, LoopState(), resume=str(tmp_path))
     for k in straight:
         torch.testing.assert_close(resumed[k], straight[k], rtol=1e-5, atol=1e-6, msg=k)

@@ -57,7 +57,9 @@ def test_hyperparameters_are_the_methods_own_fields_only():
     ift = MethodConfig(name="ift", lam=0.3, decay=0.9)
     assert method_of(ift).hyperparameters(ift)["lam"] == 0.3 and "beta" not in method_of(ift).hyperparameters(ift)
     assert method_of(MethodConfig(name="dpo")).hyperparameters(MethodConfig(name="dpo")) == {
-        "beta": 0.1, "precompute_reference": False}
+        "beta": 0.1,
+        "precompute_reference": False,
+    }
     assert method_of(MethodConfig(name="sft")).hyperparameters(MethodConfig(name="sft")) == {}
 
 
@@ -105,8 +107,9 @@ def test_dpo_scores_against_a_frozen_copy_of_the_start_model():
 def test_dpo_precomputed_reference_matches_the_live_reference_model():
     cfg = load_config(None, ["method.name=dpo", "data.max_length=96"])
     model, tokenizer = build_model_and_tokenizer(cfg)
-    examples, _ = tokenize_rows(tokenizer, make_preference_pairs(4, seed=1), source="p", max_length=96,
-                                mode="preference")
+    examples, _ = tokenize_rows(
+        tokenizer, make_preference_pairs(4, seed=1), source="p", max_length=96, mode="preference"
+    )
     batch = pad_collate(examples, tokenizer.pad_token_id)
     batch["source"], batch["row"] = ["p"] * 4, torch.arange(4)
     live = build_objective(cfg.method, model, CPU, seed=0)
@@ -122,8 +125,9 @@ def test_dpo_precomputed_reference_matches_the_live_reference_model():
 def test_the_dpo_objective_uses_the_configured_beta():
     cfg = load_config(None, ["method.name=dpo", "method.beta=0.3", "data.max_length=96"])
     model, tokenizer = build_model_and_tokenizer(cfg)
-    examples, _ = tokenize_rows(tokenizer, make_preference_pairs(2, seed=2), source="p", max_length=96,
-                                mode="preference")
+    examples, _ = tokenize_rows(
+        tokenizer, make_preference_pairs(2, seed=2), source="p", max_length=96, mode="preference"
+    )
     batch = pad_collate(examples, tokenizer.pad_token_id)
     objective = build_objective(cfg.method, model, CPU, seed=0)
     with torch.no_grad():

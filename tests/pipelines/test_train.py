@@ -6,7 +6,6 @@ serves the module; every run uses its own storage and MLflow store under tmp_pat
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import mlflow
@@ -81,8 +80,13 @@ METHOD_RUNS = {"ift": 2, "sft": 0, "dpo": 3, "orpo": 2}
 
 @pytest.mark.parametrize("method", list(METHOD_RUNS))
 def test_each_method_trains_with_two_workers_and_the_loss_falls(tmp_path, corpora, method):
-    cfg = config(tmp_path, corpora, f"method.name={method}", f"deepspeed.zero_stage={METHOD_RUNS[method]}",
-                 pairs=method in ("dpo", "orpo"))
+    cfg = config(
+        tmp_path,
+        corpora,
+        f"method.name={method}",
+        f"deepspeed.zero_stage={METHOD_RUNS[method]}",
+        pairs=method in ("dpo", "orpo"),
+    )
     result = train(cfg, show_progress=False)
     history = loss_history(cfg, result.mlflow_run_id)
     assert [s for s, _ in history] == list(range(1, 17))  # 32 rows / (4 x 2 workers) x 4 epochs
@@ -102,8 +106,7 @@ def test_each_method_trains_with_two_workers_and_the_loss_falls(tmp_path, corpor
 @pytest.fixture(scope="module")
 def equivalence_runs(tmp_path_factory, corpora):
     """Same seed and data order: 2 workers ZeRO-0, 2 workers ZeRO-3, 1 worker ZeRO-0 with accumulation 2."""
-    common = ("optimization.max_steps=6", "mlflow.enabled=false", "data.shuffle_buffer_size=0",
-              "data.validation=[]")
+    common = ("optimization.max_steps=6", "mlflow.enabled=false", "data.shuffle_buffer_size=0", "data.validation=[]")
     variants = {
         "dp_zero0": ("scaling.num_workers=2", "deepspeed.zero_stage=0"),
         "dp_zero3": ("scaling.num_workers=2", "deepspeed.zero_stage=3"),
@@ -163,8 +166,11 @@ def test_rerunning_the_same_command_resumes_instead_of_restarting(tmp_path, corp
     marker = tmp_path / "failed-once"
     overrides = ("optimization.max_steps=8", "checkpointing.max_failures=0")
     with pytest.raises(ray.train.WorkerGroupError) as err:
-        train(config(tmp_path, corpora, *overrides), show_progress=False,
-              fault=KillWorker(step=6, rank=0, marker=str(marker)))
+        train(
+            config(tmp_path, corpora, *overrides),
+            show_progress=False,
+            fault=KillWorker(step=6, rank=0, marker=str(marker)),
+        )
     # It failed because the killed rank-0 process died (max_failures=0), not for any other reason.
     assert marker.exists(), "the fault was not injected"
     assert "The actor died unexpectedly" in str(err.value.worker_failures[0])
@@ -185,11 +191,17 @@ def test_evaluation_at_end_scores_the_final_model_and_logs_on_the_run(tmp_path):
     load_model("tiny", seed=0).save_pretrained(hf_dir, safe_serialization=True)
     load_tokenizer("tiny").save_pretrained(hf_dir)
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = load_config(None, [f"mlflow.tracking_uri={store}", "eval.at_end=true", "eval.limit=4",
-                             "mlflow.registered_model_name="])
+    cfg = load_config(
+        None, [f"mlflow.tracking_uri={store}", "eval.at_end=true", "eval.limit=4", "mlflow.registered_model_name="]
+    )
     run_id, _ = start_or_resume_run(cfg, store)
-    out = TrainResult(run_name=cfg.run_name, checkpoint_path=str(tmp_path), hf_model_path=str(hf_dir), metrics={},
-                      mlflow_run_id=run_id)
+    out = TrainResult(
+        run_name=cfg.run_name,
+        checkpoint_path=str(tmp_path),
+        hf_model_path=str(hf_dir),
+        metrics={},
+        mlflow_run_id=run_id,
+    )
     scores = _evaluate_at_end(cfg, store, out)
     assert {"ift_arith/exact_match", "ift_capitals_mc/acc"} <= set(scores)
     logged = mlflow.MlflowClient(tracking_uri=store).get_run(run_id).data.metrics

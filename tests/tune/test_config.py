@@ -9,7 +9,10 @@ from tune.config import ParamSpec, load_sweep, parse_space_item
 
 
 def test_space_items_parse():
-    assert parse_space_item("method.lam=uniform(0, 0.5)") == ("method.lam", {"type": "uniform", "low": 0.0, "high": 0.5})
+    assert parse_space_item("method.lam=uniform(0, 0.5)") == (
+        "method.lam",
+        {"type": "uniform", "low": 0.0, "high": 0.5},
+    )
     assert parse_space_item("optimization.lr=loguniform(1e-4,1e-2,3)")[1]["grid_points"] == 3
     assert parse_space_item("method.name=choice(ift, sft)")[1] == {"type": "choice", "values": ["ift", "sft"]}
     assert parse_space_item("method.decay=none") == ("method.decay", None)
@@ -29,7 +32,9 @@ def test_default_space_is_lam_and_decay_and_keys_are_checked():
     space = sweep.space()
     assert (space["method.lam"].low, space["method.lam"].high) == (0.0, 0.5)
     assert (space["method.decay"].low, space["method.decay"].high) == (0.8, 1.0)
-    sweep, _ = load_sweep(None, ["sweep.num_samples=3"], algorithm="optuna", space=["optimization.lr=loguniform(1e-4,1e-2)"])
+    sweep, _ = load_sweep(
+        None, ["sweep.num_samples=3"], algorithm="optuna", space=["optimization.lr=loguniform(1e-4,1e-2)"]
+    )
     assert sweep.algorithm == "optuna" and sweep.num_samples == 3 and "optimization.lr" in sweep.space()
     with pytest.raises(ConfigError, match="did you mean 'method.lam'"):
         load_sweep(None, space=["method.lamb=uniform(0,1)"])

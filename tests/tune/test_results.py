@@ -39,13 +39,30 @@ def test_results_table_and_heatmap(sweep4):
 
 def _rows() -> list[dict]:
     """A 2 x 2 grid as the sweep would record it: two completed trials, one stopped, one failed."""
-    def row(tid, lam, decay, status, steps, nll):
-        return {"trial_id": tid, "run_name": f"s-{tid}", "status": status, "method.lam": lam, "method.decay": decay,
-                "steps": steps, "val_nll": nll, "best_val_nll": nll, "evaluations": 1, "champion": False,
-                "error": "boom" if status == ERROR else "", "hf_model_path": None, "checkpoint_path": None}
 
-    return [row("00000", 0.0, 0.8, COMPLETED, 15, 4.5), row("00001", 0.0, 1.0, COMPLETED, 15, 4.4),
-            row("00002", 0.5, 0.8, STOPPED, 5, 6.8), row("00003", 0.5, 1.0, ERROR, 0, None)]
+    def row(tid, lam, decay, status, steps, nll):
+        return {
+            "trial_id": tid,
+            "run_name": f"s-{tid}",
+            "status": status,
+            "method.lam": lam,
+            "method.decay": decay,
+            "steps": steps,
+            "val_nll": nll,
+            "best_val_nll": nll,
+            "evaluations": 1,
+            "champion": False,
+            "error": "boom" if status == ERROR else "",
+            "hf_model_path": None,
+            "checkpoint_path": None,
+        }
+
+    return [
+        row("00000", 0.0, 0.8, COMPLETED, 15, 4.5),
+        row("00001", 0.0, 1.0, COMPLETED, 15, 4.4),
+        row("00002", 0.5, 0.8, STOPPED, 5, 6.8),
+        row("00003", 0.5, 1.0, ERROR, 0, None),
+    ]
 
 
 def test_the_best_is_the_best_completed_trial():
@@ -60,9 +77,18 @@ def test_the_best_is_the_best_completed_trial():
 def test_outputs_and_summary_without_ray(tmp_path):
     rows = _rows()
     keys = ["method.lam", "method.decay"]
-    result = SweepResult(sweep_id="s", sweep_dir=str(tmp_path), parent_run_id="p", experiment_id="0",
-                         tracking_uri="sqlite:///x.db", metric="val_nll", mode="min", keys=keys, rows=rows,
-                         best=mark_best(rows, "val_nll", "min"))
+    result = SweepResult(
+        sweep_id="s",
+        sweep_dir=str(tmp_path),
+        parent_run_id="p",
+        experiment_id="0",
+        tracking_uri="sqlite:///x.db",
+        metric="val_nll",
+        mode="min",
+        keys=keys,
+        rows=rows,
+        best=mark_best(rows, "val_nll", "min"),
+    )
     write_outputs(result, tmp_path)
     with open(result.csv_path) as fh:
         table = list(csv.DictReader(fh))

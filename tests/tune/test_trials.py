@@ -51,8 +51,14 @@ def test_a_crashing_trial_is_reported_and_the_sweep_goes_on(ray_cluster, tmp_pat
     """Two trials: one loads a model that does not exist and fails inside Ray Train."""
     sweep, base = load_sweep(
         "tiny-sweep",
-        common_items(tmp_path) + ["optimization.max_steps=5", "model.tokenizer=tiny", "checkpointing.max_failures=0",
-                             "sweep.name=crash", "sweep.scheduler.type=none"],
+        common_items(tmp_path)
+        + [
+            "optimization.max_steps=5",
+            "model.tokenizer=tiny",
+            "checkpointing.max_failures=0",
+            "sweep.name=crash",
+            "sweep.scheduler.type=none",
+        ],
         space=["method.lam=none", "method.decay=none", "model.name=grid(tiny,/nonexistent/ift-model)"],
     )
     result = run_sweep(sweep, base, verbose=0)

@@ -31,8 +31,12 @@ def _register(uri: str, model, tok, method: str, hf_dir: Path) -> tuple[str, str
     tok.save_pretrained(hf_dir)
     cfg = load_config(
         None,
-        [f"mlflow.tracking_uri={uri}", f"mlflow.registered_model_name={MODEL_NAME}", f"method.name={method}",
-         f"run_name=eval-test-{method}"],
+        [
+            f"mlflow.tracking_uri={uri}",
+            f"mlflow.registered_model_name={MODEL_NAME}",
+            f"method.name={method}",
+            f"run_name=eval-test-{method}",
+        ],
     )
     run_id, _ = start_or_resume_run(cfg, uri)
     _, version = register_model(cfg, uri, run_id, str(hf_dir), {"method": method})

@@ -26,9 +26,7 @@ def _train_tiny_sft(steps: int = 600, lr: float = 3e-3, batch_size: int = 16, se
     examples, _ = tokenize_rows(tok, read_jsonl(DEMO_CHAT), source=str(DEMO_CHAT), max_length=256)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     warmup = 20
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1.0 - s / steps)
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1.0 - s / steps))
     gen = torch.Generator().manual_seed(seed)
     model.train()
     step = 0
