@@ -86,26 +86,37 @@ TRUNCATION_POLICIES: tuple[str, ...] = ("truncate_left", "truncate_right", "drop
 class DataError(ValueError):
     """A row that cannot become a training example.
 
-    ``source`` is the file (or dataset) name, ``row`` the 0-based row index,
-    ``reason`` a human-readable explanation, and ``kind`` a short category used
-    to count skipped rows (e.g. ``"role_order"``, ``"too_long"``).
+    ``source`` is the file (or dataset) name, ``row`` the row's 0-based index in
+    it, ``reason`` a human-readable explanation, ``kind`` a short category used to
+    count skipped rows (e.g. ``"role_order"``, ``"too_long"``) and ``line`` the
+    1-based line of a JSONL file.  The message counts as an editor does: ``line
+    57`` for JSONL, else the 1-based ``row 57``.
     """
 
-    def __init__(self, source: str, row: int | None, reason: str, *, kind: str = "invalid") -> None:
+    def __init__(
+        self, source: str, row: int | None, reason: str, *, kind: str = "invalid", line: int | None = None
+    ) -> None:
         self.source = source
         self.row = row
         self.reason = reason
         self.kind = kind
-        where = source if row is None else f"{source} row {row}"
-        super().__init__(f"{where}: {reason}")
+        self.line = line
+        super().__init__(f"{self.location}: {reason}")
+
+    @property
+    def location(self) -> str:
+        """``file line N``, ``file row N`` (1-based) or just the source when no row applies."""
+        if self.line is not None:
+            return f"{self.source} line {self.line}"
+        return self.source if self.row is None else f"{self.source} row {self.row + 1}"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # Keep the keyword-only ``kind`` when pickled (e.g. across Ray workers).
-        return (_rebuild_data_error, (self.source, self.row, self.reason, self.kind))
+        # Keep the keyword-only fields when pickled (e.g. across Ray workers).
+        return (_rebuild_data_error, (self.source, self.row, self.reason, self.kind, self.line))
 
 
-def _rebuild_data_error(source: str, row: int | None, reason: str, kind: str) -> DataError:
-    return DataError(source, row, reason, kind=kind)
+def _rebuild_data_error(source: str, row: int | None, reason: str, kind: str, line: int | None = None) -> DataError:
+    return DataError(source, row, reason, kind=kind, line=line)
 
 
 class _RowError(Exception):
@@ -460,6 +471,12 @@ class BadRowReport:
             self.samples.extend(other.samples[:room])
         return self
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> BadRowReport:
+        """The inverse of :meth:`to_dict` (reports travel between processes as dicts)."""
+        samples = [(s["source"], s["row"], s["reason"]) for s in d.get("samples", [])]
+        return cls(seen=int(d.get("seen", 0)), counts=dict(d.get("by_reason", {})), samples=samples)
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable summary for logging."""
         return {
@@ -527,18 +544,22 @@ def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(
-                    source, index, f"line {lineno}: invalid JSON ({e.msg} at column {e.colno})", kind="invalid_json"
-                ) from None
-            if not isinstance(obj, dict):
-                raise DataError(
-                    source, index, f"line {lineno}: expected a JSON object, got {_type_name(obj)}", kind="invalid_json"
-                )
-            yield obj
+            yield parse_json_row(line, source, index, line=lineno)
             index += 1
+
+
+def parse_json_row(text: str | bytes, source: str, row: int, *, line: int | None = None) -> dict[str, Any]:
+    """One JSON text -> the row's object; invalid JSON or a non-object is a :class:`DataError`
+    naming ``source`` and the line (JSONL) or row."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(
+            source, row, f"invalid JSON ({e.msg} at column {e.colno})", kind="invalid_json", line=line
+        ) from None
+    if not isinstance(obj, dict):
+        raise DataError(source, row, f"expected a JSON object, got {_type_name(obj)}", kind="invalid_json", line=line)
+    return obj
 
 
 # --------------------------------------------------------------------------- collate

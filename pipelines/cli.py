@@ -10,6 +10,8 @@ USAGE = """ift <command> [args]
 commands:
   train [CONFIG.yaml] [key=value ...]   train with Ray Train + DeepSpeed (default config: tiny)
   sweep [CONFIG.yaml] [key=value ...]   Ray Tune search over method.lam and method.decay
+  data prepare [CONFIG] [key=value ...] tokenize the config's sources once into data.cache_dir
+  data check [CONFIG] [key=value ...]   validate every row of the config's sources, list the bad ones
   eval MODEL [--tasks ...] [--limit N]  benchmark a model (models:/name@alias, runs:/..., path, hub id)
   compare MODEL MODEL ...               side-by-side benchmark table
   frozenlake [--out DIR] [--seeds N]    the paper's Frozen Lake experiment (section 5.3)
@@ -35,6 +37,7 @@ def _train(argv: list[str]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from ift.data import DataError
+    from pipelines.loop import ResumeError
     from pipelines.train import summary, train
 
     try:
@@ -42,7 +45,51 @@ def _train(argv: list[str]) -> int:
     except DataError as exc:
         print(f"error: bad training data: {exc}", file=sys.stderr)
         return 1
+    except ResumeError as exc:
+        print(f"error: cannot resume run '{cfg.run_name}': {exc}", file=sys.stderr)
+        return 2
     print(summary(cfg, result))
+    return 0
+
+
+def _data(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="ift data", description="Prepare the tokenized cache of a training config, or check its data."
+    )
+    parser.add_argument("action", choices=["prepare", "check"])
+    parser.add_argument("items", nargs="*", help="an optional CONFIG.yaml (or packaged name), then key=value overrides")
+    args = parser.parse_args(argv)
+    from pipelines.config import ConfigError, load_config, split_config_argument
+
+    config_path, overrides = split_config_argument(args.items)
+    try:
+        cfg = load_config(config_path, overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from ift.data import DataError
+    from pipelines import cache
+    from pipelines.train import init_ray
+
+    init_ray(log_to_driver=False)
+    import ray
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        if args.action == "check":
+            result = cache.check(cfg)
+            for err in result.bad:
+                print(err)
+            report = result.report().to_dict()
+            print(f"checked {result.rows:,} rows: {report['skipped']} bad {report['by_reason'] or ''}")
+            return 1 if result.bad else 0
+        entries = cache.prepare(cfg)
+    except DataError as exc:
+        print(f"error: bad data: {exc}", file=sys.stderr)
+        return 1
+    for entry in entries:
+        print(cache.describe(entry))
+    print(f"train from it with: ift train {config_path or ''} {' '.join(overrides)} data.cache=true".replace("  ", " "))
     return 0
 
 
@@ -64,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         return _train(rest)
     if command == "configs":
         return _configs(rest)
+    if command == "data":
+        return _data(rest)
     if command == "sweep":
         from tune.cli import main as sweep_main
 

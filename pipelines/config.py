@@ -66,7 +66,14 @@ class DataConfig(_Section):
         10_000, ge=0, description="Per-epoch local shuffle buffer (rows), seeded with seed+epoch; 0 = fixed order."
     )
     tokenize_batch_size: int = Field(256, gt=0, description="Rows per Ray Data map_batches call.")
-    tokenize_concurrency: int = Field(1, gt=0, description="Tokenizer actors (each loads the tokenizer once).")
+    tokenize_concurrency: int | None = Field(
+        None, gt=0, description="Tokenizer actors (each loads the tokenizer once); unset = one per CPU left free."
+    )
+    cache: bool = Field(
+        False,
+        description="Train from the tokenized cache in cache_dir (`ift data prepare` builds it; built if missing).",
+    )
+    cache_dir: str = Field("ift_cache", description="Where tokenized caches live: a local path or a URI (s3://...).")
 
 
 class MethodConfig(_Section):

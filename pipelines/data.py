@@ -1,152 +1,64 @@
-"""Ray Data: read sources, mix them, validate + tokenize in parallel, report bad rows.
+"""Ray Data: the corpus as a stream of tokenized rows, split across the Ray Train workers.
 
-Local JSONL and Parquet files are read by one Ray task per file that numbers its
-rows, so every error names the file and the row (``ray.data.read_json`` fails on
-a malformed line with a pyarrow message that names neither).  Hub datasets go
-through ``ray.data.from_huggingface``.  Tokenization runs in ``map_batches``
-with a callable class, so each actor loads the tokenizer once.  Rows that fail
-validation keep flowing with an ``error`` column, so the driver can either stop
-at the first one (``on_bad_row=error``) or count them all (``skip``); nothing is
-dropped silently.
+Per epoch, for each split::
 
-The tokenized datasets are materialized before training: on a 2-core machine
-tokenization must not compete with the training workers for CPUs, and every
-worker reads the same blocks in the same order (see ``pipelines.worker``).
+    shards (pipelines.sources, seeded order) -> read_shard (one task per shard)
+        -> TokenizeRows (map_batches, an actor pool: the tokenizer loads once per actor)
+        -> streaming_split across the workers (Ray Train's DataConfig, equal rows per rank)
+
+or, with ``data.cache=true``, the prepared Parquet shards of ``pipelines.cache``
+(already tokenized) instead of the first two stages.  Nothing is materialized:
+the first optimizer step waits for the first micro-batch, not for the corpus;
+each rank reads only its own rows; and everything a retried worker needs is
+re-read from the source files or the cache (no block lives only in one node's
+object store).  With ``preserve_order`` the stream, the split and the per-epoch
+local shuffle (``seed + epoch``) are the same in every run with the same seed.
+
+Bad rows are not dropped here: they flow with an ``error`` column to the worker
+that owns them, which stops the run naming the file and line
+(``on_bad_row=error``) or skips and counts them (``skip``); see
+:mod:`pipelines.batching`.  ``ift data check`` reports every bad row of a corpus.
 """
 
 from __future__ import annotations
 
-import glob
 import hashlib
-import json
-import os
-from collections.abc import Iterator
+import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray
 
-from ift.data import BadRowReport, DataError, tokenize_example
+from ift.data import DataError, parse_json_row, tokenize_example
 from ift.models import load_tokenizer
 from pipelines.config import DataSource, TrainConfig
+from pipelines.sources import Shard, expected_rows, read_shard, scan_source, shuffled, source_fingerprint, source_shards
 
-_META = ("source", "row")
-
-
-@dataclass
-class PreparedData:
-    """What the trainer needs from the data stage."""
-
-    train: ray.data.Dataset
-    validation: ray.data.Dataset | None
-    train_rows: int
-    validation_rows: int
-    report: BadRowReport
-    fingerprints: dict[str, str] = field(default_factory=dict)
-    train_tokens: int = 0
+# Bump when tokenization changes what a row becomes: it is part of every cache key.
+TOKENIZATION_VERSION = 1
+SFT_KEYS = ("input_ids", "labels")
+PAIR_KEYS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
+META_KEYS = ("source", "row", "line", "error", "error_kind", "num_tokens")
 
 
-# --------------------------------------------------------------------------- reading
+def token_keys(mode: str) -> tuple[str, ...]:
+    return SFT_KEYS if mode == "sft" else PAIR_KEYS
 
 
-def expand_paths(src: DataSource) -> list[str]:
-    """Files of a local source (a path, a directory of JSONL/Parquet, or a glob)."""
-    p = src.path
-    if any(ch in p for ch in "*?["):
-        files = sorted(glob.glob(p, recursive=True))
-    elif os.path.isdir(p):
-        files = sorted(
-            str(f) for f in Path(p).rglob("*") if f.suffix in (".jsonl", ".json", ".parquet") and f.is_file()
-        )
-    else:
-        files = [p] if os.path.exists(p) else []
-    if not files:
-        raise DataError(p, None, "no such file, or the glob/directory matched no .jsonl/.parquet file", kind="missing")
-    for f in files:
-        if Path(f).suffix not in (".jsonl", ".json", ".parquet"):
-            raise DataError(f, None, "unsupported file type (expected .jsonl, .json or .parquet)", kind="format")
-    return files
-
-
-def _read_file_rows(item: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """One file -> rows tagged with (source, row); runs as a Ray task per file."""
-    path = item["path"]
-    if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        index = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-            for record in batch.to_pylist():
-                yield {"source": path, "row": index, "payload": json.dumps(record, default=str)}
-                index += 1
-        return
-    index = 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            # Parsing happens in the tokenizer stage so a malformed line is a counted bad row.
-            yield {"source": path, "row": index, "payload": line, "line": lineno}
-            index += 1
-
-
-def _hf_rows(src: DataSource) -> ray.data.Dataset:
-    import datasets
-
-    name = src.path[len("hf:") :]
-    try:
-        hf = datasets.load_dataset(name, split=src.split)
-    except Exception as exc:  # offline, unknown id, unknown split
-        raise DataError(
-            src.path, None, f"cannot load hub dataset '{name}' split '{src.split}': {exc}", kind="missing"
-        ) from None
-    hf = hf.map(
-        lambda ex, i: {"payload": json.dumps(ex, default=str), "source": src.path, "row": i},
-        with_indices=True,
-        remove_columns=hf.column_names,
-    )
-    return ray.data.from_huggingface(hf)
-
-
-def read_source(src: DataSource) -> ray.data.Dataset:
-    """A source as a Ray Dataset of ``{source, row, payload}`` rows (payload: JSON text)."""
-    if src.path.startswith("hf:"):
-        ds = _hf_rows(src)
-    else:
-        files = expand_paths(src)
-        ds = ray.data.from_items([{"path": f} for f in files]).flat_map(_read_file_rows)
-        ds = ds.select_columns(["source", "row", "payload"])
-    if src.max_rows is not None:
-        ds = ds.limit(src.max_rows)
-    return ds
-
-
-def mix_sources(sources: list[DataSource], seed: int) -> ray.data.Dataset:
-    """Union of sources, each resampled by its ``weight``.
-
-    A weight is a sampling factor on the source's rows: 2.0 uses every row twice,
-    0.5 a seeded random half, 1.5 every row once plus a random half.
-    """
-    parts = []
-    for i, src in enumerate(sources):
-        ds = read_source(src)
-        whole, frac = divmod(src.weight, 1.0)
-        pieces = [ds] * int(whole)
-        if frac > 1e-9:
-            pieces.append(ds.random_sample(frac, seed=seed + i))
-        parts.extend(pieces)
-    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+def data_mode(cfg: TrainConfig) -> str:
+    """``"preference"`` for methods that train on pairs, else ``"sft"``."""
+    return "preference" if cfg.method.needs_pairs else "sft"
 
 
 # --------------------------------------------------------------------------- tokenization
 
 
 class TokenizeRows:
-    """``map_batches`` callable: JSON payloads -> token ids, or an error per row.
+    """``map_batches`` callable: JSON payloads -> token ids, or the row's error.
 
-    The tokenizer is loaded once per actor, in ``__init__``.
+    The tokenizer is loaded once per actor, in ``__init__``.  A bad row keeps its
+    place in the stream with ``error``/``error_kind`` set and empty token columns.
     """
 
     def __init__(self, tokenizer_name: str, mode: str, max_length: int, truncation: str, trust_remote_code: bool):
@@ -156,38 +68,18 @@ class TokenizeRows:
         self.truncation = truncation
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        keys = (
-            ["input_ids", "labels"]
-            if self.mode == "sft"
-            else ["chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"]
-        )
-        out: dict[str, list] = {k: [] for k in (*keys, "source", "row", "error", "error_kind", "num_tokens")}
-        if "split" in batch:  # pass-through tag (train/validation share one tokenizer pool)
-            out["split"] = list(batch["split"])
-        for source, row, payload in zip(batch["source"], batch["row"], batch["payload"], strict=True):
-            source, row = str(source), int(row)
-            tokens: dict[str, list[int]] = {k: [] for k in keys}
+        keys = token_keys(self.mode)
+        out: dict[str, list] = {k: [] for k in (*keys, *META_KEYS)}
+        lines = batch["line"] if "line" in batch else [0] * len(batch["row"])
+        for source, row, line, payload in zip(batch["source"], batch["row"], lines, batch["payload"], strict=True):
+            source, row, line = str(source), int(row), int(line)
             error = kind = ""
             try:
-                try:
-                    obj = json.loads(payload)
-                except json.JSONDecodeError as exc:
-                    raise DataError(
-                        source, row, f"invalid JSON ({exc.msg} at column {exc.colno})", kind="invalid_json"
-                    ) from None
-                if not isinstance(obj, dict):
-                    raise DataError(
-                        source, row, f"expected a JSON object, got {type(obj).__name__}", kind="invalid_json"
-                    )
+                obj = parse_json_row(payload, source, row, line=line or None)
                 tokens = tokenize_example(
-                    self.tokenizer,
-                    obj,
-                    mode=self.mode,
-                    max_length=self.max_length,
-                    truncation=self.truncation,
-                    source=source,
-                    index=row,
-                )
+                    self.tokenizer, obj, mode=self.mode, max_length=self.max_length,
+                    truncation=self.truncation, source=source, index=row,
+                )  # fmt: skip
             except DataError as exc:
                 error, kind = exc.reason, exc.kind
                 tokens = {k: [] for k in keys}
@@ -195,127 +87,178 @@ class TokenizeRows:
                 out[k].append(np.asarray(tokens[k], dtype=np.int32))
             out["source"].append(source)
             out["row"].append(row)
+            out["line"].append(line)
             out["error"].append(error)
             out["error_kind"].append(kind)
             out["num_tokens"].append(len(tokens[keys[0]]))
         return out
 
 
-def tokenize_dataset(ds: ray.data.Dataset, cfg: TrainConfig) -> ray.data.Dataset:
-    mode = "preference" if cfg.method.needs_pairs else "sft"
+def tokenizer_id(cfg: TrainConfig) -> str:
+    """The tokenizer's name and revision, as the cache key sees it."""
+    return f"{cfg.model.tokenizer or cfg.model.name}@{cfg.model.revision or 'default'}"
+
+
+def tokenize(ds: ray.data.Dataset, cfg: TrainConfig, *, concurrency: int, num_cpus: float) -> ray.data.Dataset:
     return ds.map_batches(
         TokenizeRows,
         fn_constructor_args=(
             cfg.model.tokenizer or cfg.model.name,
-            mode,
+            data_mode(cfg),
             cfg.data.max_length,
             cfg.data.truncation,
             cfg.model.trust_remote_code,
-        ),
+        ),  # fmt: skip
         batch_size=cfg.data.tokenize_batch_size,
-        compute=ray.data.ActorPoolStrategy(size=cfg.data.tokenize_concurrency),
-        num_cpus=min(1.0, cfg.scaling.cpus_per_worker),
+        compute=ray.data.ActorPoolStrategy(size=concurrency),
+        num_cpus=num_cpus,
         batch_format="numpy",
     )
 
 
-def collect_bad_rows(
-    tokenized: ray.data.Dataset, on_bad_row: str
-) -> tuple[BadRowReport, dict[str, int], dict[str, int]]:
-    """Scan the (materialized) tokenized rows' small columns once.
-
-    Raises on the first bad row (by file, row) under ``on_bad_row="error"``;
-    otherwise counts them all.  Returns the report and, per split, the number of
-    good rows and of tokens.
-    """
-    meta = tokenized.select_columns(["split", "source", "row", "error", "error_kind", "num_tokens"]).to_pandas()
-    bad = meta[meta["error"] != ""].sort_values(["source", "row"])
-    report = BadRowReport(seen=len(meta))
-    if len(bad) and on_bad_row == "error":
-        first = bad.iloc[0]
-        more = f" ({len(bad) - 1} more bad rows; data.on_bad_row=skip skips and counts them)" if len(bad) > 1 else ""
-        raise DataError(
-            str(first["source"]), int(first["row"]), str(first["error"]) + more, kind=str(first["error_kind"])
-        )
-    for r in bad.itertuples():
-        report.add(DataError(str(r.source), int(r.row), str(r.error), kind=str(r.error_kind)))
-    good = meta[meta["error"] == ""]
-    rows = good.groupby("split").size().to_dict()
-    tokens = good.groupby("split")["num_tokens"].sum().to_dict()
-    return report, {k: int(v) for k, v in rows.items()}, {k: int(v) for k, v in tokens.items()}
+# --------------------------------------------------------------------------- plans
 
 
-# --------------------------------------------------------------------------- fingerprints
+@dataclass
+class SplitPlan:
+    """What one split reads: its shards in order, the rows they hold, and the content fingerprint."""
+
+    shards: list[Shard]
+    rows: int
+    fingerprint: str
 
 
-def fingerprint_source(src: DataSource) -> str:
-    """Content hash of a local source's files (or the hub id/split), 16 hex chars."""
+@dataclass
+class DataPlan:
+    train: SplitPlan
+    validation: SplitPlan | None
+    from_cache: bool = False
+    cache_paths: list[str] = field(default_factory=list)
+
+
+def examples_fingerprint(source_fps: list[str], cfg: TrainConfig, extra: str = "") -> str:
+    """A split's identity: its sources' content, how they are mixed, and how rows become examples."""
     h = hashlib.sha256()
-    if src.path.startswith("hf:"):
-        h.update(f"{src.path}:{src.split}".encode())
-    else:
-        for f in expand_paths(src):
-            h.update(f.encode())
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
-    h.update(f"{src.weight}:{src.max_rows}".encode())
+    for fp in source_fps:
+        h.update(fp.encode())
+    h.update(
+        f"{tokenizer_id(cfg)}:{cfg.data.max_length}:{cfg.data.truncation}:{data_mode(cfg)}:"
+        f"{TOKENIZATION_VERSION}:{cfg.optimization.seed}:{extra}".encode()
+    )
     return h.hexdigest()[:16]
 
 
-def fingerprint(sources: list[DataSource], cfg: TrainConfig) -> str:
-    h = hashlib.sha256()
-    for src in sources:
-        h.update(fingerprint_source(src).encode())
-    h.update(f"{cfg.model.tokenizer or cfg.model.name}:{cfg.data.max_length}:{cfg.data.truncation}".encode())
-    return h.hexdigest()[:16]
+def _source_key(src: DataSource) -> str:
+    return f"{src.weight}:{src.max_rows}"
 
 
-# --------------------------------------------------------------------------- entry point
+def plan_data(cfg: TrainConfig) -> DataPlan:
+    """Scan the sources (row counts, content hashes) and lay out each split's shards.
 
-
-def prepare_datasets(cfg: TrainConfig) -> PreparedData:
-    """Read, mix, tokenize, validate and shuffle the train and validation data.
-
-    Train and validation rows go through one tokenizer pool in one pass (tagged
-    with a ``split`` column); the train split gets one seeded global shuffle and
-    epochs then reshuffle locally with ``seed + epoch``.
+    With ``data.cache=true`` the shards are the prepared cache's (prepared first
+    if missing, see :func:`pipelines.cache.ensure_prepared`).
     """
     seed = cfg.optimization.seed
-    parts = [mix_sources(cfg.data.train, seed).add_column("split", lambda b: _fill(b, "train"))]
-    if cfg.data.validation:
-        parts.append(mix_sources(cfg.data.validation, seed).add_column("split", lambda b: _fill(b, "validation")))
-    raw = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    tokenized = tokenize_dataset(raw, cfg).materialize()
-    report, rows, tokens = collect_bad_rows(tokenized, cfg.data.on_bad_row)
+    if cfg.data.cache:
+        from pipelines.cache import cached_plan
 
-    def good(split: str) -> ray.data.Dataset:
-        return tokenized.filter(expr=f"split == '{split}' and error == ''").drop_columns(
-            ["split", "error", "error_kind"]
-        )
+        return cached_plan(cfg)
+    holdout = cfg.data.validation_fraction if not cfg.data.validation else 0.0
 
-    train = good("train").random_shuffle(seed=seed).materialize()
-    validation = good("validation").materialize() if cfg.data.validation else None
-    train_tokens = tokens.get("train", 0)
-    if validation is None and cfg.data.validation_fraction > 0:
-        train, validation = train.train_test_split(cfg.data.validation_fraction, shuffle=True, seed=seed)
-        train, validation = train.materialize(), validation.materialize()
-        train_tokens = int(train.sum("num_tokens") or 0)  # held-out rows are no training tokens
-    fps = {"train": fingerprint(cfg.data.train, cfg)}
+    def split(sources: list[DataSource], side: str | None) -> SplitPlan:
+        shards, fps = [], []
+        for i, src in enumerate(sources):
+            scans = scan_source(src)
+            fps.append(f"{source_fingerprint(src, scans)}:{_source_key(src)}")
+            if side == "validation":  # held-out rows: each source once, whatever its weight
+                src = src.model_copy(update={"weight": 1.0})
+            shards += source_shards(
+                src, scans, source_index=i, seed=seed, holdout=(holdout, side) if side and holdout else None
+            )
+        shards = shuffled(shards, seed)
+        return SplitPlan(shards, expected_rows(shards), examples_fingerprint(fps, cfg, f"{side}:{holdout}"))
+
+    train = split(cfg.data.train, "train" if holdout else None)
     if cfg.data.validation:
-        fps["validation"] = fingerprint(cfg.data.validation, cfg)
-    return PreparedData(
-        train=train,
+        validation = split(cfg.data.validation, None)
+    elif holdout:
+        validation = split(cfg.data.train, "validation")
+    else:
+        validation = None
+    return DataPlan(train=train, validation=validation)
+
+
+def stream(plan: SplitPlan, cfg: TrainConfig, *, from_cache: bool, concurrency: int, num_cpus: float):
+    """A split's lazy Ray Dataset of tokenized rows (``META_KEYS`` + the mode's token columns)."""
+    items = [s.to_item() for s in plan.shards]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    if from_cache:
+        from pipelines.cache import read_cached_shard
+
+        return ds.map_batches(read_cached_shard, batch_size=1, batch_format="numpy", num_cpus=num_cpus)
+    return tokenize(ds.flat_map(read_shard, num_cpus=num_cpus), cfg, concurrency=concurrency, num_cpus=num_cpus)
+
+
+# --------------------------------------------------------------------------- resources
+
+
+def tokenizer_resources(
+    cfg: TrainConfig, cluster_cpus: float, *, training_cpus: float | None = None
+) -> tuple[int, float]:
+    """``(actors, CPUs per actor)`` for the tokenizer pool.
+
+    ``data.tokenize_concurrency`` wins when set.  Otherwise one actor per CPU the
+    training workers (``training_cpus``, default: the config's workers) leave free,
+    at most 16 and at least one.  When the workers take every CPU (a laptop) the
+    actors ask for a share of what is left so they can run at all; they then
+    compete with training for CPU, which the driver says.
+    """
+    if training_cpus is None:
+        training_cpus = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    free = cluster_cpus - training_cpus
+    if cfg.data.tokenize_concurrency is not None:
+        actors = cfg.data.tokenize_concurrency
+    else:
+        actors = int(max(1, min(16, free)))
+    per_actor = 1.0 if free >= actors else max(free, 0.0) / actors
+    return actors, math.floor(per_actor * 1000) / 1000
+
+
+@dataclass
+class StreamingData:
+    """What the trainer needs from the data stage."""
+
+    train: ray.data.Dataset
+    validation: ray.data.Dataset | None
+    train_rows: int  # rows the train stream holds before bad rows (exact from a cache)
+    validation_rows: int
+    fingerprints: dict[str, str]
+    from_cache: bool
+    tokenizer_actors: int
+    tokenizer_cpus: float
+    cache_paths: list[str] = field(default_factory=list)
+
+
+def build_datasets(cfg: TrainConfig, *, cluster_cpus: float | None = None) -> StreamingData:
+    """Plan the splits and build their lazy streams (nothing is read or tokenized yet)."""
+    plan = plan_data(cfg)
+    if cluster_cpus is None:
+        cluster_cpus = ray.cluster_resources().get("CPU", 1.0)
+    actors, cpus = tokenizer_resources(cfg, cluster_cpus)
+    kwargs: dict[str, Any] = {"from_cache": plan.from_cache, "concurrency": actors, "num_cpus": cpus}
+    fps = {"train": plan.train.fingerprint}
+    validation = None
+    if plan.validation is not None:
+        validation = stream(plan.validation, cfg, **kwargs)
+        fps["validation"] = plan.validation.fingerprint
+    return StreamingData(
+        train=stream(plan.train, cfg, **kwargs),
         validation=validation,
-        train_rows=train.count(),
-        validation_rows=validation.count() if validation is not None else 0,
-        report=report,
+        train_rows=plan.train.rows,
+        validation_rows=plan.validation.rows if plan.validation is not None else 0,
         fingerprints=fps,
-        train_tokens=train_tokens,
+        from_cache=plan.from_cache,
+        tokenizer_actors=actors,
+        tokenizer_cpus=cpus,
+        cache_paths=plan.cache_paths,
     )
-
-
-def _fill(batch: Any, value: str):
-    import pyarrow as pa
-
-    return pa.array([value] * len(batch))

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ift.data import DataError
 from ift.models import load_model, load_tokenizer
 from ift.objectives import sft_loss
 from pipelines.config import TrainConfig
@@ -32,14 +33,36 @@ DS_TAG = "deepspeed"
 HF_MODEL_DIR = "hf_model"
 
 
+class ResumeError(RuntimeError):
+    """A checkpoint that cannot be resumed as the run is now configured."""
+
+
 @dataclass
 class LoopState:
     """Where training is; saved with every checkpoint so a resume continues exactly."""
 
     step: int = 0  # optimizer steps done
     epoch: int = 0
-    micro_in_epoch: int = 0  # micro-batches of `epoch` already consumed
+    micro_in_epoch: int = 0  # micro-batches of `epoch` already consumed (the same on every rank)
     tokens_seen: int = 0
+    # What the data position means: a resume with another world size or other data is refused.
+    world_size: int = 0
+    data_fingerprint: str = ""
+
+    def check_resumable(self, world_size: int, data_fingerprint: str) -> None:
+        """Refuse to resume a checkpoint whose data position means something else now."""
+        if self.world_size and self.world_size != world_size:
+            raise ResumeError(
+                f"the checkpoint at step {self.step} was written by {self.world_size} workers and this run has "
+                f"{world_size}: each rank's data position would point at other rows.  Resume with "
+                f"scaling.num_workers={self.world_size}, or start a new run (another run_name)."
+            )
+        if self.data_fingerprint and self.data_fingerprint != data_fingerprint:
+            raise ResumeError(
+                f"the checkpoint at step {self.step} was written for training data {self.data_fingerprint} and the "
+                f"data is now {data_fingerprint} (files, mixture, tokenizer, max_length or seed changed).  Resume "
+                "with the same data, or start a new run (another run_name)."
+            )
 
     def save(self, directory: str | os.PathLike) -> None:
         path = Path(directory) / STATE_FILE
@@ -218,6 +241,43 @@ def all_reduce_sum(value: int, device: torch.device) -> int:
     return int(t.item())
 
 
+class StreamDataError(DataError):
+    """A bad row stopped training; raised on every rank at once (the row is the first rank's that met one)."""
+
+
+def all_reduce_max(value: int, device: torch.device) -> int:
+    if _world()[1] == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def next_batch_on_every_rank(iterator: Iterator, device: torch.device) -> dict[str, Any] | None:
+    """This rank's next micro-batch, or None when any rank's stream has ended.
+
+    One small collective per micro-batch makes the ranks agree before anyone starts a
+    forward pass that the others would not join.  A :class:`DataError` on any rank
+    becomes a :class:`StreamDataError` on every rank, carrying the lowest rank's row.
+    """
+    status, batch, error = 0, None, None
+    try:
+        batch = next(iterator)
+    except StopIteration:
+        status = 1
+    except DataError as exc:
+        status, error = 2, exc
+    agreed = all_reduce_max(status, device)
+    if agreed == 2:
+        errors = [error]
+        if _world()[1] > 1:
+            errors = [None] * _world()[1]
+            dist.all_gather_object(errors, error)
+        first = next(e for e in errors if e is not None)
+        raise StreamDataError(first.source, first.row, first.reason, kind=first.kind, line=first.line)
+    return batch if agreed == 0 else None
+
+
 def grad_norm(engine) -> float | None:
     """Global gradient norm of the step just taken (DeepSpeed keeps it for ZeRO ≥ 1)."""
     norm = engine.get_global_grad_norm()
@@ -244,7 +304,9 @@ def validation_metrics(
     engine.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # objective, nll, batches
     prefix = objective.response_prefix
-    for batch in batches:
+    iterator = iter(batches)
+    # In step across ranks: under ZeRO-3 every forward gathers parameters from all of them.
+    while (batch := next_batch_on_every_rank(iterator, device)) is not None:
         batch = to_device(batch, device)
         nll = sft_loss(engine, batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"], batch[f"{prefix}labels"])
         if objective.can_validate:
@@ -301,15 +363,20 @@ def run_training(
     device: torch.device,
     on_step: StepCallback,
     reference_table: ReferenceTable | None = None,
+    on_epoch_end: Callable[[int], None] | None = None,
 ) -> LoopState:
     """Train until ``schedule.total_steps``; call ``on_step(state, metrics, is_last)`` after each step.
 
     ``batches_for_epoch(epoch)`` yields this rank's micro-batches of that epoch in
     a deterministic order, so a resume skips exactly ``state.micro_in_epoch`` of them.
-    ``on_step`` reports, logs and checkpoints (the Ray worker's job).
+    Every rank takes each micro-batch in step with the others
+    (:func:`next_batch_on_every_rank`): when one rank's stream ends the epoch ends
+    on all of them, and a bad row met by any rank stops all of them with
+    :class:`StreamDataError`, so no rank is left waiting in a collective.
+    ``on_step`` reports, logs and checkpoints (the Ray worker's job);
+    ``on_epoch_end(epoch)`` runs on every rank after each epoch (a collective is fine there).
     """
     o = cfg.optimization
-    ga = o.gradient_accumulation_steps
     engine.train()
     window: dict[str, float] = {}
     window_n = 0
@@ -319,18 +386,21 @@ def run_training(
     zero_stage = engine.zero_optimization_stage()
 
     while state.step < schedule.total_steps and state.epoch < o.epochs:
-        iterator: Iterator = iter(batches_for_epoch(state.epoch))
+        epoch = state.epoch
+        iterator: Iterator = iter(batches_for_epoch(epoch))
         for _ in range(state.micro_in_epoch):  # resume mid-epoch at the same data position
             next(iterator)
-        for batch in iterator:
-            if state.micro_in_epoch >= schedule.micro_per_epoch or state.step >= schedule.total_steps:
+        while state.micro_in_epoch < schedule.micro_per_epoch and state.step < schedule.total_steps:
+            batch = next_batch_on_every_rank(iterator, device)
+            if batch is None:  # a rank's stream ended (bad rows skipped, sampling): the epoch ends for all
                 break
             batch = to_device(batch, device)
             if reference_table is not None:
                 attach_reference(batch, reference_table, device)
             out = objective(engine, batch, state.step)
             engine.backward(out.loss)
-            boundary = (state.micro_in_epoch + 1) % ga == 0
+            # DeepSpeed's own count decides; an epoch cut short leaves its partial accumulation to the next.
+            boundary = engine.is_gradient_accumulation_boundary()
             norm0 = _stage0_grad_norm(engine.module) if boundary and zero_stage == 0 else None
             engine.step()
             state.micro_in_epoch += 1
@@ -372,10 +442,9 @@ def run_training(
                 state.epoch += 1
                 state.micro_in_epoch = 0
             on_step(state, metrics, is_last)
-            if is_last or state.micro_in_epoch == 0:
-                break
-        else:
-            # The iterator ran dry before micro_per_epoch (it should not: the schedule drops remainders).
+        if state.epoch == epoch and state.step < schedule.total_steps:  # the stream ended before the schedule
             state.epoch += 1
             state.micro_in_epoch = 0
+        if on_epoch_end is not None:
+            on_epoch_end(epoch)
     return state

@@ -91,37 +91,24 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> Non
         client.log_batch(run_id, params=items[i : i + 100])
 
 
-def log_data_report(
-    client: MlflowClient,
-    run_id: str,
-    fingerprints: dict[str, str],
-    report: dict[str, Any],
-    train_rows: int,
-    validation_rows: int,
-    train_tokens: int,
-) -> None:
-    for split, fp in fingerprints.items():
+def log_data_plan(client: MlflowClient, run_id: str, data: Any) -> None:
+    """What the run reads (a :class:`pipelines.data.StreamingData`): fingerprints as tags, the planned
+    rows as metrics and ``data_plan.json``.  Bad rows are counted while streaming (``bad_rows_skipped.json``)."""
+    for split, fp in data.fingerprints.items():
         client.set_tag(run_id, f"data_fingerprint.{split}", fp)
-    client.log_dict(
-        run_id,
-        {
-            "fingerprints": fingerprints,
-            "bad_rows": report,
-            "train_rows": train_rows,
-            "validation_rows": validation_rows,
-            "train_tokens": train_tokens,
-        },
-        "data_report.json",
-    )
+    plan = {
+        "fingerprints": data.fingerprints, "train_rows": data.train_rows, "validation_rows": data.validation_rows,
+        "from_cache": data.from_cache, "cache": data.cache_paths, "tokenizer_actors": data.tokenizer_actors,
+        "tokenizer_cpus": data.tokenizer_cpus,
+    }  # fmt: skip
+    client.log_dict(run_id, plan, "data_plan.json")
     from mlflow.entities import Metric
 
     client.log_batch(
         run_id,
         metrics=[
-            Metric("data/train_rows", train_rows, 0, 0),
-            Metric("data/validation_rows", validation_rows, 0, 0),
-            Metric("data/bad_rows_skipped", report.get("skipped", 0), 0, 0),
-            Metric("data/train_tokens", train_tokens, 0, 0),
+            Metric("data/train_rows", data.train_rows, 0, 0),
+            Metric("data/validation_rows", data.validation_rows, 0, 0),
         ],
     )
 
@@ -228,7 +215,12 @@ def artifact_source(model_uri: str, tracking_uri: str) -> str:
     return client.get_model_version_download_uri(name, version)
 
 
-def end_run(tracking_uri: str, run_id: str, ok: bool) -> None:
-    MlflowClient(tracking_uri=tracking_uri).set_terminated(
-        run_id, RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
-    )
+FAILURE_TAG = "ift.failure_reason"
+
+
+def end_run(tracking_uri: str, run_id: str, ok: bool, reason: str | None = None) -> None:
+    """Mark the run FINISHED, or FAILED with ``reason`` in the ``ift.failure_reason`` tag."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    if not ok and reason:
+        client.set_tag(run_id, FAILURE_TAG, reason[:5000])
+    client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED))

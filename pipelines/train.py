@@ -4,6 +4,7 @@ MLflow, registers the final model and prints where everything is."""
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from dataclasses import dataclass, field
@@ -11,12 +12,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import ray
+from ray.data import ExecutionOptions
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from tqdm.auto import tqdm
 
 from pipelines.config import TrainConfig
-from pipelines.loop import HF_MODEL_DIR, Schedule
+from pipelines.loop import HF_MODEL_DIR, STATE_FILE, LoopState, Schedule
 
 if TYPE_CHECKING:
     from pipelines.worker import KillWorker
@@ -77,6 +79,26 @@ def _storage_path(cfg: TrainConfig) -> str:
     return p if "://" in p else str(Path(p).resolve())
 
 
+def latest_loop_state(storage_path: str, run_name: str) -> LoopState | None:
+    """The loop state of the run's newest checkpoint in storage (any pyarrow filesystem), if any."""
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(storage_path if "://" in storage_path else Path(storage_path).as_uri())
+    run_dir = f"{root.rstrip('/')}/{run_name}"
+    if fs.get_file_info(run_dir).type != pafs.FileType.Directory:
+        return None
+    newest = None
+    for info in fs.get_file_info(pafs.FileSelector(run_dir)):
+        state_file = f"{info.path}/{STATE_FILE}"
+        if info.type != pafs.FileType.Directory or fs.get_file_info(state_file).type != pafs.FileType.File:
+            continue
+        with fs.open_input_stream(state_file) as f:
+            state = LoopState(**json.loads(f.read()))
+        if newest is None or state.step > newest.step:
+            newest = state
+    return newest
+
+
 def _progress_loop(tracker, bar: tqdm, done: threading.Event) -> None:
     while not done.wait(0.5):
         try:
@@ -105,40 +127,42 @@ def train(
 
     ``fault`` is a test hook that kills a worker at a given step (see :class:`pipelines.worker.KillWorker`).
     """
+    from ift.data import DataError
     from pipelines import tracking
-    from pipelines.data import prepare_datasets
+    from pipelines.data import build_datasets
     from pipelines.worker import train_loop_per_worker
 
     init_ray()
     use_gpu = _use_gpu(cfg)
     tracking_uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
 
-    data = prepare_datasets(cfg)
+    data = build_datasets(cfg)
     for ds in (data.train, data.validation):
         if ds is not None:  # workers' per-epoch Ray Data bars would garble the driver's bar
             ds.context.enable_progress_bars = False
+    if not data.from_cache and data.tokenizer_cpus < 1 and show_progress:
+        print(
+            f"note: the training workers take the cluster's CPUs; the tokenizer runs on a {data.tokenizer_cpus} CPU "
+            "share beside them (set scaling.cpus_per_worker lower, or `ift data prepare` and data.cache=true)"
+        )
     schedule = Schedule.from_config(cfg, data.train_rows, cfg.scaling.num_workers)
+    previous = latest_loop_state(_storage_path(cfg), cfg.run_name)
+    if previous is not None:  # refused here, before any worker starts (a worker would be retried)
+        previous.check_resumable(cfg.scaling.num_workers, data.fingerprints["train"])
 
     run_id = None
     if cfg.mlflow.enabled:
         run_id, resumed = tracking.start_or_resume_run(cfg, tracking_uri, parent_run_id=parent_run_id)
         client = tracking.MlflowClient(tracking_uri=tracking_uri)
         if not resumed:
-            tracking.log_data_report(
-                client,
-                run_id,
-                data.fingerprints,
-                data.report.to_dict(),
-                data.train_rows,
-                data.validation_rows,
-                data.train_tokens,
-            )
+            tracking.log_data_plan(client, run_id, data)
     tracker = ProgressTracker.remote()
     loop_config = {
         "config": cfg.model_dump(mode="json"),
         "schedule": schedule.__dict__,
         "use_gpu": use_gpu,
         "has_validation": data.validation is not None,
+        "data_fingerprint": data.fingerprints["train"],
         "tracking_uri": tracking_uri,
         "mlflow_run_id": run_id,
         "progress": tracker,
@@ -166,7 +190,10 @@ def train(
             callbacks=extra_callbacks or None,
         ),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+        # Each rank streams its own equal share, in an order fixed by the seed.
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=list(datasets), execution_options=ExecutionOptions(preserve_order=True)
+        ),
     )
 
     bar = tqdm(
@@ -188,8 +215,16 @@ def train(
         poller.join(timeout=2)
         bar.close()
         if run_id is not None and not ok:
-            tracking.end_run(tracking_uri, run_id, ok=False)
+            tracking.end_run(tracking_uri, run_id, ok=False, reason="training failed (see the driver's log)")
 
+    metrics = dict(result.metrics or {})
+    if "data_error" in metrics:
+        bad = json.loads(metrics["data_error"])
+        error = DataError(bad["source"], bad["row"], bad["reason"], kind=bad["kind"], line=bad["line"])
+        if run_id is not None:
+            tracking.end_run(tracking_uri, run_id, ok=False, reason=f"bad training data: {error}")
+        raise error
+    report = json.loads(metrics.pop("data_report", "{}"))
     ckpt_path = result.checkpoint.path if result.checkpoint is not None else None
     hf_dir = os.path.join(ckpt_path, HF_MODEL_DIR) if ckpt_path else None
     if hf_dir and not os.path.isdir(hf_dir):
@@ -198,9 +233,9 @@ def train(
         run_name=cfg.run_name,
         checkpoint_path=ckpt_path,
         hf_model_path=hf_dir,
-        metrics=dict(result.metrics or {}),
+        metrics=metrics,
         mlflow_run_id=run_id,
-        data_report=data.report.to_dict(),
+        data_report=report,
     )
     if run_id is not None:
         _finish_tracking(cfg, tracking_uri, run_id, out, data.fingerprints, register=register)

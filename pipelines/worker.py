@@ -1,62 +1,45 @@
 """The Ray Train worker: plain PyTorch + DeepSpeed around ``pipelines.loop.run_training``.
 
-Data: every worker reads the same materialized, globally shuffled stream
-(``DataConfig(datasets_to_split=[])``) with the same per-epoch local-shuffle
-seed, cuts it into global batches of ``micro_batch_size × world_size`` rows and
-keeps its own slice, as ``DistributedSampler`` does.  That makes the order
-deterministic, so (a) a resume skips exactly the micro-batches already seen,
-(b) every rank runs the same number of steps (no collective hangs on uneven
-shards) and (c) 2 workers × micro-batch B see the same rows per step as 1 worker
-with micro-batch B and 2 accumulation steps.
+Data: each rank iterates its own share of the streamed corpus (Ray Train's
+``streaming_split``: equal rows per rank, decided in a deterministic order), with
+the per-epoch local shuffle seeded ``seed + epoch``.  :class:`pipelines.batching.MicroBatches`
+turns the rows into micro-batches and applies the bad-row policy; the loop keeps
+the ranks in step.  A resume re-reads the epoch's stream and skips the micro-batches
+already trained (refused when the world size or the data changed).  At each epoch's
+end the ranks' data figures are gathered and rank 0 logs them to MLflow.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import ray.data
 import ray.train
 import torch
+import torch.distributed as dist
+from mlflow.entities import Metric
 
-from ift.data import pad_collate
+from ift.data import BadRowReport, DataError
+from pipelines.batching import MicroBatches
 from pipelines.config import TrainConfig
+from pipelines.data import data_mode, token_keys
 from pipelines.loop import (
     DS_TAG,
     HF_MODEL_DIR,
     LoopState,
     Schedule,
+    StreamDataError,
     build_engine,
     build_model_and_tokenizer,
     export_hf_model,
     run_training,
 )
 from pipelines.methods import build_objective
-
-
-class RankSliceCollate:
-    """Global batch (numpy columns) -> this rank's padded tensors."""
-
-    def __init__(self, rank: int, world: int, micro_batch: int, pad_token_id: int, keep_ids: bool):
-        self.start, self.stop = rank * micro_batch, (rank + 1) * micro_batch
-        self.pad_token_id = pad_token_id
-        self.keep_ids = keep_ids
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        token_keys = [k for k in batch if k.endswith(("input_ids", "labels"))]
-        rows = [
-            {k: batch[k][i].tolist() for k in token_keys}
-            for i in range(self.start, min(self.stop, len(batch[token_keys[0]])))
-        ]
-        out: dict[str, Any] = pad_collate(rows, self.pad_token_id)
-        if self.keep_ids:
-            out["source"] = [str(s) for s in batch["source"][self.start : self.stop]]
-            out["row"] = torch.as_tensor(np.asarray(batch["row"][self.start : self.stop], dtype=np.int64))
-        return out
 
 
 @dataclass(frozen=True)
@@ -104,29 +87,45 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             engine.load_checkpoint(ckpt_dir, tag=DS_TAG, load_lr_scheduler_states=True)
             state = LoopState.load(ckpt_dir)
 
+    state.check_resumable(world, loop_config["data_fingerprint"])
+    state.world_size, state.data_fingerprint = world, loop_config["data_fingerprint"]
+
     precompute = cfg.method.name == "dpo" and cfg.method.precompute_reference
     micro = cfg.optimization.micro_batch_size
-    collate = RankSliceCollate(rank, world, micro, tokenizer.pad_token_id, keep_ids=precompute)
+    keys = token_keys(data_mode(cfg))
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation") if loop_config["has_validation"] else None
+    epoch_batches: dict[int, MicroBatches] = {}
 
-    def batches_for_epoch(epoch: int):
-        return train_shard.iter_torch_batches(
-            batch_size=micro * world,
-            drop_last=True,
-            collate_fn=collate,
-            local_shuffle_buffer_size=cfg.data.shuffle_buffer_size or None,
-            local_shuffle_seed=cfg.optimization.seed + epoch if cfg.data.shuffle_buffer_size else None,
+    def micro_batches(shard, *, shuffle_seed: int | None, **kwargs: Any) -> MicroBatches:
+        shuffle = cfg.data.shuffle_buffer_size if shuffle_seed is not None else 0
+        rows = shard.iter_batches(
+            batch_size=micro, batch_format="numpy", local_shuffle_buffer_size=shuffle or None,
+            local_shuffle_seed=shuffle_seed if shuffle else None,
+        )  # fmt: skip
+        return MicroBatches(
+            rows, token_keys=keys, micro_batch_size=micro, pad_token_id=tokenizer.pad_token_id,
+            on_bad_row=cfg.data.on_bad_row, **kwargs,
+        )  # fmt: skip
+
+    def batches_for_epoch(epoch: int) -> MicroBatches:
+        epoch_batches[epoch] = micro_batches(
+            train_shard, shuffle_seed=cfg.optimization.seed + epoch, keep_ids=precompute
         )
+        return epoch_batches[epoch]
 
-    def validation_batches():
-        return val_shard.iter_torch_batches(batch_size=micro * world, drop_last=True, collate_fn=collate)
+    validation_cache: list[dict[str, Any]] = []
+
+    def validation_batches() -> list[dict[str, Any]]:
+        # Read and tokenized once per worker (it is small); each rank keeps its own share.
+        if not validation_cache:
+            validation_cache.extend(micro_batches(val_shard, shuffle_seed=None))
+        return validation_cache
 
     reference_table = None
-    if precompute:
-        all_rows = RankSliceCollate(0, 1, micro * world, tokenizer.pad_token_id, keep_ids=True)
+    if precompute:  # each rank scores the rows of its own share, which it reads again every epoch
         reference_table = objective.precompute_reference(
-            train_shard.iter_torch_batches(batch_size=micro * world, collate_fn=all_rows)
+            micro_batches(train_shard, shuffle_seed=None, keep_ids=True, drop_last=False)
         )
 
     fault: KillWorker | None = loop_config.get("fault")
@@ -140,15 +139,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # Makes a resume visible in the run: the step training continued from.
         client.log_metric(run_id, "resumed_from_step", state.step, step=state.step)
 
+    last_metrics: dict[str, float] = {}
+
     def on_step(st: LoopState, metrics: dict[str, float], is_last: bool) -> None:
         if fault is not None:
             fault(st.step, rank)
         metrics = {**metrics, "step": st.step}
+        last_metrics.update(metrics)
         if progress is not None:
             progress.update.remote(st.step, metrics)  # fire and forget: the bar must not slow training
         if client is not None and len(metrics) > 1:
-            from mlflow.entities import Metric
-
             now = int(time.time() * 1000)
             client.log_batch(
                 run_id, metrics=[Metric(k, float(v), now, st.step) for k, v in metrics.items() if k != "step"]
@@ -166,15 +166,50 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         elif len(metrics) > 1:
             ray.train.report(metrics)
 
-    run_training(
-        cfg,
-        engine=engine,
-        objective=objective,
-        schedule=schedule,
-        state=state,
-        batches_for_epoch=batches_for_epoch,
-        validation_batches=validation_batches if val_shard is not None else None,
-        device=device,
-        on_step=on_step,
-        reference_table=reference_table,
+    skipped = BadRowReport()
+
+    def on_epoch_end(epoch: int) -> None:
+        stats = epoch_batches.pop(epoch).stats
+        gathered = [stats.to_dict()] * world
+        if world > 1:
+            dist.all_gather_object(gathered, stats.to_dict())
+        for d in gathered:
+            skipped.merge(BadRowReport.from_dict(d["skipped"]))
+        if client is None:
+            return
+        positions = sum(d["positions"] for d in gathered)
+        data_metrics = {f"data/rows_read_rank{r}": d["rows_read"] for r, d in enumerate(gathered)}
+        data_metrics["data/padding_fraction"] = 1.0 - sum(d["tokens"] for d in gathered) / positions if positions else 0
+        data_metrics["data/bad_rows_skipped"] = skipped.skipped
+        data_metrics["epoch_end"] = epoch + 1
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, state.step) for k, v in data_metrics.items()])
+        client.log_dict(run_id, skipped.to_dict(), "bad_rows_skipped.json")
+
+    try:
+        run_training(
+            cfg,
+            engine=engine,
+            objective=objective,
+            schedule=schedule,
+            state=state,
+            batches_for_epoch=batches_for_epoch,
+            validation_batches=validation_batches if val_shard is not None else None,
+            device=device,
+            on_step=on_step,
+            reference_table=reference_table,
+            on_epoch_end=on_epoch_end,
+        )
+    except StreamDataError as exc:
+        # Every rank gets here together (the loop agreed on it).  A clean exit, not a crash: a
+        # retried worker group would only meet the same row again.
+        ray.train.report({"data_error": json.dumps(data_error_dict(exc))})
+        return
+    # The skip totals of the last epoch arrive after the last step's report: one more.
+    ray.train.report(
+        {**last_metrics, "data/bad_rows_skipped": skipped.skipped, "data_report": json.dumps(skipped.to_dict())}
     )
+
+
+def data_error_dict(exc: DataError) -> dict[str, Any]:
+    return {"source": exc.source, "row": exc.row, "line": exc.line, "reason": exc.reason, "kind": exc.kind}

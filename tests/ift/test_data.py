@@ -163,7 +163,7 @@ def test_preference_mode_returns_both_sides(tok) -> None:
 
 
 def test_preference_mode_rejects_a_row_without_rejected_side(tok) -> None:
-    with pytest.raises(DataError, match=r"demo.jsonl row 4: preference mode needs 'chosen' and 'rejected'"):
+    with pytest.raises(DataError, match=r"demo.jsonl row 5: preference mode needs 'chosen' and 'rejected'"):
         tokenize_example(tok, {"prompt": "q", "completion": "a"}, mode="preference", max_length=64, source=SRC, index=4)
 
 
@@ -245,11 +245,11 @@ def test_bad_row_raises_data_error_naming_file_row_and_reason(tok, row, kind, re
     err = info.value
     assert (err.source, err.row, err.kind) == (SRC, 17, kind)
     assert reason in err.reason
-    assert str(err) == f"{SRC} row 17: {err.reason}"
+    assert str(err) == f"{SRC} row 18: {err.reason}"  # index 17 is the 18th row
 
 
 def test_non_dict_row_is_an_unknown_format() -> None:
-    with pytest.raises(DataError, match="demo.jsonl row 2: row must be a JSON object, got list"):
+    with pytest.raises(DataError, match="demo.jsonl row 3: row must be a JSON object, got list"):
         normalize_row([1, 2], source=SRC, index=2)  # type: ignore[arg-type]
 
 
@@ -287,7 +287,7 @@ def test_skip_mode_counts_exactly_the_bad_rows(tok) -> None:
 
 
 def test_error_mode_raises_on_the_first_bad_row(tok) -> None:
-    with pytest.raises(DataError, match=r"^demo.jsonl row 11: messages\[1\] \(assistant\) is empty$"):
+    with pytest.raises(DataError, match=r"^demo.jsonl row 12: messages\[1\] \(assistant\) is empty$"):
         tokenize_rows(tok, _mixed_rows(), source=SRC, start_index=10, on_bad_row="error", max_length=64)
 
 
@@ -377,7 +377,7 @@ def test_truncate_right_without_targets_left_is_a_data_error(tok) -> None:
 
 def test_drop_policy_reports_the_length(tok) -> None:
     n = len(tokenize_conversation(tok, LONG_PROMPT, max_length=10_000)["input_ids"])
-    with pytest.raises(DataError, match=rf"demo.jsonl row 9: longer than max_length=20 \({n} tokens\)"):
+    with pytest.raises(DataError, match=rf"demo.jsonl row 10: longer than max_length=20 \({n} tokens\)"):
         tokenize_conversation(tok, LONG_PROMPT, max_length=20, truncation="drop", source=SRC, index=9)
 
 
@@ -451,3 +451,20 @@ def test_tokenized_batch_runs_through_the_tiny_model(tok) -> None:
     model = load_model("tiny", seed=0, tokenizer=tok)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
     assert report.skipped == 0 and torch.isfinite(out.loss)
+
+
+def test_a_jsonl_error_names_the_line_an_editor_shows(tmp_path) -> None:
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"a": 1}\n\n{broken\n')
+    with pytest.raises(DataError) as info:
+        list(read_jsonl(path))
+    assert (info.value.row, info.value.line) == (1, 3)  # the second row, on line 3 after a blank line
+    assert str(info.value).startswith(f"{path} line 3: invalid JSON")
+
+
+def test_a_data_error_survives_pickling_with_its_line() -> None:
+    import pickle
+
+    err = pickle.loads(pickle.dumps(DataError("f.jsonl", 4, "bad", kind="invalid_json", line=7)))
+    assert (err.source, err.row, err.kind, err.line, str(err)) == ("f.jsonl", 4, "invalid_json", 7, "f.jsonl line 7: bad")
+

@@ -1,8 +1,9 @@
-"""pipelines.data: reading JSONL/Parquet sources, mixture weights, max_rows, validation splits, fingerprints, bad rows.
+"""pipelines.data: the streamed splits of a config: JSONL/Parquet sources, mixture weights, max_rows, validation
+splits, fingerprints, and bad rows flowing with their error to the worker that owns them.
 
-Small files are written under tmp_path and go through the public entry point ``prepare_datasets`` (fingerprints through
-``fingerprint``), on one in-process Ray session for the module.  That a bad JSONL row stops a run naming its file and
-row, and that skip mode counts the bad rows of a train file, is tested in tests/pipelines/test_train.py.
+Small files are written under tmp_path and go through ``build_datasets`` (fingerprints through ``plan_data``, which
+needs no Ray), on one in-process Ray session for the module; ``take_all`` executes a stream in the test.  How a worker
+stops or skips a bad row is tested in tests/pipelines/test_batching.py and, end to end, in test_train.py.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from ift.data import DataError, tokenize_example
 from ift.models import load_tokenizer
 from ift.toydata import make_conversations, make_preference_pairs, write_jsonl
 from pipelines.config import load_config
-from pipelines.data import fingerprint, prepare_datasets
+from pipelines.data import build_datasets, plan_data
 
 MAX_LENGTH = 128
 
@@ -53,12 +54,29 @@ def write_parquet(rows: list[dict], path: Path) -> None:
     pq.write_table(pa.Table.from_pylist(rows), path)
 
 
+def prepare_datasets(cfg):
+    return build_datasets(cfg, cluster_cpus=2)
+
+
+def fingerprint(cfg, split: str = "train") -> str:
+    return getattr(plan_data(cfg), split).fingerprint
+
+
 def examples(ds: ray.data.Dataset) -> list[dict]:
     """The dataset's rows in order, token columns as lists of ints."""
     return [
         {k: [int(t) for t in v] if k.endswith(("input_ids", "labels")) else v for k, v in row.items()}
         for row in ds.take_all()
     ]
+
+
+def errors(ds: ray.data.Dataset) -> list[tuple[str, int, int, str]]:
+    """(file name, row, line, error kind) of every bad row in the stream."""
+    return sorted(
+        (Path(r["source"]).name, int(r["row"]), int(r["line"]), str(r["error_kind"]))
+        for r in ds.take_all()
+        if r["error"]
+    )
 
 
 def origins(ds: ray.data.Dataset) -> Counter:
@@ -128,25 +146,37 @@ def test_validation_sources_feed_only_the_validation_split(mixture) -> None:
     assert not any(name == "val.jsonl" for name, _ in origins(mixture.train))
 
 
-def test_row_and_token_counts_describe_the_prepared_splits(mixture) -> None:
+def test_row_counts_are_known_before_any_row_is_read(mixture) -> None:
     train = examples(mixture.train)
     assert mixture.train_rows == len(train) == 8 + 2 * 8 + 3
     assert mixture.validation_rows == mixture.validation.count() == 4
-    assert mixture.train_tokens == sum(len(ex["input_ids"]) for ex in train)
 
 
-def test_train_rows_are_shuffled_reproducibly_for_the_seed(mixture, mixture_config) -> None:
+def test_the_stream_order_is_the_same_for_the_same_seed(mixture, mixture_config) -> None:
     order = [(ex["source"], ex["row"]) for ex in examples(mixture.train)]
-    assert [row for source, row in order if source.endswith("chat.jsonl")] != list(range(8))  # not in file order
     again = prepare_datasets(mixture_config)
     assert [(ex["source"], ex["row"]) for ex in examples(again.train)] == order
 
 
-def test_prepared_data_carries_the_fingerprint_of_each_split(mixture, mixture_config) -> None:
-    cfg = mixture_config
+def test_shards_are_read_in_a_seeded_order(tmp_path: Path) -> None:
+    for i in range(6):
+        write_jsonl(make_conversations(1, seed=i), tmp_path / f"part{i}.jsonl")
+    orders = {
+        seed: [
+            Path(r["source"]).name
+            for r in prepare_datasets(
+                config([{"path": str(tmp_path)}], (), f"optimization.seed={seed}")
+            ).train.take_all()
+        ]
+        for seed in (1, 2)
+    }
+    assert sorted(orders[1]) == sorted(orders[2]) and orders[1] != orders[2]
+
+
+def test_each_split_carries_its_fingerprint(mixture, mixture_config) -> None:
     assert mixture.fingerprints == {
-        "train": fingerprint(cfg.data.train, cfg),
-        "validation": fingerprint(cfg.data.validation, cfg),
+        "train": fingerprint(mixture_config),
+        "validation": fingerprint(mixture_config, "validation"),
     }
     assert mixture.fingerprints["train"] != mixture.fingerprints["validation"]
 
@@ -222,90 +252,63 @@ def held_out(tmp_path_factory):
 
 def test_validation_fraction_holds_out_that_share_of_train_rows(held_out) -> None:
     train, validation = origins(held_out.train), origins(held_out.validation)
-    assert (held_out.train_rows, held_out.validation_rows) == (15, 5)
-    assert not set(train) & set(validation)
+    assert (held_out.train_rows, held_out.validation_rows) == (15, 5)  # the expected share, before reading
+    assert abs(sum(train.values()) - 15) <= 4 and not set(train) & set(validation)
     assert set(train) | set(validation) == {("all.jsonl", row) for row in range(20)}
-
-
-def test_train_tokens_exclude_the_rows_held_out_for_validation(held_out) -> None:
-    assert held_out.train_tokens == sum(len(ex["input_ids"]) for ex in examples(held_out.train))
 
 
 # --------------------------------------------------------------------------- bad rows
 
 
-def test_malformed_rows_fail_naming_the_file_and_row(tmp_path: Path) -> None:
+def test_malformed_rows_flow_with_their_file_line_and_reason(tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     rows = [json.dumps(r) for r in make_conversations(6, seed=1)]
     rows[3] = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}'
     rows[4] = "{not json"
-    bad.write_text("\n".join(rows) + "\n")
-    cfg = config([{"path": str(bad)}])
-    with pytest.raises(DataError) as err:
-        prepare_datasets(cfg)
-    assert err.value.source == str(bad) and err.value.row == 3
-    assert "empty" in str(err.value) and "1 more bad rows" in str(err.value)
+    bad.write_text("\n".join(rows[:2] + [""] + rows[2:]) + "\n")  # a blank line 3
+    assert errors(prepare_datasets(config([{"path": str(bad)}])).train) == [
+        ("bad.jsonl", 3, 5, "empty_assistant"),
+        ("bad.jsonl", 4, 6, "invalid_json"),
+    ]
 
 
-def test_skip_mode_counts_exactly_the_bad_rows(tmp_path: Path) -> None:
-    bad = tmp_path / "bad.jsonl"
-    rows = [json.dumps(r) for r in make_conversations(10, seed=1)]
-    rows[2] = '{"prompt": "no answer here"}'
-    rows[5] = "[1, 2]"
-    rows[7] = '{"messages": [{"role": "assistant", "content": "I speak first"}]}'
-    bad.write_text("\n".join(rows) + "\n")
-    cfg = config([{"path": str(bad)}], [], "data.on_bad_row=skip")
-    data = prepare_datasets(cfg)
-    report = data.report.to_dict()
-    assert data.train_rows == 7 and report["skipped"] == 3 and report["seen"] == 10
-    assert sorted(s["row"] for s in report["samples"]) == [2, 5, 7]
-
-
-def test_bad_row_in_a_parquet_file_fails_naming_the_file_and_row(tmp_path: Path) -> None:
+def test_a_bad_parquet_row_is_named_by_its_row(tmp_path: Path) -> None:
     rows = make_conversations(5, seed=13)
     rows[2] = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]}
     write_parquet(rows, tmp_path / "bad.parquet")
-    with pytest.raises(DataError, match=r"\(assistant\) is empty") as err:
-        prepare_datasets(config([{"path": str(tmp_path / "bad.parquet")}]))
-    assert (err.value.source, err.value.row, err.value.kind) == (str(tmp_path / "bad.parquet"), 2, "empty_assistant")
+    assert errors(prepare_datasets(config([{"path": str(tmp_path / "bad.parquet")}])).train) == [
+        ("bad.parquet", 2, 0, "empty_assistant")
+    ]
 
 
-def test_skip_mode_counts_bad_rows_of_every_split_and_numbers_rows_without_blank_lines(tmp_path: Path) -> None:
+def test_bad_rows_of_every_split_reach_the_workers(tmp_path: Path) -> None:
     lines = [json.dumps(r) for r in make_conversations(5, seed=14)]
     lines[3] = '{"messages": [oops'
-    (tmp_path / "train.jsonl").write_text("\n".join([lines[0], "", *lines[1:3], "  ", *lines[3:]]) + "\n")
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
     val = make_conversations(3, seed=15)
     val[1] = {"messages": [{"role": "assistant", "content": "I speak first"}]}
     write_jsonl(val, tmp_path / "val.jsonl")
-    cfg = config(
-        [{"path": str(tmp_path / "train.jsonl")}], [{"path": str(tmp_path / "val.jsonl")}], "data.on_bad_row=skip"
-    )
-    data = prepare_datasets(cfg)
-    assert (data.train_rows, data.validation_rows) == (4, 2)
-    report = data.report
-    assert report.seen == 8 and report.counts == {"invalid_json": 1, "role_order": 1}
-    # Row numbers count JSON lines, not blank ones: the bad train line is the 6th line but row 3.
-    named = sorted((Path(source).name, row) for source, row, _ in report.samples)
-    assert named == [("train.jsonl", 3), ("val.jsonl", 1)]
+    data = prepare_datasets(config([{"path": str(tmp_path / "train.jsonl")}], [{"path": str(tmp_path / "val.jsonl")}]))
+    assert errors(data.train) == [("train.jsonl", 3, 4, "invalid_json")]
+    assert errors(data.validation) == [("val.jsonl", 1, 2, "role_order")]
 
 
 # --------------------------------------------------------------------------- fingerprints
 
 
 def test_fingerprint_is_16_hex_digits_and_stable_for_unchanged_files(files: Path, mixture_config) -> None:
-    cfg = mixture_config
-    fp = fingerprint(cfg.data.train, cfg)
+    fp = fingerprint(mixture_config)
     assert len(fp) == 16 and int(fp, 16) >= 0
-    assert fingerprint(cfg.data.train, cfg) == fp
+    assert fingerprint(mixture_config) == fp
 
 
 def test_fingerprint_changes_when_a_file_changes(tmp_path: Path) -> None:
     path = tmp_path / "data.jsonl"
     write_jsonl(make_conversations(3, seed=1), path)
     cfg = config([{"path": str(path)}])
-    before = fingerprint(cfg.data.train, cfg)
+    before = fingerprint(cfg)
     write_jsonl(make_conversations(3, seed=2), path)  # same name, other rows
-    assert fingerprint(cfg.data.train, cfg) != before
+    assert fingerprint(cfg) != before
 
 
 @pytest.mark.parametrize(
@@ -316,6 +319,7 @@ def test_fingerprint_changes_when_a_file_changes(tmp_path: Path) -> None:
         "model.tokenizer=tiny-100m",
         "data.train.0.weight=2",
         "data.train.0.max_rows=2",
+        "optimization.seed=7",
     ],
 )
 def test_fingerprint_changes_with_what_shapes_the_examples(tmp_path: Path, override: str) -> None:
@@ -323,4 +327,4 @@ def test_fingerprint_changes_with_what_shapes_the_examples(tmp_path: Path, overr
     write_jsonl(make_conversations(3, seed=1), path)
     base = config([{"path": str(path)}])
     changed = config([{"path": str(path)}], (), override)
-    assert fingerprint(changed.data.train, changed) != fingerprint(base.data.train, base)
+    assert fingerprint(changed) != fingerprint(base)

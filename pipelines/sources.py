@@ -1,0 +1,315 @@
+"""A corpus as a list of shards: which rows exist, where each shard starts, and which rows a split keeps.
+
+Nothing is tokenized here and nothing needs Ray: the driver scans the sources once
+(JSONL line counts and a content hash in one pass; Parquet footers; a prepared
+cache's manifest), cuts them into :class:`Shard` s of about ``SHARD_ROWS`` rows,
+and Ray Data reads the shards in parallel (:func:`read_shard`).  The scan gives
+
+* the number of rows, so the LR schedule and the progress bar know the step count
+  before the first row is tokenized (the rule is in :func:`expected_rows`);
+* the content fingerprint that keys the tokenized cache and guards resumption;
+* byte offsets, so a shard of a multi-GB JSONL file starts reading where it begins.
+
+Row identity is ``(source file, 0-based row in that file)`` everywhere (errors,
+DPO's reference table, the determinism tests).  Which rows a split keeps is a pure
+function of that identity and the seed, so every reader, on any node, after any
+restart, makes the same choice:
+
+* a mixture weight ``w`` reads each shard ``floor(w)`` times, plus once more
+  keeping the rows whose hash falls below ``w - floor(w)``;
+* ``validation_fraction`` f sends the rows whose hash falls below f to validation
+  and the rest to train;
+* ``max_rows`` keeps the first rows of a source, files in sorted order.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import math
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ift.data import DataError
+from pipelines.config import DataSource
+
+SHARD_ROWS = 8192  # rows per read task: parallel reads, and a resumable unit of a large file
+FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+_HASH_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class FileScan:
+    """One file of a source: its format, row count, content hash and where its shards start."""
+
+    path: str
+    format: str  # "jsonl" | "parquet" | "hf" (a hub dataset)
+    rows: int
+    sha256: str
+    # JSONL: (first row, byte offset, 1-based line) every SHARD_ROWS rows.  Parquet: (first row, row group, 0).
+    starts: tuple[tuple[int, int, int], ...]
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A row range of one file, read as one Ray Data task.
+
+    ``copy_fraction`` < 1 keeps only the rows whose hash is below it (the
+    fractional part of a mixture weight); ``holdout`` (f, side) keeps the rows
+    whose hash is below f (side "validation") or not (side "train").
+    """
+
+    path: str
+    format: str  # "jsonl" | "parquet" | "hf" | "cache" (a prepared shard: tokenized rows)
+    first_row: int
+    num_rows: int
+    offset: int = 0  # JSONL byte offset of first_row, or Parquet's first row group
+    first_line: int = 1
+    source_index: int = 0
+    copy: int = 0
+    copy_fraction: float = 1.0
+    holdout: tuple[float, str] | None = None
+    seed: int = 0
+    # Cache shards hold rows of many files: (file name, rows kept) caps each file for max_rows.
+    row_limits: tuple[tuple[str, int], ...] = ()
+
+    def to_item(self) -> dict[str, Any]:
+        return {"shard": json.dumps(asdict(self))}
+
+    @classmethod
+    def from_item(cls, item: dict[str, Any]) -> Shard:
+        d = json.loads(item["shard"])
+        if d.get("holdout") is not None:
+            d["holdout"] = tuple(d["holdout"])
+        d["row_limits"] = tuple(tuple(x) for x in d.get("row_limits", ()))
+        return cls(**d)
+
+
+# --------------------------------------------------------------------------- scanning
+
+
+def expand_paths(src: DataSource) -> list[str]:
+    """Files of a local source (a path, a directory of JSONL/Parquet, or a glob), sorted."""
+    p = src.path
+    if any(ch in p for ch in "*?["):
+        files = sorted(glob.glob(p, recursive=True))
+    elif os.path.isdir(p):
+        files = sorted(str(f) for f in Path(p).rglob("*") if f.suffix in FORMATS and f.is_file())
+    else:
+        files = [p] if os.path.exists(p) else []
+    if not files:
+        raise DataError(p, None, "no such file, or the glob/directory matched no .jsonl/.parquet file", kind="missing")
+    for f in files:
+        if Path(f).suffix not in FORMATS:
+            raise DataError(f, None, "unsupported file type (expected .jsonl, .json or .parquet)", kind="format")
+    return files
+
+
+def scan_file(path: str) -> FileScan:
+    """Count rows, hash the content and index shard starts, in one pass over the file."""
+    fmt = FORMATS[Path(path).suffix]
+    h = hashlib.sha256()
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(_HASH_CHUNK), b""):
+                h.update(chunk)
+        meta = pq.ParquetFile(path).metadata
+        starts, row, pending = [], 0, 0
+        for g in range(meta.num_row_groups):
+            if not starts or pending >= SHARD_ROWS:
+                starts.append((row, g, 0))
+                pending = 0
+            n = meta.row_group(g).num_rows
+            row += n
+            pending += n
+        return FileScan(path, fmt, row, h.hexdigest(), tuple(starts))
+    rows, offset, starts = 0, 0, []
+    with open(path, "rb") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            h.update(line)
+            if line.strip():
+                if rows % SHARD_ROWS == 0:
+                    starts.append((rows, offset, lineno))
+                rows += 1
+            offset += len(line)
+    return FileScan(path, fmt, rows, h.hexdigest(), tuple(starts))
+
+
+def load_hub_dataset(path: str):
+    """``hf:<id>:<split>`` -> the Hugging Face dataset (memory-mapped from the local hub cache)."""
+    import datasets
+
+    name, split = path[len("hf:") :].rsplit(":", 1)
+    try:
+        return datasets.load_dataset(name, split=split)
+    except Exception as exc:  # offline, unknown id, unknown split: the hub's message says which
+        raise DataError(
+            path, None, f"cannot load hub dataset '{name}' split '{split}': {exc}", kind="missing"
+        ) from None
+
+
+def scan_hub(src: DataSource) -> FileScan:
+    """A hub dataset as one "file": its rows, and the dataset's own fingerprint as the content hash."""
+    path = f"{src.path}:{src.split}"
+    ds = load_hub_dataset(path)
+    fp = getattr(ds, "_fingerprint", None) or f"{len(ds)}"
+    starts = tuple((r, r, 0) for r in range(0, len(ds), SHARD_ROWS))
+    return FileScan(path, "hf", len(ds), hashlib.sha256(f"{path}:{fp}".encode()).hexdigest(), starts)
+
+
+def scan_source(src: DataSource) -> list[FileScan]:
+    """Every file of a source, scanned (a hub dataset is one)."""
+    if src.path.startswith("hf:"):
+        return [scan_hub(src)]
+    return [scan_file(f) for f in expand_paths(src)]
+
+
+def source_fingerprint(src: DataSource, scans: list[FileScan]) -> str:
+    """Content hash of a source's files (names and bytes), 16 hex characters."""
+    h = hashlib.sha256()
+    for s in scans:
+        h.update(f"{os.path.basename(s.path)}:{s.sha256}".encode())
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- shards
+
+
+def file_shards(scan: FileScan, *, max_rows: int | None = None, **fields: Any) -> list[Shard]:
+    """``scan`` cut at its shard starts (the first ``max_rows`` rows only, if given)."""
+    limit = scan.rows if max_rows is None else min(scan.rows, max_rows)
+    out = []
+    for i, (first, offset, line) in enumerate(scan.starts):
+        if first >= limit:
+            break
+        end = scan.starts[i + 1][0] if i + 1 < len(scan.starts) else scan.rows
+        out.append(
+            Shard(scan.path, scan.format, first, min(end, limit) - first, offset=offset, first_line=line, **fields)
+        )
+    return out
+
+
+def source_shards(
+    src: DataSource, scans: list[FileScan], *, source_index: int, seed: int, holdout: tuple[float, str] | None = None
+) -> list[Shard]:
+    """The shards of one source, repeated and sampled for its mixture weight."""
+    whole, frac = divmod(src.weight, 1.0)
+    copies = [(c, 1.0) for c in range(int(whole))] + ([(int(whole), frac)] if frac > 1e-9 else [])
+    out: list[Shard] = []
+    for copy, fraction in copies:
+        left = src.max_rows
+        for scan in scans:
+            if left is not None and left <= 0:
+                break
+            out += file_shards(
+                scan, max_rows=left, source_index=source_index, copy=copy, copy_fraction=fraction,
+                holdout=holdout, seed=seed,
+            )  # fmt: skip
+            if left is not None:
+                left -= scan.rows
+    return out
+
+
+def shuffled(shards: list[Shard], seed: int) -> list[Shard]:
+    """The shards in a seeded order: a file-level shuffle that mixes sources and copies."""
+    out = list(shards)
+    random.Random(seed).shuffle(out)
+    return out
+
+
+def expected_rows(shards: list[Shard]) -> int:
+    """Rows the shards will yield, before bad rows are dropped.
+
+    Exact for whole copies; a fractional copy or a hold-out counts its expected
+    share (rounded down).  The step count of an epoch is computed from this; an
+    epoch whose stream ends earlier (bad rows, sampling) simply ends there, on every
+    rank at the same step.
+    """
+    total = 0.0
+    for s in shards:
+        share = s.copy_fraction
+        if s.holdout is not None:
+            f, side = s.holdout
+            share *= f if side == "validation" else 1.0 - f
+        total += s.num_rows * share
+    return int(math.floor(total + 1e-9))
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def row_hash(seed: int, tag: str, path: str, row: int) -> float:
+    """A uniform number in [0, 1) fixed by (seed, tag, file name, row)."""
+    digest = hashlib.blake2b(f"{seed}:{tag}:{os.path.basename(path)}:{row}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0**64
+
+
+def row_limits(scans: list[FileScan], max_rows: int | None) -> tuple[tuple[str, int], ...]:
+    """``max_rows`` of a source as a cap per file (files in sorted order); () without a cap."""
+    if max_rows is None:
+        return ()
+    out, left = [], max_rows
+    for scan in scans:
+        out.append((os.path.basename(scan.path), max(0, min(scan.rows, left))))
+        left -= scan.rows
+    return tuple(out)
+
+
+def keeps(shard: Shard, row: int, source: str | None = None) -> bool:
+    """Whether ``shard`` keeps row ``row`` of file ``source`` (default: the shard's own file; a
+    cache shard holds rows of many files): the rule of the module docstring, the same on every reader."""
+    name = source or shard.path
+    if shard.row_limits and row >= dict(shard.row_limits).get(os.path.basename(name), 0):
+        return False
+    if shard.copy_fraction < 1.0:
+        if row_hash(shard.seed, f"weight{shard.source_index}", name, row) >= shard.copy_fraction:
+            return False
+    if shard.holdout is not None:
+        fraction, side = shard.holdout
+        return (row_hash(shard.seed, "holdout", name, row) < fraction) == (side == "validation")
+    return True
+
+
+def read_shard(item: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """One shard -> its kept rows as ``{source, row, line, payload}`` (payload: the row's JSON text;
+    ``line`` is the JSONL line, 0 for Parquet).  Parsing happens at tokenization, so a malformed
+    line is a bad row like any other, named by file and line."""
+    shard = Shard.from_item(item)
+    if shard.format == "jsonl":
+        row, end = shard.first_row, shard.first_row + shard.num_rows
+        with open(shard.path, "rb") as fh:
+            fh.seek(shard.offset)
+            for lineno, line in enumerate(fh, start=shard.first_line):
+                if row >= end:
+                    break
+                if not line.strip():
+                    continue
+                if keeps(shard, row):
+                    yield {"source": shard.path, "row": row, "line": lineno, "payload": line.decode("utf-8", "replace")}
+                row += 1
+        return
+    if shard.format == "hf":
+        ds = load_hub_dataset(shard.path)
+        for row in range(shard.first_row, shard.first_row + shard.num_rows):
+            if keeps(shard, row):
+                yield {"source": shard.path, "row": row, "line": 0, "payload": json.dumps(ds[row], default=str)}
+        return
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(shard.path)
+    row, end, group = shard.first_row, shard.first_row + shard.num_rows, shard.offset
+    while row < end and group < pf.metadata.num_row_groups:
+        for record in pf.read_row_group(group).to_pylist():
+            if row >= end:
+                break
+            if keeps(shard, row):
+                yield {"source": shard.path, "row": row, "line": 0, "payload": json.dumps(record, default=str)}
+            row += 1
+        group += 1
