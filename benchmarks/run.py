@@ -27,7 +27,7 @@ from typing import Any
 
 from benchmarks.common import fmt_bytes, fmt_ratio, load_average, load_note, machine_info
 
-SECTIONS = ("step", "scan", "data", "scaling")
+SECTIONS = ("step", "scan", "data", "stream", "scaling")
 
 # Target: (section, method, key, limit, label)
 TARGETS = (
@@ -39,12 +39,14 @@ FULL = {
     "step": {"batch_size": 8, "seq_len": 256, "warmup": 3, "steps": 60, "memory_steps": 2, "memory_repeats": 3},
     "scan": {"rows": 64, "rounds": 15},
     "data": {"n_rows": 50_000, "procs": (2,)},
+    "stream": {"small_rows": 2_000, "large_rows": 200_000, "steps": 40, "warmup": 10},
     "scaling": {"workers": (1, 2), "zero_stages": (0, 2, 3), "steps": 40},
 }
 QUICK = {
     "step": {"batch_size": 2, "seq_len": 64, "warmup": 1, "steps": 3, "memory_steps": 1, "memory_repeats": 1},
     "scan": {"rows": 4, "rounds": 2},
     "data": {"n_rows": 2_000, "procs": (2,)},
+    "stream": {"small_rows": 200, "large_rows": 2_000, "steps": 4, "warmup": 1},
     "scaling": {"workers": (1, 2), "zero_stages": (0,), "steps": 2},
 }
 
@@ -233,9 +235,36 @@ def render_markdown(doc: dict[str, Any]) -> str:
                     f"{fmt_ratio(steady)} | | tokens equal: {e['tokens_match']} |"
                 )
             lines.append("")
+    if "stream" in r:
+        s = r["stream"]
+        lines += ["## 4. Training from a stream", ""]
+        if "error" in s:
+            lines += [f"Failed: `{s['error'][:300]}`", ""]
+        else:
+            rpr, tps = s["rows_per_rank"], s["tokens_per_s"]
+            lines += [
+                "`ift train` (tiny, 2 workers) on generated chat corpora; see `benchmarks/streaming.py`.",
+                "",
+                "| figure | measured | goal |",
+                "|---|---|---|",
+                f"| time to the first step, {s['small_rows']:,} rows | {s['small']['seconds_to_first_step']:.1f} s | |",
+                f"| time to the first step, {s['large_rows']:,} rows | {s['large']['seconds_to_first_step']:.1f} s "
+                f"({s['first_step_ratio_large_to_small']:.2f}x) | within 1.2x |",
+                f"| rows read per rank ({rpr['rows']:,} rows, {rpr['workers']} workers) | "
+                f"{', '.join(f'{n:,}' for n in rpr['rows_read_per_rank'])} | {rpr['goal_per_rank']:,.0f} |",
+                f"| object-store peak, {s['small_rows']:,} / {s['large_rows']:,} rows | "
+                f"{fmt_bytes(s['small']['object_store_peak_bytes'])} / "
+                f"{fmt_bytes(s['large']['object_store_peak_bytes'])} | bounded, independent of corpus size |",
+                f"| steady tokens/s, materialized | {_num(tps['materialized']['tokens_per_s'])} | |",
+                f"| steady tokens/s, streamed | {_num(tps['stream']['tokens_per_s'])} "
+                f"({fmt_ratio(tps['stream']['ratio_to_materialized'])}) | >= 0.95x materialized |",
+                f"| steady tokens/s, from the cache | {_num(tps['cache']['tokens_per_s'])} "
+                f"({fmt_ratio(tps['cache']['ratio_to_materialized'])}) | >= 0.95x materialized |",
+                "",
+            ]
     if "scaling" in r:
         s = r["scaling"]
-        lines += ["## 4. Scaling: pipeline tokens/s", ""]
+        lines += ["## 5. Scaling: pipeline tokens/s", ""]
         if "error" in s:
             lines += [f"Failed: `{s['error'][:300]}`", ""]
         else:
@@ -366,6 +395,10 @@ def main(argv: list[str] | None = None) -> int:
                 if args.procs:
                     kw["procs"] = tuple(int(x) for x in args.procs.split(","))
                 results["data"] = run_data(log=log, **kw)
+            elif section == "stream":
+                from benchmarks.streaming import run as run_stream
+
+                results["stream"] = run_stream(log=log, **sizes["stream"])
             elif section == "scaling":
                 from benchmarks.scaling import run as run_scaling
 

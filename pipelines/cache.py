@@ -167,7 +167,7 @@ def _tokenized_stream(entry: CacheEntry, cfg: TrainConfig, *, concurrency: int, 
 
     shards = [s for scan in entry.scans for s in file_shards(scan)]
     items = [s.to_item() for s in shards]
-    rows = ray.data.from_items(items, override_num_blocks=max(1, len(items))).flat_map(read_shard, num_cpus=num_cpus)
+    rows = ray.data.from_items(items, override_num_blocks=max(1, len(items))).flat_map(read_shard, num_cpus=0)
     return tokenize(rows, cfg, concurrency=concurrency, num_cpus=num_cpus)
 
 

@@ -306,6 +306,14 @@ def resolve_data_paths(tree: dict, base_dir: str | os.PathLike) -> None:
                         src["path"] = os.path.abspath(candidate)
 
 
+def resolve_cache_dir(tree: dict) -> None:
+    """A local ``data.cache_dir`` becomes absolute against the working directory, in place:
+    sweep trials and Ray tasks run elsewhere and must find the same cache."""
+    data = tree.get("data")
+    if isinstance(data, dict) and isinstance(data.get("cache_dir"), str) and "://" not in data["cache_dir"]:
+        data["cache_dir"] = os.path.abspath(data["cache_dir"])
+
+
 def read_yaml_mapping(file: Path) -> dict[str, Any]:
     """A YAML file whose top level is a mapping (empty file: ``{}``); anything else is a ConfigError."""
     try:
@@ -340,6 +348,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         except (IndexError, ValueError, TypeError) as exc:
             raise ConfigError(f"override {key}: {exc}") from exc
     resolve_data_paths(tree, Path.cwd())
+    if isinstance(tree.get("data"), dict):
+        tree["data"].setdefault("cache_dir", DataConfig.model_fields["cache_dir"].default)
+    resolve_cache_dir(tree)
     source = f"{file}" + (f" with overrides {' '.join(overrides)}" if overrides else "")
     try:
         cfg = TrainConfig.model_validate(tree)

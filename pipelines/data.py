@@ -192,11 +192,13 @@ def stream(plan: SplitPlan, cfg: TrainConfig, *, from_cache: bool, concurrency: 
     """A split's lazy Ray Dataset of tokenized rows (``META_KEYS`` + the mode's token columns)."""
     items = [s.to_item() for s in plan.shards]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    # Reading a shard is I/O (parsing and tokenizing happen in the actors): it reserves no CPU, so it
+    # runs even when the training workers and the tokenizer hold every CPU of a small machine.
     if from_cache:
         from pipelines.cache import read_cached_shard
 
-        return ds.map_batches(read_cached_shard, batch_size=1, batch_format="numpy", num_cpus=num_cpus)
-    return tokenize(ds.flat_map(read_shard, num_cpus=num_cpus), cfg, concurrency=concurrency, num_cpus=num_cpus)
+        return ds.map_batches(read_cached_shard, batch_size=1, batch_format="numpy", num_cpus=0)
+    return tokenize(ds.flat_map(read_shard, num_cpus=0), cfg, concurrency=concurrency, num_cpus=num_cpus)
 
 
 # --------------------------------------------------------------------------- resources

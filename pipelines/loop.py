@@ -241,6 +241,19 @@ def all_reduce_sum(value: int, device: torch.device) -> int:
     return int(t.item())
 
 
+def _drain(iterator: Iterator) -> None:
+    """Read what is left of an epoch's stream (less than a micro-batch per rank, normally), so the
+    stream ends here and the next epoch starts clean (a streaming split starts its next epoch only
+    once every reader has finished this one).  A bad row there trains nothing, so it stops nothing."""
+    while True:
+        try:
+            next(iterator)
+        except StopIteration:
+            return
+        except DataError:
+            continue
+
+
 class StreamDataError(DataError):
     """A bad row stopped training; raised on every rank at once (the row is the first rank's that met one)."""
 
@@ -445,6 +458,8 @@ def run_training(
         if state.epoch == epoch and state.step < schedule.total_steps:  # the stream ended before the schedule
             state.epoch += 1
             state.micro_in_epoch = 0
+        if state.step < schedule.total_steps:
+            _drain(iterator)
         if on_epoch_end is not None:
             on_epoch_end(epoch)
     return state

@@ -122,10 +122,13 @@ def train(
     extra_callbacks: list | None = None,
     register: bool = True,
     fault: KillWorker | None = None,
+    trace_dir: str | None = None,
 ) -> TrainResult:
     """Run one training job end to end (also the body of every sweep trial).
 
-    ``fault`` is a test hook that kills a worker at a given step (see :class:`pipelines.worker.KillWorker`).
+    Two test hooks: ``fault`` kills a worker at a given step (:class:`pipelines.worker.KillWorker`);
+    ``trace_dir`` makes each rank write the row ids of every micro-batch it takes
+    (:func:`pipelines.worker.traced`).
     """
     from ift.data import DataError
     from pipelines import tracking
@@ -167,6 +170,7 @@ def train(
         "mlflow_run_id": run_id,
         "progress": tracker,
         "fault": fault,
+        "trace_dir": trace_dir,
     }
     datasets = {"train": data.train}
     if data.validation is not None:

@@ -108,11 +108,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             on_bad_row=cfg.data.on_bad_row, **kwargs,
         )  # fmt: skip
 
-    def batches_for_epoch(epoch: int) -> MicroBatches:
+    trace_dir = loop_config.get("trace_dir")
+
+    def batches_for_epoch(epoch: int):
         epoch_batches[epoch] = micro_batches(
-            train_shard, shuffle_seed=cfg.optimization.seed + epoch, keep_ids=precompute
+            train_shard, shuffle_seed=cfg.optimization.seed + epoch, keep_ids=precompute or bool(trace_dir)
         )
-        return epoch_batches[epoch]
+        return epoch_batches[epoch] if not trace_dir else traced(epoch_batches[epoch], epoch, rank, trace_dir)
 
     validation_cache: list[dict[str, Any]] = []
 
@@ -213,3 +215,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 def data_error_dict(exc: DataError) -> dict[str, Any]:
     return {"source": exc.source, "row": exc.row, "line": exc.line, "reason": exc.reason, "kind": exc.kind}
+
+
+def traced(batches, epoch: int, rank: int, trace_dir: str):
+    """A test hook: append each micro-batch's row ids, as (epoch, index in epoch, [[source, row], ...]),
+    to ``trace_dir/rank<r>.jsonl`` as the rank takes it (a re-read after a resume appears again)."""
+    path = os.path.join(trace_dir, f"rank{rank}.jsonl")
+    for i, batch in enumerate(batches):
+        ids = [[os.path.basename(s), int(r)] for s, r in zip(batch["source"], batch["row"].tolist(), strict=True)]
+        with open(path, "a") as f:
+            f.write(json.dumps({"epoch": epoch, "micro": i, "rows": ids}) + "\n")
+        yield batch

@@ -291,7 +291,7 @@ def test_runtime_env_ships_the_code_not_the_venv(tmp_path):
     target = tmp_path / "pkg.zip"
     create_package(str(REPO), target, include_gitignore=False, excludes=spec["excludes"])
     names = zipfile.ZipFile(target).namelist()
-    for top in (".venv/", ".git/", "ift_runs/", "mlruns/", "mlartifacts/", "outputs/"):
+    for top in (".venv/", ".git/", "ift_runs/", "ift_cache/", "mlruns/", "mlartifacts/", "outputs/"):
         assert not any(n.startswith(top) for n in names), top
     assert "mlflow.db" not in names and not any("__pycache__" in n for n in names)
     for needed in (

@@ -254,6 +254,22 @@ def _sweep_dirs(sweep: SweepConfig, base: TrainConfig, sweep_id: str) -> tuple[s
     return sweep_dir, local_dir
 
 
+# Keys that change what a row becomes: a sweep over them cannot share one tokenized cache.
+_TOKENIZATION_KEYS = ("data.", "model.name", "model.tokenizer", "model.revision", "method.name")
+
+
+def _prepare_data_once(base: TrainConfig, sweep: SweepConfig, log: Callable[[str], None]) -> TrainConfig:
+    """Tokenize the corpus once, before any trial starts, and point every trial at the cache."""
+    if any(k.startswith(_TOKENIZATION_KEYS) for k in sweep.space()):
+        log("[sweep] the search space changes tokenization: each trial streams and tokenizes its own data")
+        return base
+    from pipelines import cache
+
+    for entry in cache.prepare(base, log=lambda msg: log(f"[sweep] data: {msg}")):
+        log(f"[sweep] data: {entry.manifest['good_rows']:,} rows, {entry.manifest['tokens']:,} tokens")
+    return apply_overrides(base, {"data.cache": True})
+
+
 def run_sweep(
     sweep: SweepConfig, base: TrainConfig, *, verbose: int = 1, log: Callable[[str], None] | None = None
 ) -> SweepResult:
@@ -264,6 +280,7 @@ def run_sweep(
     check_sweep(sweep, base)
     t0 = time.time()
     init_ray()
+    base = _prepare_data_once(base, sweep, log)
     tracking_uri = mlflow_tracking.resolve_tracking_uri(base.mlflow.tracking_uri)
     base = apply_overrides(base, {"mlflow.tracking_uri": tracking_uri})
     sweep_id = f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"

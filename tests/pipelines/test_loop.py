@@ -10,13 +10,15 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from ift.data import pad_collate, tokenize_rows
+from ift.data import DataError, pad_collate, tokenize_rows
 from ift.toydata import make_conversations
 from pipelines.config import load_config
 from pipelines.loop import (
     DS_TAG,
     LoopState,
+    ResumeError,
     Schedule,
+    StreamDataError,
     build_engine,
     build_model_and_tokenizer,
     deepspeed_config,
@@ -152,3 +154,93 @@ def test_resuming_mid_epoch_reaches_the_same_weights_as_an_uninterrupted_run(pro
     resumed = _train(cfg, batches, LoopState(), resume=str(tmp_path))
     for k in straight:
         torch.testing.assert_close(resumed[k], straight[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+# --------------------------------------------------------------------------- ranks in step (real 2-process groups)
+
+
+def _rank_main(rank: int, world: int, port: int, overrides: list[str], plan: list[list[int]], out: str) -> None:
+    """One rank of a gloo group: train on the micro-batches ``plan[rank]`` (indices into a fixed corpus)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))  # fmt: skip
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    cfg = tiny_cfg(*overrides)
+    model, tokenizer = build_model_and_tokenizer(cfg)
+    corpus = _batches(tokenizer, make_conversations(32, seed=3), cfg.optimization.micro_batch_size)
+    objective = build_objective(cfg.method, model, torch.device("cpu"), seed=cfg.optimization.seed, rank=rank)
+
+    def mine():
+        for i in plan[rank]:
+            if i < 0:  # a bad row met by this rank's stream
+                raise DataError("bad.jsonl", 5, "messages[1] (assistant) is empty", kind="empty_assistant", line=7)
+            yield corpus[i]
+
+    # Every rank plans the same steps (as the driver does), whatever its own stream holds.
+    longest = max(len(p) for p in plan)
+    schedule = Schedule.from_config(cfg, longest * cfg.optimization.micro_batch_size * world, world)
+    engine = build_engine(cfg, model, schedule.total_steps, use_gpu=False)
+    state, stopped = LoopState(), ""
+    try:
+        run_training(cfg, engine=engine, objective=objective, schedule=schedule, state=state,
+                     batches_for_epoch=lambda epoch: mine(), validation_batches=None, device=torch.device("cpu"),
+                     on_step=lambda *a: None)  # fmt: skip
+    except StreamDataError as exc:
+        stopped = f"rank {rank}: {exc}"
+    stops = [""] * world
+    dist.all_gather_object(stops, stopped)
+    if rank == 0:
+        torch.save({"weights": engine.module.state_dict(), "step": state.step, "stops": stops}, out)
+    dist.destroy_process_group()
+
+
+def _run_group(world: int, overrides: list[str], plan: list[list[int]], out) -> dict:
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_rank_main, args=(world, port, overrides, plan, str(out)), nprocs=world, start_method="spawn")
+    return torch.load(out, weights_only=True)
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_rank_with_two_accumulation_steps_on_the_same_rows(tmp_path):
+    # Step k: ranks 0 and 1 take micro-batches 2k and 2k+1; one rank accumulates the same two.
+    common = ["optimization.epochs=1", "data.shuffle_buffer_size=0"]
+    dp = _run_group(2, common, [[0, 2, 4, 6], [1, 3, 5, 7]], tmp_path / "dp.pt")
+    ga = _run_group(1, [*common, "optimization.gradient_accumulation_steps=2"], [list(range(8))], tmp_path / "ga.pt")
+    assert dp["step"] == ga["step"] == 4
+    for k in dp["weights"]:
+        torch.testing.assert_close(dp["weights"][k], ga["weights"][k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.slow
+def test_when_one_ranks_stream_ends_every_rank_ends_the_epoch_at_that_step(tmp_path):
+    # Rank 1 has 2 micro-batches, rank 0 has 4: both stop after 2 (no rank waits in a collective).
+    out = _run_group(
+        2, ["optimization.epochs=1", "optimization.max_steps=4"], [[0, 1, 2, 3], [4, 5]], tmp_path / "w.pt"
+    )
+    assert out["step"] == 2 and out["stops"] == ["", ""]
+
+
+@pytest.mark.slow
+def test_a_bad_row_on_one_rank_stops_every_rank_with_that_row(tmp_path):
+    out = _run_group(2, ["optimization.epochs=1"], [[0, 1, 2], [3, -1, 4]], tmp_path / "w.pt")
+    assert out["step"] == 1
+    assert out["stops"] == [f"rank {r}: bad.jsonl line 7: messages[1] (assistant) is empty" for r in (0, 1)]
+
+
+def test_a_checkpoint_from_another_world_size_is_refused_naming_both():
+    with pytest.raises(ResumeError, match="written by 4 workers and this run has 2"):
+        LoopState(step=8, world_size=4, data_fingerprint="abc").check_resumable(2, "abc")
+
+
+def test_a_checkpoint_for_other_data_is_refused_naming_both_fingerprints():
+    with pytest.raises(ResumeError, match="training data abc and the data is now def"):
+        LoopState(step=8, world_size=2, data_fingerprint="abc").check_resumable(2, "def")
+
+
+def test_a_checkpoint_from_the_same_world_and_data_resumes():
+    LoopState(step=8, world_size=2, data_fingerprint="abc").check_resumable(2, "abc")
+    LoopState(step=8).check_resumable(2, "abc")  # written before these were recorded

@@ -29,6 +29,7 @@ def common_items(root: Path) -> list[str]:
     return [
         f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}",
         f"checkpointing.storage_path={root / 'runs'}",
+        f"data.cache_dir={root / 'cache'}",
         "mlflow.experiment=sweep-test",
         f"mlflow.registered_model_name={MODEL}",
         "data.train.0.max_rows=240",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from tests.tune.conftest import MAX_STEPS, MODEL, client_for, common_items
@@ -72,3 +75,21 @@ def test_a_crashing_trial_is_reported_and_the_sweep_goes_on(ray_cluster, tmp_pat
     assert run.data.tags["mlflow.parentRunId"] == result.parent_run_id
     assert client.get_model_version_by_alias(MODEL, "champion").run_id == by_model["tiny"]["mlflow_run_id"]
     assert "failed" in summary(result)
+
+
+def test_the_sweep_tokenizes_the_corpus_once_and_every_trial_reads_that_cache(sweep4):
+    client = client_for(sweep4)
+    children = client.search_runs(
+        [client.get_experiment_by_name("sweep-test").experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{sweep4.parent_run_id}'",
+    )
+    assert len(children) == 4
+    cache_dirs = {r.data.params["data.cache_dir"] for r in children}
+    assert len(cache_dirs) == 1 and all(r.data.params["data.cache"] == "True" for r in children)
+    # One finished entry per source (train and validation), each built once: no trial tokenized again.
+    manifests = sorted(Path(cache_dirs.pop()).glob("*/manifest.json"))
+    assert len(manifests) == 2
+    for child in children:
+        local = client.download_artifacts(child.info.run_id, "data_plan.json")
+        plan = json.loads(Path(local).read_text())
+        assert plan["from_cache"] and sorted(plan["cache"]) == sorted(str(m.parent) for m in manifests)
