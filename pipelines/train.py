@@ -42,11 +42,19 @@ class TrainResult:
 
 @ray.remote(num_cpus=0)
 class ProgressTracker:
-    """Rank 0 pushes (step, metrics) here; the driver polls it for the progress bar."""
+    """Rank 0 pushes (step, metrics) here; the driver polls it for the progress bar, and reads
+    the run's outcomes at the end (the bad row that stopped it, the skipped-rows report)."""
 
     def __init__(self) -> None:
         self.step = 0
         self.metrics: dict[str, float] = {}
+        self.outcomes: dict[str, Any] = {}
+
+    def set_outcome(self, key: str, value: Any) -> None:
+        self.outcomes[key] = value
+
+    def outcome(self) -> dict[str, Any]:
+        return self.outcomes
 
     def update(self, step: int, metrics: dict[str, float]) -> None:
         self.step = step
@@ -222,13 +230,14 @@ def train(
             tracking.end_run(tracking_uri, run_id, ok=False, reason="training failed (see the driver's log)")
 
     metrics = dict(result.metrics or {})
-    if "data_error" in metrics:
-        bad = json.loads(metrics["data_error"])
+    outcomes = ray.get(tracker.outcome.remote())
+    if "data_error" in outcomes:
+        bad = outcomes["data_error"]
         error = DataError(bad["source"], bad["row"], bad["reason"], kind=bad["kind"], line=bad["line"])
         if run_id is not None:
             tracking.end_run(tracking_uri, run_id, ok=False, reason=f"bad training data: {error}")
         raise error
-    report = json.loads(metrics.pop("data_report", "{}"))
+    report = outcomes.get("data_report", {})
     ckpt_path = result.checkpoint.path if result.checkpoint is not None else None
     hf_dir = os.path.join(ckpt_path, HF_MODEL_DIR) if ckpt_path else None
     if hf_dir and not os.path.isdir(hf_dir):

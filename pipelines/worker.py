@@ -112,7 +112,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     def batches_for_epoch(epoch: int):
         epoch_batches[epoch] = micro_batches(
-            train_shard, shuffle_seed=cfg.optimization.seed + epoch, keep_ids=precompute or bool(trace_dir)
+            train_shard,
+            shuffle_seed=shuffle_seed(cfg.optimization.seed, epoch, rank),
+            keep_ids=precompute or bool(trace_dir),
         )
         return epoch_batches[epoch] if not trace_dir else traced(epoch_batches[epoch], epoch, rank, trace_dir)
 
@@ -131,7 +133,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         )
 
     fault: KillWorker | None = loop_config.get("fault")
-    progress = loop_config.get("progress") if rank == 0 else None
+    monitor = loop_config["progress"]
+    progress = monitor if rank == 0 else None
     client = run_id = None
     if rank == 0 and loop_config.get("mlflow_run_id"):
         client = mlflow.MlflowClient(tracking_uri=loop_config["tracking_uri"])
@@ -141,13 +144,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # Makes a resume visible in the run: the step training continued from.
         client.log_metric(run_id, "resumed_from_step", state.step, step=state.step)
 
-    last_metrics: dict[str, float] = {}
-
     def on_step(st: LoopState, metrics: dict[str, float], is_last: bool) -> None:
         if fault is not None:
             fault(st.step, rank)
         metrics = {**metrics, "step": st.step}
-        last_metrics.update(metrics)
         if progress is not None:
             progress.update.remote(st.step, metrics)  # fire and forget: the bar must not slow training
         if client is not None and len(metrics) > 1:
@@ -204,13 +204,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         )
     except StreamDataError as exc:
         # Every rank gets here together (the loop agreed on it).  A clean exit, not a crash: a
-        # retried worker group would only meet the same row again.
-        ray.train.report({"data_error": json.dumps(data_error_dict(exc))})
+        # retried worker group would only meet the same row again.  The driver reads the row
+        # from its monitor actor (Ray Train hands back only checkpointed metrics).
+        if rank == 0:
+            ray.get(monitor.set_outcome.remote("data_error", data_error_dict(exc)))
         return
-    # The skip totals of the last epoch arrive after the last step's report: one more.
-    ray.train.report(
-        {**last_metrics, "data/bad_rows_skipped": skipped.skipped, "data_report": json.dumps(skipped.to_dict())}
-    )
+    if rank == 0:  # the skip totals include the last epoch, which ends after the last report
+        ray.get(monitor.set_outcome.remote("data_report", skipped.to_dict()))
 
 
 def data_error_dict(exc: DataError) -> dict[str, Any]:
@@ -226,3 +226,9 @@ def traced(batches, epoch: int, rank: int, trace_dir: str):
         with open(path, "a") as f:
             f.write(json.dumps({"epoch": epoch, "micro": i, "rows": ids}) + "\n")
         yield batch
+
+
+def shuffle_seed(seed: int, epoch: int, rank: int) -> int:
+    """The local shuffle's seed: ``seed + epoch``, made distinct per rank, so ranks whose shares
+    hold the same rows (a mixture weight above 1 copies a source) do not take them in the same order."""
+    return (seed + epoch) * 1_000_003 + rank

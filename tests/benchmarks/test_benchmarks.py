@@ -110,3 +110,25 @@ def test_missed_targets_are_printed():
     assert "MISSED: IFT step time 1.41x SFT > 1.35x" in lines
     assert any(line.startswith("met:") and "IFT peak memory" in line for line in lines)
     assert all(t["status"] == "not measured" for t in evaluate_targets({}))
+
+
+def test_the_stream_section_renders_its_figures_against_their_goals():
+    from benchmarks.run import render_markdown
+
+    stream = {
+        "small_rows": 2000, "large_rows": 200000, "first_step_ratio_large_to_small": 1.1,
+        "small": {"seconds_to_first_step": 30.0, "object_store_peak_bytes": 2**20},
+        "large": {"seconds_to_first_step": 33.0, "object_store_peak_bytes": 2**21},
+        "rows_per_rank": {"rows": 2000, "workers": 2, "rows_read_per_rank": [1000, 1000], "goal_per_rank": 1000.0},
+        "tokens_per_s": {
+            "materialized": {"tokens_per_s": 1000.0},
+            "stream": {"tokens_per_s": 980.0, "ratio_to_materialized": 0.98},
+            "cache": {"tokens_per_s": 1010.0, "ratio_to_materialized": 1.01},
+        },
+    }  # fmt: skip
+    machine = {"cpu_model": "x", "cpu_cores": 2, "date_utc": "d", "versions": {}}
+    doc = {"machine": machine, "results": {"stream": stream}, "targets": [], "quick": False, "section_seconds": {}}
+    md = render_markdown(doc)
+    assert "| time to the first step, 200,000 rows | 33.0 s (1.10x) | within 1.2x |" in md
+    assert "| rows read per rank (2,000 rows, 2 workers) | 1,000, 1,000 | 1,000 |" in md
+    assert "(0.98x) | >= 0.95x materialized |" in md
