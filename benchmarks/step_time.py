@@ -137,7 +137,8 @@ def build_batches(tokenizer, batch_size: int, seq_len: int, seed: int) -> tuple[
     they reach ``seq_len`` tokens, tokenized with the chat template (only assistant
     turns are targets) and cut at ``seq_len``.
     """
-    from ift.data import IGNORE_INDEX, pad_collate, tokenize_conversation
+    from ift.collate import pad_collate
+    from ift.data import IGNORE_INDEX, tokenize_conversation
     from ift.toydata import make_conversations
 
     rows = iter(make_conversations(batch_size * (seq_len // 16 + 8), seed=seed))

@@ -17,7 +17,7 @@ predicted from the logits at position t.  Log-probabilities are computed in
 float32 whatever the model's dtype.
 
 Packed (padding-free) batches: every model-level objective also takes
-``position_ids=`` in the layout of :func:`ift.data.pack_collate` (sequences back
+``position_ids=`` in the layout of :func:`ift.collate.pack_collate` (sequences back
 to back, ``position_ids`` restarting at 0 at each sequence, ``attention_mask``
 ``None``).  Each sequence is then treated on its own, exactly as if it were a
 row of a padded batch:
@@ -38,6 +38,10 @@ row of a padded batch:
   that unchanged, so the discounted scan of eq. (22) and the per-sequence
   normalisation stop at boundaries and the loss is the mean of per-sequence
   losses, as in a padded batch.
+
+One module on purpose (it is the longest in ``ift/``): the four objectives share the
+log-prob, masking and packed-layout helpers, and each equation's code sits next to the
+code it is checked against.
 """
 
 from __future__ import annotations
@@ -302,12 +306,12 @@ def _check_packed(position_ids: torch.Tensor, input_ids: torch.Tensor, attention
     if any(bad_mask):
         raise ValueError(
             "a packed batch (position_ids given) has no padding mask: pass attention_mask=None "
-            "(the tail padding of ift.data.collate_packs needs none; it only has -100 labels)"
+            "(the tail padding of ift.collate.collate_packs needs none; it only has -100 labels)"
         )
     if bad_layout:
         raise ValueError(
             "packed position_ids must start each row at 0 and, inside a sequence, count up by 1 "
-            "(restarting at 0 at each sequence start), the layout of ift.data.pack_collate"
+            "(restarting at 0 at each sequence start), the layout of ift.collate.pack_collate"
         )
 
 
@@ -656,7 +660,7 @@ def _pair_inputs(
     """``(input_ids, attention_mask, labels, position_ids, number of pairs)`` for one forward.
 
     Padded: :func:`concat_pair`, position_ids ``None``.  Packed (``chosen_position_ids`` in the
-    batch, layout of :func:`ift.data.pack_collate`): the chosen rows then the rejected rows, so the
+    batch, layout of :func:`ift.collate.pack_collate`): the chosen rows then the rejected rows, so the
     first half of the sequences (row-major) are the chosen ones and sequence k + b is the rejected
     side of pair k; attention_mask ``None``.
     """
@@ -698,7 +702,7 @@ def dpo_batch_loss(
     batch as ``reference_chosen_logps`` / ``reference_rejected_logps``.
 
     A packed batch (``chosen_position_ids``/``rejected_position_ids``, from
-    :func:`ift.data.pack_collate`) gives the value and gradients of the same pairs padded.
+    :func:`ift.collate.pack_collate`) gives the value and gradients of the same pairs padded.
     """
     if "reference_chosen_logps" in batch:
         ref_c, ref_r = batch["reference_chosen_logps"], batch["reference_rejected_logps"]

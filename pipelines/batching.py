@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ift.data import BadRowReport, DataError, pad_collate
+from ift.collate import pad_collate
+from ift.data import BadRowReport, DataError
 
 
 @dataclass

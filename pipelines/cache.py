@@ -220,7 +220,7 @@ def describe(entry: CacheEntry) -> str:
     bad = m.get("bad_rows", {})
     return (
         f"{entry.source.path}\n"
-        f"  cache      {entry.uri}{'' if entry.tokenized_now else ' (reused)'}\n"
+        f"  cache      {entry.directory}{'' if entry.tokenized_now else ' (reused)'}\n"
         f"  rows       {m.get('good_rows', 0):,} good of {m.get('rows', 0):,}; bad rows {bad.get('skipped', 0)} "
         f"{bad.get('by_reason', {}) or ''}\n"
         f"  tokens     {m.get('tokens', 0):,}; length p50 {lengths.get('p50')} p90 {lengths.get('p90')} "

@@ -12,6 +12,7 @@ the model (a module or a DeepSpeed engine) and a collated batch.  No Ray here.
 
 from __future__ import annotations
 
+import abc
 import copy
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ Batch = dict[str, Any]
 ReferenceTable = dict[tuple[str, int], tuple[float, float]]
 
 
-class Objective:
+class Objective(abc.ABC):
     """A method's loss on one micro-batch.
 
     ``response_prefix`` names the batch keys that hold the sequences whose NLL is
@@ -50,8 +51,9 @@ class Objective:
     def __init__(self, cfg: MethodConfig, model: nn.Module, device: torch.device, *, seed: int, rank: int = 0):
         self.cfg = cfg
 
+    @abc.abstractmethod
     def __call__(self, model: nn.Module, batch: Batch, step: int, *, validation: bool = False) -> ObjectiveOutput:
-        raise NotImplementedError
+        """The loss and metrics of ``batch`` at optimizer step ``step`` (``validation``: no noise, no state change)."""
 
     @property
     def can_validate(self) -> bool:

@@ -9,12 +9,12 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from ift.collate import pad_collate
 from ift.data import (
     IGNORE_INDEX,
     BadRowReport,
     DataError,
     normalize_row,
-    pad_collate,
     read_jsonl,
     tokenize_conversation,
     tokenize_example,

@@ -17,16 +17,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import ift.objectives as objectives
-from ift.data import (
-    IGNORE_INDEX,
-    build_packs,
-    collate_packs,
-    join_pack,
-    pack_collate,
-    pack_examples,
-    pad_collate,
-    tokenize_rows,
-)
+from ift.collate import build_packs, collate_packs, join_pack, pack_collate, pack_examples, pad_collate
+from ift.data import IGNORE_INDEX, tokenize_rows
 from ift.models import TINY_CONFIG, load_model, load_tokenizer
 from ift.objectives import (
     dpo_batch_loss,
@@ -109,7 +101,7 @@ def padded_call(fn, model, batch, *args, **kwargs):
 
 
 def packed_call(fn, model, batch, *args, **kwargs):
-    """``fn`` on a packed batch: no attention mask, the position_ids of ift.data.pack_collate."""
+    """``fn`` on a packed batch: no attention mask, the position_ids of ift.collate.pack_collate."""
     return fn(model, batch["input_ids"], None, batch["labels"], *args, position_ids=batch["position_ids"], **kwargs)
 
 

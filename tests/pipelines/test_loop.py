@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from ift.data import DataError, pad_collate, tokenize_rows
+from ift.collate import pad_collate
+from ift.data import DataError, tokenize_rows
 from ift.toydata import make_conversations
 from pipelines.config import load_config
 from pipelines.loop import (

@@ -8,7 +8,8 @@ import typing
 import pytest
 import torch
 
-from ift.data import pad_collate, tokenize_rows
+from ift.collate import pad_collate
+from ift.data import tokenize_rows
 from ift.objectives import dpo_batch_loss, sft_loss
 from ift.toydata import make_preference_pairs
 from pipelines.config import MethodConfig, load_config

@@ -77,6 +77,7 @@ def test_a_crashing_trial_is_reported_and_the_sweep_goes_on(ray_cluster, tmp_pat
     assert "failed" in summary(result)
 
 
+@pytest.mark.slow
 def test_the_sweep_tokenizes_the_corpus_once_and_every_trial_reads_that_cache(sweep4):
     client = client_for(sweep4)
     children = client.search_runs(

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ift.data import pad_collate, read_jsonl, tokenize_rows
+from ift.collate import pad_collate
+from ift.data import read_jsonl, tokenize_rows
 from ift.models import load_model, load_tokenizer
 from ift.objectives import sft_loss
 from pipelines.evaluation.harness import evaluate_model, run_evaluation
