@@ -381,6 +381,23 @@ def packed_token_logps(
     return logps, mask
 
 
+def _response_logps(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor,
+    position_ids: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass -> per-token log-probs of the targets and their mask, padded or packed
+    (a packed batch comes back in the (sequences, length) layout of a padded one)."""
+    if position_ids is None:
+        logits = _forward_logits(model, attention_mask, input_ids=input_ids)
+        return token_logps(logits, labels)
+    _check_packed(position_ids, input_ids, attention_mask)
+    logits = _packed_forward_logits(model, position_ids, input_ids=input_ids)
+    return packed_token_logps(logits, labels, position_ids)
+
+
 def sft_loss(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -395,13 +412,7 @@ def sft_loss(
     With ``position_ids`` the batch is packed (module docstring): the same loss and metrics as
     the same sequences in a padded batch.
     """
-    if position_ids is None:
-        logits = _forward_logits(model, attention_mask, input_ids=input_ids)
-        logps, mask = token_logps(logits, labels)
-    else:
-        _check_packed(position_ids, input_ids, attention_mask)
-        logits = _packed_forward_logits(model, position_ids, input_ids=input_ids)
-        logps, mask = packed_token_logps(logits, labels, position_ids)
+    logps, mask = _response_logps(model, input_ids, attention_mask, labels, position_ids)
     loss, metrics = sft_loss_from_logps(logps, mask, on_empty=on_empty)
     return ObjectiveOutput(loss, metrics)
 
@@ -628,13 +639,7 @@ def sequence_logps(
     With ``position_ids`` (a packed batch) there is one entry per packed sequence, in row-major
     order, shape (S,).
     """
-    if position_ids is None:
-        logits = _forward_logits(model, attention_mask, input_ids=input_ids)
-        logps, mask = token_logps(logits, labels)
-    else:
-        _check_packed(position_ids, input_ids, attention_mask)
-        logits = _packed_forward_logits(model, position_ids, input_ids=input_ids)
-        logps, mask = packed_token_logps(logits, labels, position_ids)
+    logps, mask = _response_logps(model, input_ids, attention_mask, labels, position_ids)
     n = mask.sum(-1)
     if not bool((n > 0).all()):
         rows = torch.nonzero(n == 0).flatten().tolist()

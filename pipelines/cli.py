@@ -19,22 +19,31 @@ commands:
 """
 
 
+def _load_config(items: list[str]):
+    """``[CONFIG] key=value ...`` -> the validated config, or None after printing what is wrong."""
+    from pipelines.config import ConfigError, load_config, split_config_argument
+
+    config_path, overrides = split_config_argument(items)
+    try:
+        return load_config(config_path, overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+
+
 def _train(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="ift train", description="Train with IFT/SFT/DPO/ORPO.")
     parser.add_argument("items", nargs="*", help="an optional CONFIG.yaml (or packaged name), then key=value overrides")
     parser.add_argument("--help-config", action="store_true", help="list every config key with its default")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    from pipelines.config import ConfigError, describe_schema, load_config, split_config_argument
+    from pipelines.config import describe_schema
 
     if args.help_config:
         print(describe_schema())
         return 0
-    config_path, overrides = split_config_argument(args.items)
-    try:
-        cfg = load_config(config_path, overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    cfg = _load_config(args.items)
+    if cfg is None:
         return 2
     from ift.data import DataError
     from pipelines.loop import ResumeError
@@ -59,13 +68,8 @@ def _data(argv: list[str]) -> int:
     parser.add_argument("action", choices=["prepare", "check"])
     parser.add_argument("items", nargs="*", help="an optional CONFIG.yaml (or packaged name), then key=value overrides")
     args = parser.parse_args(argv)
-    from pipelines.config import ConfigError, load_config, split_config_argument
-
-    config_path, overrides = split_config_argument(args.items)
-    try:
-        cfg = load_config(config_path, overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    cfg = _load_config(args.items)
+    if cfg is None:
         return 2
     from ift.data import DataError
     from pipelines import cache
@@ -89,7 +93,7 @@ def _data(argv: list[str]) -> int:
         return 1
     for entry in entries:
         print(cache.describe(entry))
-    print(f"train from it with: ift train {config_path or ''} {' '.join(overrides)} data.cache=true".replace("  ", " "))
+    print(f"train from it with: ift train {' '.join(args.items)} data.cache=true".replace("  ", " "))
     return 0
 
 
