@@ -27,7 +27,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/ift train
 
-## test: the whole suite (about 21 minutes on 2 cores); the slowest tests are listed at the end
+## test: the whole suite (22 minutes on 2 cores); the slowest tests are listed at the end
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15
 
