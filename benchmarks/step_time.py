@@ -44,6 +44,9 @@ directly (``--engine deepspeed`` builds the engine with ``pipelines.loop``'s
 
     python -m benchmarks.step_time --model tiny-100m --dtype bf16 --engine deepspeed --zero 2 \\
         --batch-size 8 --seq-len 1024 --steps 20
+
+One module on purpose: the batch, the per-method runner, the interleaved timing and the
+fresh-process memory figure are one measurement and are read together.
 """
 
 from __future__ import annotations

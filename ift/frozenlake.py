@@ -91,6 +91,10 @@ Metrics (per seed; aggregated as mean ± sample std over seeds)
       optimal trajectory.
 
 No mlflow, ray or matplotlib here; ``pipelines/frozenlake.py`` reports and logs.
+
+One module on purpose: the lake, value iteration, the policy network and the four
+fine-tuning methods are one experiment (§5.3), read top to bottom; split, each piece
+would only make sense next to the others.
 """
 
 from __future__ import annotations
