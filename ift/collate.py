@@ -24,15 +24,18 @@ token's view).  There is no ``attention_mask``: the objectives of
 :mod:`ift.objectives` take ``position_ids=`` and build per-sequence attention
 from it.
 
-Preference pairs keep the ``chosen_*``/``rejected_*`` keys: a pack of pairs
-gives one ``chosen_`` row (the packed chosen sequences) and one ``rejected_``
-row (the rejected sequences, *in the same order*), both padded to one length.
-The k-th chosen sequence of the batch (row-major) and the k-th rejected one
-form pair k; a pair is one packing item, so it never straddles packs.  This
-keeps the padded layout's contract (``chosen``/``rejected`` with aligned pair
-order, concatenated into one forward), so DPO/ORPO need no index tensor.
-Per-example scalars (``row``, ``source``, ``reference_chosen_logps``) are
-carried in the same sequence order.
+Preference pairs pack as one item of chosen + rejected tokens, the two sequences
+side by side in one row, chosen first, under the keys ``pair_input_ids``,
+``pair_labels`` and ``pair_position_ids``::
+
+    pair_input_ids  [ c0 c0 c0 | r0 r0 | c1 c1 c1 c1 | r1 r1 r1 | pad ]
+
+So in row-major order sequence 2k is pair k's chosen and 2k+1 its rejected one,
+which is all :func:`ift.objectives.dpo_batch_loss` needs (no index tensor), a
+pair never straddles rows, and the packing is 1-D (one size per pair): the rows
+fill as tightly as SFT's, and chosen and rejected run in one forward as they do
+padded.  Per-example scalars (``row``, ``source``, ``reference_chosen_logps``)
+are carried once per pair, in pair order.
 """
 
 from __future__ import annotations
@@ -135,25 +138,28 @@ def _check_same_keys(examples: Sequence[Mapping[str, Any]], what: str) -> list[s
     return keys
 
 
-def _pack_sizes(examples: Sequence[Mapping[str, Any]], pack_length: int) -> list[tuple[int, ...]]:
-    """Each example's token count per sequence prefix, checked against ``pack_length``."""
+def _pack_sizes(examples: Sequence[Mapping[str, Any]], pack_length: int) -> list[int]:
+    """Each example's tokens in a pack (a pair: chosen + rejected), checked against ``pack_length``."""
     if pack_length < 1:
         raise ValueError(f"pack_length must be >= 1, got {pack_length}")
     keys = _check_same_keys(examples, "pack_examples")
     prefixes = _sequence_prefixes(examples[0])
-    sizes: list[tuple[int, ...]] = []
+    sizes: list[int] = []
     for i, ex in enumerate(examples):
-        size = tuple(len(ex[p + "input_ids"]) for p in prefixes)
-        for p, n in zip(prefixes, size, strict=True):
+        for p in prefixes:
+            n = len(ex[p + "input_ids"])
             if n == 0:
                 raise ValueError(f"example {i}: {p}input_ids is empty (a packed sequence needs at least one token)")
-            if n > pack_length:
-                raise ValueError(
-                    f"example {i}: {p}input_ids has {n} tokens, more than pack_length={pack_length}; "
-                    f"tokenize with max_length <= pack_length (truncation happens at tokenization, never in packing)"
-                )
             if p + "labels" in keys and len(ex[p + "labels"]) != n:
                 raise ValueError(f"example {i}: {p}labels and {p}input_ids differ in length")
+        size = sum(len(ex[p + "input_ids"]) for p in prefixes)
+        if size > pack_length:
+            what = " + ".join(f"{p}input_ids" for p in prefixes)
+            raise ValueError(
+                f"example {i}: {what} has {size} tokens, more than pack_length={pack_length}; "
+                f"tokenize with a max_length that fits pack_length (truncation happens at tokenization, never in "
+                "packing)"
+            )
         sizes.append(size)
     return sizes
 
@@ -167,17 +173,13 @@ def pack_examples(
     """Assign examples to packs of at most ``pack_length`` tokens; returns each pack's example indices.
 
     Every index appears in exactly one pack; indices inside a pack are ascending and packs are ordered
-    by their first index, so the output is deterministic and roughly follows the data order.
-
-    A preference example (``chosen_*``/``rejected_*``) is one item with two sizes: its chosen sequence
-    goes to the pack's chosen row and its rejected sequence to the pack's rejected row, and both rows
-    must fit (vector bin packing).  So a pair never straddles packs.
+    by their first index, so the output is deterministic and roughly follows the data order.  A
+    preference example is one item of its chosen plus rejected tokens (they share its row).
 
     ``strategy``:
 
     - ``"best_fit_decreasing"``: examples by decreasing length (ties by index), each into the pack it
-      leaves with the least room (1-D: a bisect over the rooms, O(n log n); pairs: a scan over the
-      packs, O(n · packs));
+      leaves with the least room (a bisect over the rooms, O(n log n));
     - ``"greedy"``: next fit in the given order: start a new pack when the next example does not fit
       (keeps the data order; what plain concatenation without splitting gives).
 
@@ -187,84 +189,69 @@ def pack_examples(
     if strategy not in PACKING_STRATEGIES:
         raise ValueError(f"unknown packing strategy {strategy!r}; expected one of {PACKING_STRATEGIES}")
     sizes = _pack_sizes(examples, pack_length)
-    dims = len(sizes[0])
     packs: list[list[int]] = []
     if strategy == "greedy":
-        load = [0] * dims
-        for i, size in enumerate(sizes):
-            if packs and all(used + n <= pack_length for used, n in zip(load, size, strict=True)):
+        load = 0
+        for i, n in enumerate(sizes):
+            if packs and load + n <= pack_length:
                 packs[-1].append(i)
-                load = [used + n for used, n in zip(load, size, strict=True)]
+                load += n
             else:
                 packs.append([i])
-                load = list(size)
+                load = n
     else:
-        order = sorted(range(len(sizes)), key=lambda i: (-sum(sizes[i]), i))
-        if dims == 1:
-            # (room left, pack index), sorted: the first entry with room >= n is the best fit.
-            rooms: list[tuple[int, int]] = []
-            for i in order:
-                n = sizes[i][0]
-                j = bisect.bisect_left(rooms, (n, -1))
-                if j == len(rooms):
-                    packs.append([i])
-                    bisect.insort(rooms, (pack_length - n, len(packs) - 1))
-                else:
-                    room, p = rooms.pop(j)
-                    packs[p].append(i)
-                    bisect.insort(rooms, (room - n, p))
-        else:
-            room_left: list[list[int]] = []
-            for i in order:
-                size = sizes[i]
-                best, best_slack = -1, None
-                for p, room in enumerate(room_left):
-                    if all(r >= n for r, n in zip(room, size, strict=True)):
-                        slack = sum(room) - sum(size)
-                        if best_slack is None or slack < best_slack:
-                            best, best_slack = p, slack
-                if best < 0:
-                    packs.append([i])
-                    room_left.append([pack_length - n for n in size])
-                else:
-                    packs[best].append(i)
-                    room_left[best] = [r - n for r, n in zip(room_left[best], size, strict=True)]
+        # (room left, pack index), sorted: the first entry with room >= n is the best fit.
+        rooms: list[tuple[int, int]] = []
+        for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+            n = sizes[i]
+            j = bisect.bisect_left(rooms, (n, -1))
+            if j == len(rooms):
+                packs.append([i])
+                bisect.insort(rooms, (pack_length - n, len(packs) - 1))
+            else:
+                room, p = rooms.pop(j)
+                packs[p].append(i)
+                bisect.insort(rooms, (room - n, p))
     return sorted((sorted(p) for p in packs), key=lambda p: p[0])
 
 
 def join_pack(examples: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
     """One pack's examples as one packed row of token lists (no padding; see the layout above).
 
-    For each sequence prefix (``""``, or ``"chosen_"`` and ``"rejected_"``): ``*input_ids`` and
-    ``*labels`` are the examples' sequences back to back, ``*labels`` is ``-100`` at each sequence's
-    first position (nothing in the row may predict it: the logit before it is the previous sequence's
-    last token), and ``*position_ids`` restarts at 0 at each sequence.  Any other per-example key
-    (a scalar such as ``row``, ``source``, ``reference_chosen_logps``) becomes a list with one entry
-    per example, in the row's sequence order.  Incoming ``*attention_mask``/``*position_ids`` are ignored.
+    ``input_ids`` and ``labels`` are the examples' sequences back to back (a preference pack:
+    ``pair_input_ids``/``pair_labels``, each pair's chosen then its rejected sequence), ``labels`` is
+    ``-100`` at each sequence's first position (nothing in the row may predict it: the logit before it
+    is the previous sequence's last token), and ``position_ids`` restarts at 0 at each sequence.  Any
+    other per-example key (a scalar such as ``row``, ``source``, ``reference_chosen_logps``) becomes a
+    list with one entry per example, in the row's order.  Incoming ``*attention_mask``/``*position_ids``
+    are ignored.
     """
     keys = _check_same_keys(examples, "join_pack")
     prefixes = _sequence_prefixes(examples[0])
-    row: dict[str, list[Any]] = {}
-    for p in prefixes:
-        ids: list[int] = []
-        labels: list[int] = []
-        positions: list[int] = []
-        for ex in examples:
+    if prefixes not in ([""], ["chosen_", "rejected_"]):
+        raise ValueError(f"join_pack packs SFT examples or chosen/rejected pairs, got sequence keys {prefixes}")
+    out_prefix = "" if prefixes == [""] else "pair_"
+    with_labels = all(p + "labels" in keys for p in prefixes)
+    ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    for ex in examples:
+        for p in prefixes:
             seq = list(ex[p + "input_ids"])
             if not seq:
                 raise ValueError(f"join_pack: an example has an empty {p}input_ids")
             ids += seq
             positions += range(len(seq))
-            if p + "labels" in keys:
+            if with_labels:
                 lab = list(ex[p + "labels"])
                 if len(lab) != len(seq):
                     raise ValueError(f"join_pack: {p}labels and {p}input_ids differ in length")
                 lab[0] = IGNORE_INDEX
                 labels += lab
-        row[p + "input_ids"] = ids
-        if p + "labels" in keys:
-            row[p + "labels"] = labels
-        row[p + "position_ids"] = positions
+    row: dict[str, list[Any]] = {out_prefix + "input_ids": ids}
+    if with_labels:
+        row[out_prefix + "labels"] = labels
+    row[out_prefix + "position_ids"] = positions
     for k in keys:
         if k.endswith(("input_ids", "labels")) or k.endswith(_DERIVED_SUFFIXES):
             continue
@@ -297,7 +284,7 @@ def collate_packs(
 
     Every token key (``*input_ids``, ``*labels``, ``*position_ids``) is right-padded to one length L,
     the longest row (rounded up to ``pad_to_multiple_of``; passing ``pack_length`` there gives fixed
-    (P, pack_length) shapes), so chosen and rejected rows can be concatenated into one forward.  The
+    (P, pack_length) shapes).  The
     tail padding is ``pad_token_id`` with label ``-100`` and *continues* the last sequence's
     position_ids (never restarting at 0), so it is not a sequence of its own: it sits after the last
     sequence, which causal attention never lets see it, and it has no targets.  No ``attention_mask``
@@ -364,7 +351,7 @@ def pack_collate(
 
     The padding-free counterpart of :func:`pad_collate`: :func:`build_packs` then :func:`collate_packs`.
     Returns ``input_ids``/``labels``/``position_ids`` of shape (P, L) for SFT/IFT examples, or
-    ``chosen_*`` and ``rejected_*`` (each (P, L), one length) for preference pairs.
+    ``pair_input_ids``/``pair_labels``/``pair_position_ids`` for preference pairs.
     """
     return collate_packs(
         build_packs(examples, pack_length, strategy=strategy), pad_token_id, pad_to_multiple_of=pad_to_multiple_of

@@ -199,7 +199,9 @@ def _normalize(row: Any) -> Conversation:
     if not isinstance(row, Mapping):
         raise _RowError(f"row must be a JSON object, got {_type_name(row)}", "unknown_format")
     keys = sorted(str(k) for k in row)
-    if "messages" in row:
+    # A pair first: UltraFeedback-binarized rows carry 'messages' (= the chosen side) beside
+    # 'chosen'/'rejected', and a preference method needs the pair.
+    if "messages" in row and not ("chosen" in row and "rejected" in row):
         msgs = _as_messages(row["messages"], "messages")
         validate_conversation(msgs, "messages")
         return Conversation(msgs, None, "messages")

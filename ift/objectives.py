@@ -77,6 +77,7 @@ __all__ = [
     "unpack_sequences",
     "packed_token_logps",
     "concat_pair",
+    "pair_sequence_logps",
     "reference_pair_logps",
     "dpo_batch_loss",
     "orpo_batch_loss",
@@ -659,38 +660,35 @@ def concat_pair(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Ten
     return ids, att, lab, b
 
 
-def _pair_inputs(
-    batch: dict[str, torch.Tensor],
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None, int]:
-    """``(input_ids, attention_mask, labels, position_ids, number of pairs)`` for one forward.
+def pair_sequence_logps(
+    model: nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed response log-probs and response token counts of every pair's chosen and rejected
+    sequence, in one forward: ``(chosen logps, rejected logps, chosen tokens, rejected tokens)``, (B,) each.
 
-    Padded: :func:`concat_pair`, position_ids ``None``.  Packed (``chosen_position_ids`` in the
-    batch, layout of :func:`ift.collate.pack_collate`): the chosen rows then the rejected rows, so the
-    first half of the sequences (row-major) are the chosen ones and sequence k + b is the rejected
-    side of pair k; attention_mask ``None``.
+    Padded (``chosen_*``/``rejected_*``): :func:`concat_pair`.  Packed (``pair_*``, the layout of
+    :func:`ift.collate.pack_collate`): sequence 2k (row-major) is pair k's chosen, 2k+1 its rejected.
     """
-    if "chosen_position_ids" not in batch:
+    if "pair_position_ids" not in batch:
         ids, att, lab, b = concat_pair(batch)
-        return ids, att, lab, None, b
-    chosen_pos, rejected_pos = batch["chosen_position_ids"], batch["rejected_position_ids"]
-    b, b_rejected = torch.stack([(chosen_pos == 0).sum(), (rejected_pos == 0).sum()]).tolist()
-    if b != b_rejected:
-        raise ValueError(f"packed preference batch has {b} chosen but {b_rejected} rejected sequences")
-    ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
-    lab = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
-    pos = torch.cat([chosen_pos, rejected_pos])
-    return ids, None, lab, pos, b
+        logps, n = sequence_logps(model, ids, att, lab)
+        return logps[:b], logps[b:], n[:b], n[b:]
+    logps, n = sequence_logps(
+        model, batch["pair_input_ids"], None, batch["pair_labels"], position_ids=batch["pair_position_ids"]
+    )
+    if logps.shape[0] % 2:
+        raise ValueError(f"a packed preference batch holds {logps.shape[0]} sequences: expected chosen/rejected pairs")
+    return logps[0::2], logps[1::2], n[0::2], n[1::2]
 
 
 @torch.no_grad()
 def reference_pair_logps(
     reference_model: nn.Module, batch: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response log-probs of the chosen and the rejected rows under the frozen
+    """Summed response log-probs of the chosen and the rejected sequences under the frozen
     reference π_ref of DPO (paper eq. 32), shape (B,) each (B pairs, padded or packed)."""
-    ids, att, lab, pos, b = _pair_inputs(batch)
-    ref, _ = sequence_logps(reference_model, ids, att, lab, position_ids=pos)
-    return ref[:b], ref[b:]
+    chosen, rejected, _, _ = pair_sequence_logps(reference_model, batch)
+    return chosen, rejected
 
 
 def dpo_batch_loss(
@@ -700,14 +698,14 @@ def dpo_batch_loss(
     beta: float = 0.1,
     reference_model: nn.Module | None = None,
 ) -> ObjectiveOutput:
-    """DPO on a collated preference batch (keys ``chosen_*``/``rejected_*``).
+    """DPO on a collated preference batch, padded (``chosen_*``/``rejected_*``) or packed (``pair_*``).
 
     The reference log-probs come from ``reference_model`` (a frozen copy of the
     start policy, run under no-grad), or were precomputed once and stored in the
-    batch as ``reference_chosen_logps`` / ``reference_rejected_logps``.
+    batch as ``reference_chosen_logps`` / ``reference_rejected_logps`` (one per pair, in pair order).
 
-    A packed batch (``chosen_position_ids``/``rejected_position_ids``, from
-    :func:`ift.collate.pack_collate`) gives the value and gradients of the same pairs padded.
+    A packed batch (from :func:`ift.collate.pack_collate`) gives the value and gradients of the same
+    pairs padded.
     """
     if "reference_chosen_logps" in batch:
         ref_c, ref_r = batch["reference_chosen_logps"], batch["reference_rejected_logps"]
@@ -715,21 +713,19 @@ def dpo_batch_loss(
         raise ValueError("dpo needs reference_model, or precomputed reference_*_logps in the batch")
     else:
         ref_c, ref_r = reference_pair_logps(reference_model, batch)
-    ids, att, lab, pos, b = _pair_inputs(batch)
-    pol, n = sequence_logps(model, ids, att, lab, position_ids=pos)
-    loss, metrics = dpo_loss(pol[:b], pol[b:], ref_c.to(pol.dtype), ref_r.to(pol.dtype), beta=beta)
-    metrics["nll"] = (-pol[:b] / n[:b]).detach().mean()
-    metrics["num_sequences"] = torch.tensor(float(b))
-    metrics["num_tokens"] = n[:b].sum().detach().float()
+    pol_c, pol_r, n_c, _ = pair_sequence_logps(model, batch)
+    loss, metrics = dpo_loss(pol_c, pol_r, ref_c.to(pol_c.dtype), ref_r.to(pol_c.dtype), beta=beta)
+    metrics["nll"] = (-pol_c / n_c).detach().mean()
+    metrics["num_sequences"] = torch.tensor(float(pol_c.shape[0]))
+    metrics["num_tokens"] = n_c.sum().detach().float()
     return ObjectiveOutput(loss, metrics)
 
 
 def orpo_batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, beta: float = 0.25) -> ObjectiveOutput:
     """ORPO on a collated preference batch, padded or packed (as :func:`dpo_batch_loss`); no reference model."""
-    ids, att, lab, pos, b = _pair_inputs(batch)
-    pol, n = sequence_logps(model, ids, att, lab, position_ids=pos)
-    mean_logps = pol / n
-    loss, metrics = orpo_loss(mean_logps[:b], mean_logps[b:], -mean_logps[:b], beta=beta)
-    metrics["num_sequences"] = torch.tensor(float(b))
-    metrics["num_tokens"] = n[:b].sum().detach().float()
+    pol_c, pol_r, n_c, n_r = pair_sequence_logps(model, batch)
+    mean_c, mean_r = pol_c / n_c, pol_r / n_r
+    loss, metrics = orpo_loss(mean_c, mean_r, -mean_c, beta=beta)
+    metrics["num_sequences"] = torch.tensor(float(pol_c.shape[0]))
+    metrics["num_tokens"] = n_c.sum().detach().float()
     return ObjectiveOutput(loss, metrics)

@@ -132,6 +132,14 @@ def test_preference_with_whole_conversations_is_taken_as_is() -> None:
     assert conv.rejected_messages == [user("q"), assistant("bad")]
 
 
+def test_an_ultrafeedback_binarized_row_with_messages_beside_the_pair_is_a_pair() -> None:
+    # HuggingFaceH4/ultrafeedback_binarized: 'messages' repeats the chosen side next to 'chosen'/'rejected'.
+    chosen, rejected = [user("q"), assistant("good")], [user("q"), assistant("bad")]
+    row = {"prompt": "q", "messages": chosen, "chosen": chosen, "rejected": rejected, "score_chosen": 8.0}
+    conv = normalize_row(row, source=SRC, index=0)
+    assert conv.format == "preference" and conv.messages == chosen and conv.rejected_messages == rejected
+
+
 def test_preference_with_assistant_only_sides_is_appended_to_the_prompt() -> None:
     as_strings = normalize_row({"prompt": "q", "chosen": "good", "rejected": "bad"}, source=SRC, index=0)
     as_lists = normalize_row(

@@ -148,7 +148,7 @@ def test_every_example_lands_in_exactly_one_pack_and_no_pack_exceeds_pack_length
         assert all(p == sorted(p) for p in packs)
 
 
-def test_pairs_are_packed_as_one_item_on_both_rows():
+def test_a_pair_is_packed_as_one_item_of_its_chosen_plus_rejected_tokens():
     rng = random.Random(1)
     sizes = [(rng.randint(1, 30), rng.randint(1, 30)) for _ in range(100)]
     examples = [
@@ -161,9 +161,9 @@ def test_pairs_are_packed_as_one_item_on_both_rows():
         for c, r in sizes
     ]
     for strategy in ("best_fit_decreasing", "greedy"):
-        packs = pack_examples(examples, 48, strategy=strategy)
+        packs = pack_examples(examples, 64, strategy=strategy)
         assert sorted(i for p in packs for i in p) == list(range(len(examples)))
-        assert all(sum(sizes[i][0] for i in p) <= 48 and sum(sizes[i][1] for i in p) <= 48 for p in packs)
+        assert all(sum(sizes[i][0] + sizes[i][1] for i in p) <= 64 for p in packs)
 
 
 def test_best_fit_decreasing_packs_tighter_than_greedy_on_a_hand_made_case():
@@ -196,7 +196,7 @@ def test_packed_layout_restarts_positions_masks_first_labels_and_pads_the_tail_a
     assert fixed["input_ids"].shape == (2, 8) and fixed["position_ids"][1].tolist() == list(range(8))
 
 
-def test_pack_collate_keeps_each_pair_together_and_in_the_same_order_on_both_sides():
+def test_pack_collate_puts_each_pairs_chosen_then_rejected_side_by_side_in_one_row():
     examples = []
     for i, (c, r) in enumerate([(3, 6), (5, 2), (2, 2), (6, 5), (1, 4), (4, 4)]):
         examples.append(
@@ -209,17 +209,19 @@ def test_pack_collate_keeps_each_pair_together_and_in_the_same_order_on_both_sid
                 "source": f"s{i}",
             }
         )
-    batch = pack_collate(examples, PAD, pack_length=8)
-    chosen_ids = batch["chosen_input_ids"]
-    assert batch["rejected_input_ids"].shape == chosen_ids.shape
-    for side, base in (("chosen", 100), ("rejected", 200)):
-        pos, ids = batch[f"{side}_position_ids"], batch[f"{side}_input_ids"]
-        starts = ids[pos == 0].tolist()  # row-major: the batch's sequence order
-        assert [t - base for t in starts] == batch["row"].tolist()
-        assert (batch[f"{side}_labels"][pos == 0] == IGNORE_INDEX).all()
-        assert (ids.shape[1] <= 8) and int((ids != PAD).sum(-1).max()) <= 8
+    batch = pack_collate(examples, PAD, pack_length=12)
+    assert not any(k.startswith(("chosen_", "rejected_")) for k in batch)
+    pos, ids = batch["pair_position_ids"], batch["pair_input_ids"]
+    starts = ids[pos == 0].tolist()  # row-major: the batch's sequence order
+    # Sequence 2k is pair k's chosen, 2k+1 its rejected, and pair k is the batch's row[k].
+    assert starts == [base + i for i in batch["row"].tolist() for base in (100, 200)]
+    assert (batch["pair_labels"][pos == 0] == IGNORE_INDEX).all()
+    assert ids.shape[1] <= 12
     assert sorted(batch["row"].tolist()) == list(range(6))
     assert batch["source"] == [f"s{i}" for i in batch["row"].tolist()]
+    # Best fit decreasing on the pairs' sizes 9 7 4 11 5 8 fills rows of 12 as 11, 9, 8+4, 7+5:
+    # no room is left but in the first two rows.
+    assert sorted(int((row != PAD).sum()) for row in ids) == [9, 11, 12, 12]
 
 
 def test_build_packs_gives_rows_a_pipeline_can_batch_later():
@@ -329,8 +331,8 @@ def reference(policy) -> LlamaForCausalLM:
 
 def test_dpo_packed_equals_padded_with_a_reference_model(policy, reference):
     examples = preference_examples()
-    padded, packed = pad_collate(examples, PAD), pack_collate(examples, PAD, pack_length=26)
-    check_packed_batch(packed, prefix="chosen_")
+    padded, packed = pad_collate(examples, PAD), pack_collate(examples, PAD, pack_length=40)
+    check_packed_batch(packed, prefix="pair_")
     a = loss_and_grads(policy, lambda: dpo_batch_loss(policy, padded, beta=0.5, reference_model=reference))
     b = loss_and_grads(policy, lambda: dpo_batch_loss(policy, packed, beta=0.5, reference_model=reference))
     assert_same(a, b)
@@ -344,7 +346,7 @@ def test_dpo_packed_with_precomputed_references_carried_in_sequence_order(policy
         e | {"reference_chosen_logps": float(c), "reference_rejected_logps": float(r)}
         for e, c, r in zip(examples, ref_c, ref_r, strict=True)
     ]
-    packed = pack_collate(with_ref, PAD, pack_length=26)
+    packed = pack_collate(with_ref, PAD, pack_length=40)
     a = loss_and_grads(
         policy, lambda: dpo_batch_loss(policy, pad_collate(examples, PAD), beta=0.5, reference_model=reference)
     )
@@ -354,8 +356,8 @@ def test_dpo_packed_with_precomputed_references_carried_in_sequence_order(policy
 
 def test_orpo_packed_equals_padded(policy):
     examples = preference_examples()
-    padded, packed = pad_collate(examples, PAD), pack_collate(examples, PAD, pack_length=26)
-    check_packed_batch(packed, prefix="chosen_")
+    padded, packed = pad_collate(examples, PAD), pack_collate(examples, PAD, pack_length=40)
+    check_packed_batch(packed, prefix="pair_")
     a = loss_and_grads(policy, lambda: orpo_batch_loss(policy, padded, beta=0.25))
     b = loss_and_grads(policy, lambda: orpo_batch_loss(policy, packed, beta=0.25))
     assert_same(a, b)
@@ -424,8 +426,8 @@ def test_the_tiny_preset_on_tokenized_rows_packed_equals_padded_for_ift_and_dpo(
         loss_and_grads(model, lambda: packed_call(ift_loss, model, packed, 0.2, 0.95)),
     )
     reference = load_model("tiny", dtype=torch.float64, seed=1, tokenizer=tokenizer).eval()
-    padded, packed = pad_collate(pairs, pad_id), pack_collate(pairs, pad_id, pack_length=48)
-    check_packed_batch(packed, prefix="chosen_")
+    padded, packed = pad_collate(pairs, pad_id), pack_collate(pairs, pad_id, pack_length=128)
+    check_packed_batch(packed, prefix="pair_")
     assert_same(
         loss_and_grads(model, lambda: dpo_batch_loss(model, padded, reference_model=reference)),
         loss_and_grads(model, lambda: dpo_batch_loss(model, packed, reference_model=reference)),
