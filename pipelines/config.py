@@ -33,6 +33,17 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class LoraConfig(_Section):
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (the update is scaled by alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+        description="Module names (suffixes) that get adapters; Llama/Mistral attention and MLP projections.",
+    )
+
+
 class ModelConfig(_Section):
     name: str = Field("tiny", description="Preset ('tiny', 'tiny-100m'), hub id, or local path of a causal LM.")
     tokenizer: str | None = Field(None, description="Tokenizer id/path; defaults to the model's.")
@@ -40,6 +51,9 @@ class ModelConfig(_Section):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     trust_remote_code: bool = Field(False, description="Run code shipped with a hub model. Off unless asked.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    lora: LoraConfig | None = Field(
+        None, description="Train LoRA adapters (peft) instead of all weights; unset = full fine-tuning."
+    )
 
 
 class DataSource(_Section):
@@ -74,6 +88,27 @@ class DataConfig(_Section):
         description="Train from the tokenized cache in cache_dir (`ift data prepare` builds it; built if missing).",
     )
     cache_dir: str = Field("ift_cache", description="Where tokenized caches live: a local path or a URI (s3://...).")
+    packing: bool = Field(
+        False,
+        description="Padding-free packing: sequences back to back in rows of pack_length tokens, attention kept "
+        "within each sequence; a micro-batch is micro_batch_size such rows (every method).",
+    )
+    pack_length: int | None = Field(
+        None,
+        gt=8,
+        description="Tokens per packed row (a micro-batch: micro_batch_size rows); unset = max_length, or "
+        "2 x max_length for DPO/ORPO, whose pairs pack chosen and rejected side by side.",
+    )
+    packing_strategy: Literal["best_fit_decreasing", "greedy"] = Field(
+        "best_fit_decreasing", description="How a window of rows is packed: best fit decreasing, or greedy in order."
+    )
+    packing_window: int = Field(
+        1024, gt=0, description="Rows packed together (after the local shuffle): larger packs tighter."
+    )
+
+    def resolved_pack_length(self, paired: bool) -> int:
+        """Tokens per packed row: ``pack_length``, or room for the longest example (a pair: two sequences)."""
+        return self.pack_length if self.pack_length is not None else self.max_length * (2 if paired else 1)
 
 
 class MethodConfig(_Section):
@@ -184,6 +219,13 @@ class TrainConfig(_Section):
             raise ValueError("deepspeed.offload_param needs deepspeed.zero_stage=3")
         if self.method.frozen_fusion_embeddings and self.deepspeed.zero_stage == 3:
             raise ValueError("method.frozen_fusion_embeddings cannot copy partitioned ZeRO-3 embeddings; use stage 0-2")
+        longest = self.data.max_length * (2 if self.method.needs_pairs else 1)
+        if self.data.packing and self.data.resolved_pack_length(self.method.needs_pairs) < longest:
+            what = "a pair of max_length sequences (packed side by side)" if self.method.needs_pairs else "a sequence"
+            raise ValueError(
+                f"data.pack_length={self.data.pack_length} is shorter than {what}: {longest} tokens with "
+                f"data.max_length={self.data.max_length}; raise data.pack_length or lower data.max_length"
+            )
         if self.method.lam_schedule == "linear_warmup" and self.method.lam_min > self.method.lam:
             raise ValueError("method.lam_min must not exceed method.lam (the warm-up's end value)")
         return self

@@ -23,6 +23,7 @@ that owns them, which stops the run naming the file and line
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -226,6 +227,69 @@ def tokenizer_resources(
     return actors, math.floor(per_actor * 1000) / 1000
 
 
+# --------------------------------------------------------------------------- packing estimate
+
+PACKING_SAMPLE_ROWS = 2048
+
+
+def sample_examples(plan: SplitPlan, cfg: TrainConfig, *, from_cache: bool, rows: int) -> list[dict[str, list[int]]]:
+    """Up to ``rows`` good tokenized examples of a split, read on the driver from its first shards in
+    plan order (which is seeded-shuffled, so a mixture's sources all appear): what packing is estimated on."""
+    keys = token_keys(data_mode(cfg))
+    tokenize = None
+    out: list[dict[str, list[int]]] = []
+    for shard in plan.shards:
+        if from_cache:
+            from pipelines.cache import read_cached_shard
+
+            batch = read_cached_shard({"shard": [shard.to_item()["shard"]]}).to_pydict()
+        else:
+            raw = list(itertools.islice(read_shard(shard.to_item()), rows - len(out)))
+            if not raw:
+                continue
+            if tokenize is None:
+                tokenize = TokenizeRows(
+                    cfg.model.tokenizer or cfg.model.name, data_mode(cfg), cfg.data.max_length,
+                    cfg.data.truncation, cfg.model.trust_remote_code,
+                )  # fmt: skip
+            batch = tokenize({k: np.asarray([r[k] for r in raw], dtype=object) for k in raw[0]})
+        for i, error in enumerate(batch["error"]):
+            if not error:
+                out.append({k: list(batch[k][i]) for k in keys})
+        if len(out) >= rows:
+            break
+    return out[:rows]
+
+
+def estimate_rows_per_micro(cfg: TrainConfig, plan: SplitPlan, *, from_cache: bool) -> float:
+    """Examples one micro-batch holds: ``micro_batch_size`` padded; packed, ``micro_batch_size`` rows
+    times the mean examples per row of a packed sample of the corpus
+    (:func:`pipelines.batching.estimate_examples_per_pack`)."""
+    if not cfg.data.packing:
+        return float(cfg.optimization.micro_batch_size)
+    from pipelines.batching import estimate_examples_per_pack
+
+    rows = max(PACKING_SAMPLE_ROWS, 2 * cfg.data.packing_window)
+    sample = sample_examples(plan, cfg, from_cache=from_cache, rows=rows)
+    if not sample:
+        raise DataError(plan.shards[0].path if plan.shards else "train", 0, "no good row to estimate packing from")
+    return cfg.optimization.micro_batch_size * estimate_examples_per_pack(sample, packing_of(cfg))
+
+
+def packing_of(cfg: TrainConfig):
+    """The config's :class:`pipelines.batching.Packing`, or None for padded micro-batches."""
+    if not cfg.data.packing:
+        return None
+    from pipelines.batching import Packing
+
+    return Packing(
+        length=cfg.data.resolved_pack_length(cfg.method.needs_pairs),
+        rows=cfg.optimization.micro_batch_size,
+        strategy=cfg.data.packing_strategy,
+        window=cfg.data.packing_window,
+    )
+
+
 @dataclass
 class StreamingData:
     """What the trainer needs from the data stage."""
@@ -234,6 +298,7 @@ class StreamingData:
     validation: ray.data.Dataset | None
     train_rows: int  # rows the train stream holds before bad rows (exact from a cache)
     validation_rows: int
+    rows_per_micro: float  # examples per micro-batch: micro_batch_size, or estimated from packing
     fingerprints: dict[str, str]
     from_cache: bool
     tokenizer_actors: int
@@ -258,6 +323,7 @@ def build_datasets(cfg: TrainConfig, *, cluster_cpus: float | None = None) -> St
         validation=validation,
         train_rows=plan.train.rows,
         validation_rows=plan.validation.rows if plan.validation is not None else 0,
+        rows_per_micro=estimate_rows_per_micro(cfg, plan.train, from_cache=plan.from_cache),
         fingerprints=fps,
         from_cache=plan.from_cache,
         tokenizer_actors=actors,

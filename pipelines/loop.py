@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from ift.data import DataError
+from ift.lora import add_lora, is_lora, merged_state_dict, save_adapter
 from ift.models import load_model, load_tokenizer
 from ift.objectives import sft_loss
 from pipelines.config import TrainConfig
@@ -31,6 +32,7 @@ from pipelines.methods import Objective, ReferenceTable
 STATE_FILE = "trainer_state.json"
 DS_TAG = "deepspeed"
 HF_MODEL_DIR = "hf_model"
+ADAPTER_DIR = "lora_adapter"  # beside hf_model/ in the final checkpoint, for LoRA runs
 
 
 class ResumeError(RuntimeError):
@@ -60,8 +62,8 @@ class LoopState:
         if self.data_fingerprint and self.data_fingerprint != data_fingerprint:
             raise ResumeError(
                 f"the checkpoint at step {self.step} was written for training data {self.data_fingerprint} and the "
-                f"data is now {data_fingerprint} (files, mixture, tokenizer, max_length or seed changed).  Resume "
-                "with the same data, or start a new run (another run_name)."
+                f"data is now {data_fingerprint} (files, mixture, tokenizer, max_length, seed or packing changed).  "
+                "Resume with the same data, or start a new run (another run_name)."
             )
 
     def save(self, directory: str | os.PathLike) -> None:
@@ -75,6 +77,16 @@ class LoopState:
         return cls(**json.loads((Path(directory) / STATE_FILE).read_text()))
 
 
+def data_position_fingerprint(cfg: TrainConfig, train_fingerprint: str) -> str:
+    """What a saved data position (``micro_in_epoch``) counts in: the training data, and with packing
+    the pack geometry too (the same rows make other micro-batches under another one)."""
+    if not cfg.data.packing:
+        return train_fingerprint
+    d = cfg.data
+    length = d.resolved_pack_length(cfg.method.needs_pairs)
+    return f"{train_fingerprint}/packed-{length}-{d.packing_strategy}-{d.packing_window}"
+
+
 @dataclass
 class Schedule:
     """Step counts derived from the data size and the batch geometry."""
@@ -84,16 +96,32 @@ class Schedule:
     total_steps: int
 
     @classmethod
-    def from_config(cls, cfg: TrainConfig, train_rows: int, world_size: int) -> Schedule:
+    def from_config(
+        cls, cfg: TrainConfig, train_rows: int, world_size: int, rows_per_micro: float | None = None
+    ) -> Schedule:
+        """Micro-batches per rank per epoch = rows ÷ (rows per micro-batch × workers), down to whole steps.
+
+        ``rows_per_micro`` is ``micro_batch_size`` for padded batches; with packing it is the
+        estimated examples per pack (:func:`pipelines.data.estimate_rows_per_micro`), so the count is
+        an estimate and the loop also ends an epoch when the first rank's stream runs out.
+        """
         o = cfg.optimization
-        global_micro = o.micro_batch_size * world_size
-        micro = (train_rows // global_micro) // o.gradient_accumulation_steps * o.gradient_accumulation_steps
+        per_micro = float(rows_per_micro if rows_per_micro is not None else o.micro_batch_size)
+        micro = int(train_rows // (per_micro * world_size)) // o.gradient_accumulation_steps
+        micro *= o.gradient_accumulation_steps
         steps = micro // o.gradient_accumulation_steps
         if steps == 0:
+            batch = (
+                f"{o.micro_batch_size} packed rows of {cfg.data.resolved_pack_length(cfg.method.needs_pairs)} tokens "
+                "holding "
+                f"{per_micro:.1f} examples on average"
+                if cfg.data.packing
+                else f"micro_batch_size {o.micro_batch_size}"
+            )
             raise ValueError(
                 f"{train_rows} training rows are fewer than one optimizer step needs "
-                f"(micro_batch_size {o.micro_batch_size} x workers {world_size} x accumulation "
-                f"{o.gradient_accumulation_steps}); add data or shrink the batch"
+                f"({batch} x workers {world_size} x accumulation {o.gradient_accumulation_steps}); "
+                "add data or shrink the batch"
             )
         total = steps * o.epochs
         if o.max_steps is not None:
@@ -172,6 +200,9 @@ def build_model_and_tokenizer(cfg: TrainConfig):
     )
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if cfg.model.lora is not None:
+        lora = cfg.model.lora
+        model = add_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
     return model, tokenizer
 
 
@@ -184,11 +215,10 @@ def build_engine(cfg: TrainConfig, model: torch.nn.Module, total_steps: int, use
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.dim() < 2 or "norm" in name.lower() else decay).append(p)
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=o.lr,
-        betas=tuple(o.betas),
-    )
+    # No empty group: ZeRO drops it, and the scheduler would then count one group more than it steps
+    # (LoRA trains only 2-D adapter matrices, so its no-decay group is empty).
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=tuple(o.betas))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     engine, _, _, _ = deepspeed.initialize(
         model=model,
@@ -232,26 +262,41 @@ def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str,
     return {k: float(v) / world for k, v in zip(keys, t.tolist(), strict=True)}
 
 
-def all_reduce_sum(value: int, device: torch.device) -> int:
-    """An integer summed over ranks (exact: int64)."""
-    if _world()[1] == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(t)
-    return int(t.item())
+def all_gather_int(value: int, device: torch.device) -> list[int]:
+    """One integer from every rank, in rank order (exact: int64)."""
+    world = _world()[1]
+    if world == 1:
+        return [value]
+    t = torch.zeros(world, dtype=torch.int64, device=device)
+    dist.all_gather_into_tensor(t, torch.tensor([value], dtype=torch.int64, device=device))
+    return [int(v) for v in t.tolist()]
 
 
-def _drain(iterator: Iterator) -> None:
-    """Read what is left of an epoch's stream (less than a micro-batch per rank, normally), so the
-    stream ends here and the next epoch starts clean (a streaming split starts its next epoch only
-    once every reader has finished this one).  A bad row there trains nothing, so it stops nothing."""
+def batch_tokens(batch: dict[str, Any]) -> int:
+    """Real (non-padding) tokens of a micro-batch's main sequences (``input_ids``, or the chosen ones)."""
+    if "num_tokens" in batch:  # pipelines.batching counts them before collating (a packed batch has no mask)
+        return int(batch["num_tokens"])
+    prefix = "" if "input_ids" in batch else "chosen_"
+    if f"{prefix}attention_mask" in batch:
+        return int(batch[f"{prefix}attention_mask"].sum())
+    return int(batch[f"{prefix}input_ids"].numel())  # packed, counted by nobody: one pack per row has no padding
+
+
+def _drain(iterator: Iterator) -> int:
+    """Read what is left of an epoch's stream, so the stream ends here and the next epoch starts
+    clean (a streaming split starts its next epoch only once every reader has finished this one).
+    Returns the examples read here, which train nothing: less than a micro-batch per rank when
+    padded; with packing, what a rank holds beyond the first rank to run out.  A bad row there
+    trains nothing, so it stops nothing."""
+    dropped = 0
     while True:
         try:
-            next(iterator)
+            batch = next(iterator)
         except StopIteration:
-            return
+            return dropped
         except DataError:
             continue
+        dropped += int(batch.get("num_examples", 0)) if isinstance(batch, dict) else 0
 
 
 class StreamDataError(DataError):
@@ -321,7 +366,10 @@ def validation_metrics(
     # In step across ranks: under ZeRO-3 every forward gathers parameters from all of them.
     while (batch := next_batch_on_every_rank(iterator, device)) is not None:
         batch = to_device(batch, device)
-        nll = sft_loss(engine, batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"], batch[f"{prefix}labels"])
+        nll = sft_loss(
+            engine, batch[f"{prefix}input_ids"], batch.get(f"{prefix}attention_mask"), batch[f"{prefix}labels"],
+            position_ids=batch.get(f"{prefix}position_ids"),
+        )  # fmt: skip
         if objective.can_validate:
             sums[0] += float(objective(engine, batch, step, validation=True).loss)
         sums[1] += float(nll.loss)
@@ -336,11 +384,14 @@ def validation_metrics(
     return out
 
 
-def export_hf_model(engine, tokenizer, out_dir: str | os.PathLike, rank: int) -> None:
+def export_hf_model(
+    engine, tokenizer, out_dir: str | os.PathLike, rank: int, adapter_dir: str | os.PathLike | None = None
+) -> None:
     """Save the consolidated model in Hugging Face format (safetensors) from rank 0.
 
     Under ZeRO-3 the partitioned parameters are gathered first; every rank must
-    call this.
+    call this.  A LoRA model is saved merged (``W + (alpha / r) B A``: a plain
+    model that loads without peft), and its adapters go to ``adapter_dir``.
     """
     import deepspeed
 
@@ -352,6 +403,11 @@ def export_hf_model(engine, tokenizer, out_dir: str | os.PathLike, rank: int) ->
         if rank == 0:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            if is_lora(model):
+                if adapter_dir is not None:
+                    save_adapter(model, state, str(adapter_dir))
+                state = merged_state_dict(model, state)
+                model = model.get_base_model()
             model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
             tokenizer.save_pretrained(out_dir)
     if dist.is_initialized():
@@ -376,7 +432,7 @@ def run_training(
     device: torch.device,
     on_step: StepCallback,
     reference_table: ReferenceTable | None = None,
-    on_epoch_end: Callable[[int], None] | None = None,
+    on_epoch_end: Callable[[int, int], None] | None = None,
 ) -> LoopState:
     """Train until ``schedule.total_steps``; call ``on_step(state, metrics, is_last)`` after each step.
 
@@ -386,8 +442,11 @@ def run_training(
     (:func:`next_batch_on_every_rank`): when one rank's stream ends the epoch ends
     on all of them, and a bad row met by any rank stops all of them with
     :class:`StreamDataError`, so no rank is left waiting in a collective.
-    ``on_step`` reports, logs and checkpoints (the Ray worker's job);
-    ``on_epoch_end(epoch)`` runs on every rank after each epoch (a collective is fine there).
+    ``on_step`` reports, logs and checkpoints (the Ray worker's job); when the streams run out
+    before ``schedule.total_steps`` (bad rows skipped; packing, whose count is an estimate) the
+    last step taken is reported again with ``is_last``, so the run still ends with its final
+    checkpoint and export.  ``on_epoch_end(epoch, dropped)`` runs on every rank after each epoch
+    (a collective is fine there), with the examples this rank read but did not train on.
     """
     o = cfg.optimization
     engine.train()
@@ -417,8 +476,7 @@ def run_training(
             norm0 = _stage0_grad_norm(engine.module) if boundary and zero_stage == 0 else None
             engine.step()
             state.micro_in_epoch += 1
-            mask_key = "attention_mask" if "attention_mask" in batch else "chosen_attention_mask"
-            tokens_step += int(batch[mask_key].sum())
+            tokens_step += batch_tokens(batch)
             window["loss"] = window.get("loss", 0.0) + float(out.loss.detach())
             for k, v in out.metrics.items():
                 if not k.startswith("num_"):
@@ -428,7 +486,8 @@ def run_training(
                 continue
 
             state.step += 1
-            step_tokens = all_reduce_sum(tokens_step, device)
+            rank_tokens = all_gather_int(tokens_step, device)
+            step_tokens = sum(rank_tokens)
             state.tokens_seen += step_tokens
             tokens_window += step_tokens
             tokens_step = 0
@@ -443,6 +502,10 @@ def run_training(
                 local = {k: v / window_n for k, v in window.items()}
                 metrics = all_reduce_mean(local, device)
                 metrics["tokens_per_s"] = tokens_window / max(elapsed, 1e-9)  # all ranks together
+                # This step's tokens per rank: packing should keep min and max close (no rank waits long).
+                metrics["tokens_per_step_rank_mean"] = step_tokens / len(rank_tokens)
+                metrics["tokens_per_step_rank_min"] = min(rank_tokens)
+                metrics["tokens_per_step_rank_max"] = max(rank_tokens)
                 norm = norm0 if norm0 is not None else grad_norm(engine)
                 if norm is not None:
                     metrics["grad_norm"] = norm
@@ -458,8 +521,9 @@ def run_training(
         if state.epoch == epoch and state.step < schedule.total_steps:  # the stream ended before the schedule
             state.epoch += 1
             state.micro_in_epoch = 0
-        if state.step < schedule.total_steps:
-            _drain(iterator)
+        dropped = _drain(iterator) if state.step < schedule.total_steps else 0
         if on_epoch_end is not None:
-            on_epoch_end(epoch)
+            on_epoch_end(epoch, dropped)
+    if 0 < state.step < schedule.total_steps:  # the streams ran out first: end as the schedule would have
+        on_step(state, {}, True)
     return state

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ift.lora import adapters_disabled, is_lora
 from ift.objectives import (
     LambdaSchedule,
     ObjectiveOutput,
@@ -65,7 +66,10 @@ class SFTObjective(Objective):
     """Paper eq. (27): the mean per-sequence NLL of the response tokens."""
 
     def __call__(self, model: nn.Module, batch: Batch, step: int, *, validation: bool = False) -> ObjectiveOutput:
-        return sft_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        return sft_loss(
+            model, batch["input_ids"], batch.get("attention_mask"), batch["labels"],
+            position_ids=batch.get("position_ids"),
+        )  # fmt: skip
 
 
 class IFTObjective(Objective):
@@ -97,8 +101,9 @@ class IFTObjective(Objective):
         return ift_loss(
             model,
             batch["input_ids"],
-            batch["attention_mask"],
+            batch.get("attention_mask"),
             batch["labels"],
+            position_ids=batch.get("position_ids"),
             lam=self.lam(step, validation=validation),
             decay=m.decay,
             detach_weights=m.detach_weights,
@@ -112,7 +117,8 @@ class IFTObjective(Objective):
 
 
 class DPOObjective(Objective):
-    """Paper eq. (32) (sigmoid DPO) against a frozen copy of the start policy.
+    """Paper eq. (32) (sigmoid DPO) against the start policy: a frozen copy of the model, or, for a
+    LoRA model, the same model with its adapters switched off (no copy).
 
     With ``precompute_reference`` the reference log-probs of every training pair
     are computed once (:meth:`precompute_reference`) and the copy is freed; the
@@ -124,24 +130,38 @@ class DPOObjective(Objective):
     def __init__(self, cfg: MethodConfig, model: nn.Module, device: torch.device, *, seed: int, rank: int = 0):
         super().__init__(cfg, model, device, seed=seed, rank=rank)
         self.beta = METHODS["dpo"].beta(cfg)
-        self.reference: nn.Module | None = copy.deepcopy(model).to(device).eval().requires_grad_(False)
+        self.lora_model = model if is_lora(model) else None
+        self.reference: nn.Module | None = None
+        if self.lora_model is None:
+            self.reference = copy.deepcopy(model).to(device).eval().requires_grad_(False)
 
     @property
     def can_validate(self) -> bool:
-        return self.reference is not None
+        return self.reference is not None or self.lora_model is not None
+
+    def _reference_logps(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.lora_model is not None:
+            with adapters_disabled(self.lora_model):
+                return reference_pair_logps(model, batch)
+        assert self.reference is not None
+        return reference_pair_logps(self.reference, batch)
 
     def __call__(self, model: nn.Module, batch: Batch, step: int, *, validation: bool = False) -> ObjectiveOutput:
+        if "reference_chosen_logps" not in batch and self.lora_model is not None:
+            # ``model`` (the training engine) runs the forward, with the wrapped peft model's adapters off.
+            chosen, rejected = self._reference_logps(model, batch)
+            batch = {**batch, "reference_chosen_logps": chosen, "reference_rejected_logps": rejected}
         return dpo_batch_loss(model, batch, beta=self.beta, reference_model=self.reference)
 
     def precompute_reference(self, batches: Iterable[Batch]) -> ReferenceTable:
         """Reference log-probs of every pair, keyed by (source, row); frees the reference model."""
         table: ReferenceTable = {}
         for batch in batches:
-            chosen, rejected = reference_pair_logps(self.reference, batch)
+            chosen, rejected = self._reference_logps(self.lora_model or self.reference, batch)
             keys = zip(batch["source"], batch["row"].tolist(), strict=True)
             for key, c, r in zip(keys, chosen.tolist(), rejected.tolist(), strict=True):
                 table[key] = (c, r)
-        self.reference = None
+        self.reference = None  # a LoRA model keeps its reference: the adapters switch off for free
         return table
 
 

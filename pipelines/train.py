@@ -18,7 +18,7 @@ from ray.train.torch import TorchTrainer
 from tqdm.auto import tqdm
 
 from pipelines.config import TrainConfig
-from pipelines.loop import HF_MODEL_DIR, STATE_FILE, LoopState, Schedule
+from pipelines.loop import ADAPTER_DIR, HF_MODEL_DIR, STATE_FILE, LoopState, Schedule, data_position_fingerprint
 
 if TYPE_CHECKING:
     from pipelines.worker import KillWorker
@@ -156,10 +156,11 @@ def train(
             f"note: the training workers take the cluster's CPUs; the tokenizer runs on a {data.tokenizer_cpus} CPU "
             "share beside them (set scaling.cpus_per_worker lower, or `ift data prepare` and data.cache=true)"
         )
-    schedule = Schedule.from_config(cfg, data.train_rows, cfg.scaling.num_workers)
+    schedule = Schedule.from_config(cfg, data.train_rows, cfg.scaling.num_workers, data.rows_per_micro)
+    position = data_position_fingerprint(cfg, data.fingerprints["train"])
     previous = latest_loop_state(_storage_path(cfg), cfg.run_name)
     if previous is not None:  # refused here, before any worker starts (a worker would be retried)
-        previous.check_resumable(cfg.scaling.num_workers, data.fingerprints["train"])
+        previous.check_resumable(cfg.scaling.num_workers, position)
 
     run_id = None
     if cfg.mlflow.enabled:
@@ -173,7 +174,7 @@ def train(
         "schedule": schedule.__dict__,
         "use_gpu": use_gpu,
         "has_validation": data.validation is not None,
-        "data_fingerprint": data.fingerprints["train"],
+        "data_fingerprint": position,
         "tracking_uri": tracking_uri,
         "mlflow_run_id": run_id,
         "progress": tracker,
@@ -285,6 +286,10 @@ def _finish_tracking(
         out.model_uri, out.registered_version = tracking.register_model(
             cfg, tracking_uri, run_id, out.hf_model_path, tags
         )
+    adapter = os.path.join(out.checkpoint_path, ADAPTER_DIR) if out.checkpoint_path else None
+    if adapter and os.path.isdir(adapter) and ADAPTER_DIR not in already:
+        # The model is registered merged; the LoRA adapters alone are kept beside it.
+        client.log_artifacts(run_id, adapter, ADAPTER_DIR)
     tracking.end_run(tracking_uri, run_id, ok=True)
 
 

@@ -22,13 +22,15 @@ import ray.data
 import ray.train
 import torch
 import torch.distributed as dist
-from mlflow.entities import Metric
+from mlflow.entities import Metric, Param
 
 from ift.data import BadRowReport, DataError
-from pipelines.batching import MicroBatches
+from ift.lora import parameter_counts
+from pipelines.batching import MicroBatches, Packing
 from pipelines.config import TrainConfig
-from pipelines.data import data_mode, token_keys
+from pipelines.data import data_mode, packing_of, token_keys
 from pipelines.loop import (
+    ADAPTER_DIR,
     DS_TAG,
     HF_MODEL_DIR,
     LoopState,
@@ -97,15 +99,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     val_shard = ray.train.get_dataset_shard("validation") if loop_config["has_validation"] else None
     epoch_batches: dict[int, MicroBatches] = {}
 
-    def micro_batches(shard, *, shuffle_seed: int | None, **kwargs: Any) -> MicroBatches:
+    def micro_batches(shard, *, shuffle_seed: int | None, packing: Packing | None = None, **kwargs: Any):
         shuffle = cfg.data.shuffle_buffer_size if shuffle_seed is not None else 0
         rows = shard.iter_batches(
-            batch_size=micro, batch_format="numpy", local_shuffle_buffer_size=shuffle or None,
-            local_shuffle_seed=shuffle_seed if shuffle else None,
+            batch_size=micro if packing is None else min(packing.window, 256), batch_format="numpy",
+            local_shuffle_buffer_size=shuffle or None, local_shuffle_seed=shuffle_seed if shuffle else None,
         )  # fmt: skip
         return MicroBatches(
             rows, token_keys=keys, micro_batch_size=micro, pad_token_id=tokenizer.pad_token_id,
-            on_bad_row=cfg.data.on_bad_row, **kwargs,
+            on_bad_row=cfg.data.on_bad_row, packing=packing, **kwargs,
         )  # fmt: skip
 
     trace_dir = loop_config.get("trace_dir")
@@ -115,6 +117,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             train_shard,
             shuffle_seed=shuffle_seed(cfg.optimization.seed, epoch, rank),
             keep_ids=precompute or bool(trace_dir),
+            packing=packing_of(cfg),  # validation and the reference table stay padded: val_nll compares across runs
         )
         return epoch_batches[epoch] if not trace_dir else traced(epoch_batches[epoch], epoch, rank, trace_dir)
 
@@ -140,6 +143,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         client = mlflow.MlflowClient(tracking_uri=loop_config["tracking_uri"])
         run_id = loop_config["mlflow_run_id"]
 
+    if client is not None and checkpoint is None:
+        trainable, total = parameter_counts(engine.module)
+        client.log_batch(run_id, params=[Param("model.trainable_parameters", str(trainable)),
+                                         Param("model.total_parameters", str(total))])  # fmt: skip
     if client is not None and checkpoint is not None:
         # Makes a resume visible in the run: the step training continued from.
         client.log_metric(run_id, "resumed_from_step", state.step, step=state.step)
@@ -163,18 +170,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 if rank == 0:
                     st.save(tmp)
                 if is_last:
-                    export_hf_model(engine, tokenizer, os.path.join(tmp, HF_MODEL_DIR), rank)
+                    export_hf_model(
+                        engine, tokenizer, os.path.join(tmp, HF_MODEL_DIR), rank, os.path.join(tmp, ADAPTER_DIR)
+                    )
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         elif len(metrics) > 1:
             ray.train.report(metrics)
 
     skipped = BadRowReport()
 
-    def on_epoch_end(epoch: int) -> None:
-        stats = epoch_batches.pop(epoch).stats
-        gathered = [stats.to_dict()] * world
+    def on_epoch_end(epoch: int, dropped: int) -> None:
+        stats = {**epoch_batches.pop(epoch).stats.to_dict(), "dropped": dropped}
+        gathered = [stats] * world
         if world > 1:
-            dist.all_gather_object(gathered, stats.to_dict())
+            dist.all_gather_object(gathered, stats)
         for d in gathered:
             skipped.merge(BadRowReport.from_dict(d["skipped"]))
         if client is None:
@@ -183,6 +192,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         data_metrics = {f"data/rows_read_rank{r}": d["rows_read"] for r, d in enumerate(gathered)}
         data_metrics["data/padding_fraction"] = 1.0 - sum(d["tokens"] for d in gathered) / positions if positions else 0
         data_metrics["data/bad_rows_skipped"] = skipped.skipped
+        data_metrics["data/examples_not_trained"] = sum(d["dropped"] for d in gathered)
         data_metrics["epoch_end"] = epoch + 1
         now = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(k, float(v), now, state.step) for k, v in data_metrics.items()])

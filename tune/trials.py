@@ -134,7 +134,8 @@ def _progress_callback_cls() -> type:
 
 def _default_concurrency(base: TrainConfig, driver_cpus: float) -> int:
     """As many trials as worker groups fit, while every trial's data preparation
-    (tokenizer actors) still leaves one CPU for Ray Data's read tasks."""
+    (tokenizer actors; none when the trials read the prepared cache) still leaves one
+    CPU for Ray Data's read tasks."""
     import ray
 
     from pipelines.train import _use_gpu
@@ -142,8 +143,11 @@ def _default_concurrency(base: TrainConfig, driver_cpus: float) -> int:
     total = ray.cluster_resources()
     cpus = total.get("CPU", 1)
     train_need = base.scaling.num_workers * base.scaling.cpus_per_worker + driver_cpus
-    prep_need = base.data.tokenize_concurrency * min(1.0, base.scaling.cpus_per_worker) + driver_cpus
-    n = min(int(cpus // train_need), int(max(cpus - 1, 0) // prep_need)) if train_need > 0 else int(cpus)
+    actors = 0 if base.data.cache else (base.data.tokenize_concurrency or 1)
+    prep_need = actors * min(1.0, base.scaling.cpus_per_worker) + driver_cpus
+    n = int(cpus // train_need) if train_need > 0 else int(cpus)
+    if prep_need > 0:
+        n = min(n, int(max(cpus - 1, 0) // prep_need))
     if _use_gpu(base) and base.scaling.gpus_per_worker > 0:
         n = min(n, int(total.get("GPU", 0) // (base.scaling.num_workers * base.scaling.gpus_per_worker)))
     return max(1, n)

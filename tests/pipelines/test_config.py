@@ -104,6 +104,18 @@ def test_incompatible_options_are_rejected():
         load_config(None, ["deepspeed.offload_param=true", "deepspeed.zero_stage=2"])
 
 
+def test_a_pack_shorter_than_the_longest_sequence_is_rejected_naming_both_keys():
+    with pytest.raises(ConfigError, match=r"data.pack_length=100 is shorter than a sequence: 256 tokens"):
+        load_config(None, ["data.packing=true", "data.pack_length=100"])
+    with pytest.raises(ConfigError, match=r"data.pack_length=300 is shorter than a pair of max_length sequences"):
+        load_config(None, ["data.packing=true", "data.pack_length=300", "method.name=dpo"])
+
+
+def test_a_packed_row_defaults_to_room_for_the_longest_example():
+    assert load_config(None, ["data.packing=true"]).data.resolved_pack_length(paired=False) == 256
+    assert load_config(None, ["data.packing=true", "method.name=orpo"]).data.resolved_pack_length(paired=True) == 512
+
+
 def test_apply_overrides_revalidates():
     cfg = apply_overrides(load_config(), {"method.lam": 0.4})
     assert cfg.method.lam == 0.4

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from ift.collate import pad_collate
+from ift.collate import pack_collate, pad_collate
 from ift.data import DataError, tokenize_rows
 from ift.toydata import make_conversations
 from pipelines.config import load_config
@@ -106,10 +106,10 @@ def _batches(tokenizer, rows, micro):
     return [pad_collate(examples[i : i + micro], tokenizer.pad_token_id) for i in range(0, len(examples), micro)]
 
 
-def _train(cfg, batches, state, stop_at=None, ckpt=None, resume=None):
+def _train(cfg, batches, state, stop_at=None, ckpt=None, resume=None, schedule=None, steps=None):
     model, tokenizer = build_model_and_tokenizer(cfg)
     objective = build_objective(cfg.method, model, torch.device("cpu"), seed=cfg.optimization.seed)
-    schedule = Schedule.from_config(cfg, len(batches) * cfg.optimization.micro_batch_size, 1)
+    schedule = schedule or Schedule.from_config(cfg, len(batches) * cfg.optimization.micro_batch_size, 1)
     engine = build_engine(cfg, model, schedule.total_steps, use_gpu=False)
     if resume is not None:
         engine.load_checkpoint(resume, tag=DS_TAG, load_lr_scheduler_states=True)
@@ -119,6 +119,8 @@ def _train(cfg, batches, state, stop_at=None, ckpt=None, resume=None):
         pass
 
     def on_step(st, metrics, is_last):
+        if steps is not None:
+            steps.append((st.step, is_last))
         if stop_at is not None and st.step == stop_at:
             engine.save_checkpoint(ckpt, tag=DS_TAG)
             st.save(ckpt)
@@ -155,6 +157,33 @@ def test_resuming_mid_epoch_reaches_the_same_weights_as_an_uninterrupted_run(pro
     resumed = _train(cfg, batches, LoopState(), resume=str(tmp_path))
     for k in straight:
         torch.testing.assert_close(resumed[k], straight[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_when_the_stream_ends_before_the_schedule_the_last_step_taken_is_reported_as_the_last(process_group):
+    cfg = tiny_cfg("optimization.epochs=1")
+    _, tokenizer = build_model_and_tokenizer(cfg)
+    batches = _batches(tokenizer, make_conversations(12, seed=3), 4)  # 3 micro-batches; 5 scheduled
+    steps: list[tuple[int, bool]] = []
+    _train(cfg, batches, LoopState(), schedule=Schedule(micro_per_epoch=5, steps_per_epoch=5, total_steps=5),
+           steps=steps)  # fmt: skip
+    # So the worker still writes the final checkpoint and exports the model.
+    assert steps == [(1, False), (2, False), (3, False), (3, True)]
+
+
+@pytest.mark.parametrize("method", ["ift", "sft"])
+def test_packed_micro_batches_train_to_the_same_weights_as_padded_ones(process_group, method):
+    cfg = tiny_cfg(f"method.name={method}", "optimization.epochs=1")
+    _, tokenizer = build_model_and_tokenizer(cfg)
+    examples, _ = tokenize_rows(tokenizer, make_conversations(8, seed=5), source="t", max_length=96)
+    padded = [pad_collate(examples[i : i + 4], tokenizer.pad_token_id) for i in (0, 4)]
+    packed = [pack_collate(examples[i : i + 4], tokenizer.pad_token_id, pack_length=4 * 96) for i in (0, 4)]
+    assert all(b["input_ids"].shape[0] == 1 and "attention_mask" not in b for b in packed)  # one pack each
+    a, b = _train(cfg, padded, LoopState()), _train(cfg, packed, LoopState())
+    # Two AdamW steps at lr 3e-3 in float32: the same gradients up to rounding leave ~1e-5 apart
+    # (Adam's first step moves every weight by about lr, whatever its gradient's size); a packing
+    # leak (attention or IFT's scan across a boundary) moves them by ~lr.
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=5e-5, msg=k)
 
 
 # --------------------------------------------------------------------------- ranks in step (real 2-process groups)

@@ -3,6 +3,7 @@ config fields and its objective call (training loop, validation, tags, benchmark
 
 from __future__ import annotations
 
+import math
 import typing
 
 import pytest
@@ -135,3 +136,45 @@ def test_the_dpo_objective_uses_the_configured_beta():
         next(model.parameters()).mul_(1.5)  # policy ≠ reference, so β changes the loss
     expected = dpo_batch_loss(model, batch, beta=0.3, reference_model=objective.reference).loss
     assert objective(model, batch, 0).loss.item() == expected.item()
+
+
+def _pair_batch(cfg, tokenizer, n: int = 4) -> dict:
+    examples, _ = tokenize_rows(
+        tokenizer, make_preference_pairs(n, seed=1), source="p", max_length=96, mode="preference"
+    )
+    batch = pad_collate(examples, tokenizer.pad_token_id)
+    batch["source"], batch["row"] = ["p"] * n, torch.arange(n)
+    return batch
+
+
+LORA_DPO = ["method.name=dpo", "data.max_length=96", "model.lora={r: 4, alpha: 8, dropout: 0.0}"]
+
+
+def test_dpo_with_lora_keeps_no_reference_copy_and_starts_at_log_two():
+    cfg = load_config(None, LORA_DPO)
+    model, tokenizer = build_model_and_tokenizer(cfg)
+    objective = build_objective(cfg.method, model, CPU, seed=0)
+    assert objective.reference is None and objective.can_validate
+    # A fresh adapter is the identity (B = 0): policy = reference, so every margin is 0 and the loss log 2.
+    out = objective(model, _pair_batch(cfg, tokenizer), 0)
+    assert out.loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    out.loss.backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)  # the base stays frozen
+
+
+def test_dpo_with_lora_scores_the_reference_with_the_adapters_off():
+    cfg = load_config(None, LORA_DPO)
+    model, tokenizer = build_model_and_tokenizer(cfg)
+    batch = _pair_batch(cfg, tokenizer)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.05)  # the policy moves away from the base
+    base, _ = build_model_and_tokenizer(load_config(None, ["method.name=dpo", "data.max_length=96"]))
+    expected = dpo_batch_loss(model, batch, beta=0.1, reference_model=base).loss
+    objective = build_objective(cfg.method, model, CPU, seed=0)
+    torch.testing.assert_close(objective(model, batch, 0).loss, expected, rtol=0, atol=1e-6)
+    # Precomputed the same way: the table equals the live reference.
+    table = objective.precompute_reference([batch])
+    attach_reference(batch, table, CPU)
+    torch.testing.assert_close(objective(model, batch, 0).loss, expected, rtol=0, atol=1e-6)

@@ -94,3 +94,45 @@ def test_the_sweep_tokenizes_the_corpus_once_and_every_trial_reads_that_cache(sw
         local = client.download_artifacts(child.info.run_id, "data_plan.json")
         plan = json.loads(Path(local).read_text())
         assert plan["from_cache"] and sorted(plan["cache"]) == sorted(str(m.parent) for m in manifests)
+
+
+@pytest.mark.slow
+def test_resubmitting_one_trial_reads_the_sweeps_cache_and_tokenizes_nothing(sweep4):
+    from pipelines.config import apply_overrides
+    from pipelines.train import train
+
+    client = client_for(sweep4)
+    child = client.search_runs(
+        [client.get_experiment_by_name("sweep-test").experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{sweep4.parent_run_id}'",
+    )[0]
+    cache_dir = Path(child.data.params["data.cache_dir"])
+    manifests = {m: m.stat().st_mtime_ns for m in cache_dir.glob("*/manifest.json")}
+    # The trial's own settings, submitted again on its own (a shorter run: what is read is the point).
+    root = cache_dir.parent
+    _, base = load_sweep("tiny-sweep", common_items(root) + ["sweep.name=t4"])
+    cfg = apply_overrides(base, {
+        "data.cache": True, "method.lam": float(child.data.params["method.lam"]),
+        "method.decay": float(child.data.params["method.decay"]), "run_name": "resubmitted",
+        "optimization.max_steps": 2, "mlflow.registered_model_name": None,
+    })  # fmt: skip
+    result = train(cfg, show_progress=False)
+    plan = json.loads(Path(client.download_artifacts(result.mlflow_run_id, "data_plan.json")).read_text())
+    assert plan["from_cache"] and sorted(plan["cache"]) == sorted(str(m.parent) for m in manifests)
+    # Nothing was prepared again: the same entries, untouched.
+    assert {m: m.stat().st_mtime_ns for m in cache_dir.glob("*/manifest.json")} == manifests
+
+
+def test_default_concurrency_fits_worker_groups_and_tokenizer_actors(monkeypatch):
+    import ray
+
+    from pipelines.config import apply_overrides, load_config
+    from tune.trials import _default_concurrency
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
+    base = load_config(None, ["scaling.num_workers=2", "scaling.cpus_per_worker=1", "scaling.use_gpu=false"])
+    # 8 CPUs hold 4 groups of 2 workers; trials reading the prepared cache start no tokenizer.
+    assert _default_concurrency(apply_overrides(base, {"data.cache": True}), 0.0) == 4
+    # Streaming trials with 4 tokenizer actors each: only one fits beside the read tasks' CPU.
+    assert _default_concurrency(apply_overrides(base, {"data.tokenize_concurrency": 4}), 0.0) == 1
+    assert _default_concurrency(base, 0.0) == 4  # unset: one actor per trial
