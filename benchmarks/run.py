@@ -6,9 +6,12 @@
     python -m benchmarks.run --only step --model tiny-100m --dtype bf16 --engine deepspeed --zero 2   # GPU
 
 Sections: ``step`` (step time and peak memory per method), ``scan`` (the
-discounted scan), ``data`` (Ray Data vs datasets tokenization), ``scaling``
-(pipeline tokens/s, 1 vs 2 workers x ZeRO 0/2/3).  ``step`` and ``scan`` never
-import Ray.  Each run overwrites ``<out>/results.json`` and ``<out>/results.md``
+discounted scan), ``data`` (Ray Data vs datasets tokenization), ``stream``
+(training from a stream: first step, rows per rank, object store, tokens/s),
+``pack`` (padding and useful tokens/s, padded vs packed, TRL as the peer),
+``lora`` (IFT with LoRA vs full fine-tuning: step time and peak memory, tiny-100m),
+``scaling`` (pipeline tokens/s, 1 vs 2 workers x ZeRO 0/2/3).  ``step``,
+``scan``, ``pack`` and ``lora`` never import Ray.  Each run overwrites ``<out>/results.json`` and ``<out>/results.md``
 with the sections it ran: every ratio in a file was measured side by side in
 that one run.  Exit status 0 even when a target is missed (benchmarks are not
 tests) unless ``--fail-on-miss``.
@@ -22,17 +25,36 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from benchmarks.common import fmt_bytes, fmt_ratio, load_average, load_note, machine_info
 
-SECTIONS = ("step", "scan", "data", "stream", "scaling")
+SECTIONS = ("step", "scan", "data", "stream", "pack", "lora", "scaling")
 
-# Target: (section, method, key, limit, label)
+
+@dataclass(frozen=True)
+class Target:
+    """A goal on one figure: ``results[section]["methods"][method][*key]`` compared to ``limit``."""
+
+    section: str
+    method: str
+    key: tuple[str, ...]
+    limit: float
+    label: str
+    at_most: bool = True  # value <= limit; else value >= limit
+    unit: str = "x SFT"  # how the value reads: "x SFT", "x padded", "%"
+
+    def fmt(self, x: float) -> str:
+        return f"{100 * x:.1f}%" if self.unit == "%" else f"{x:.2f}{self.unit}"
+
+
 TARGETS = (
-    ("step", "ift", "ratio_to_sft", 1.35, "IFT step time"),
-    ("step", "ift", "peak_mem_ratio_to_sft", 1.10, "IFT peak memory"),
+    Target("step", "ift", ("ratio_to_sft",), 1.35, "IFT step time"),
+    Target("step", "ift", ("peak_mem_ratio_to_sft",), 1.10, "IFT peak memory"),
+    Target("pack", "ift", ("packed", "padding_fraction"), 0.05, "IFT packed padding", unit="%"),
+    Target("pack", "ift", ("packed_over_padded",), 1.30, "IFT packed useful tokens/s", at_most=False, unit="x padded"),
 )
 
 FULL = {
@@ -40,6 +62,16 @@ FULL = {
     "scan": {"rows": 64, "rounds": 15},
     "data": {"n_rows": 50_000, "procs": (2,)},
     "stream": {"small_rows": 2_000, "large_rows": 200_000, "steps": 40, "warmup": 10},
+    "pack": {"examples": 1024, "window": 256, "rounds": 3, "warmup_rounds": 1, "trl_steps": 24},
+    "lora": {
+        "model": "tiny-100m",
+        "batch_size": 2,
+        "seq_len": 128,
+        "warmup": 1,
+        "steps": 4,
+        "memory_steps": 1,
+        "memory_repeats": 1,
+    },  # fmt: skip
     "scaling": {"workers": (1, 2), "zero_stages": (0, 2, 3), "steps": 40},
 }
 QUICK = {
@@ -47,6 +79,16 @@ QUICK = {
     "scan": {"rows": 4, "rounds": 2},
     "data": {"n_rows": 2_000, "procs": (2,)},
     "stream": {"small_rows": 200, "large_rows": 2_000, "steps": 4, "warmup": 1},
+    "pack": {"examples": 64, "window": 32, "rounds": 1, "warmup_rounds": 1, "trl_steps": 2, "trl_warmup": 1},
+    "lora": {
+        "model": "tiny",
+        "batch_size": 2,
+        "seq_len": 64,
+        "warmup": 1,
+        "steps": 2,
+        "memory_steps": 1,
+        "memory_repeats": 1,
+    },  # fmt: skip
     "scaling": {"workers": (1, 2), "zero_stages": (0,), "steps": 2},
 }
 
@@ -60,22 +102,27 @@ def log(msg: str) -> None:
 
 def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
-    for section, method, key, limit, label in TARGETS:
-        value = results.get(section, {}).get("methods", {}).get(method, {}).get(key)
-        if section not in results or value is None or (isinstance(value, float) and math.isnan(value)):
+    for t in TARGETS:
+        value: Any = results.get(t.section, {}).get("methods", {}).get(t.method, {})
+        for k in t.key:
+            value = value.get(k) if isinstance(value, dict) else None
+        if t.section not in results or value is None or (isinstance(value, float) and math.isnan(value)):
             status = "not measured"
         else:
-            status = "met" if value <= limit else "missed"
+            status = "met" if (value <= t.limit if t.at_most else value >= t.limit) else "missed"
+        goal = f"{'<=' if t.at_most else '>='} {t.fmt(t.limit)}"
         entry = {
-            "target": f"{label} <= {limit:.2f}x SFT",
-            "label": label,
-            "limit": limit,
+            "target": f"{t.label} {goal}",
+            "goal": goal,
+            "label": t.label,
+            "limit": t.limit,
             "value": value,
+            "value_text": None if value is None else t.fmt(value),
             "status": status,
         }
-        if key == "ratio_to_sft":
+        if t.key == ("ratio_to_sft",):
             entry["cpu_time_value"] = (
-                results.get(section, {}).get("methods", {}).get(method, {}).get("cpu_ratio_to_sft")
+                results.get(t.section, {}).get("methods", {}).get(t.method, {}).get("cpu_ratio_to_sft")
             )
         out.append(entry)
     return out
@@ -87,9 +134,9 @@ def target_lines(targets: list[dict[str, Any]]) -> list[str]:
         cpu = t.get("cpu_time_value")
         extra = f" (by CPU time: {cpu:.2f}x)" if cpu is not None else ""
         if t["status"] == "missed":
-            lines.append(f"MISSED: {t['label']} {t['value']:.2f}x SFT > {t['limit']:.2f}x{extra}")
+            lines.append(f"MISSED: {t['label']} {t['value_text']} (goal {t['goal']}){extra}")
         elif t["status"] == "met":
-            lines.append(f"met:    {t['label']} {t['value']:.2f}x SFT <= {t['limit']:.2f}x{extra}")
+            lines.append(f"met:    {t['label']} {t['value_text']} (goal {t['goal']}){extra}")
         else:
             lines.append(f"not measured: {t['target']} (section not run or failed)")
     return lines
@@ -136,46 +183,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
         lines += [f"> **Noisy:** {doc['load_note']}.", ""]
 
     if "step" in r:
-        s = r["step"]
-        c = s.get("config", {})
-        if "error" in s:
-            lines += ["## 1. Training step time and peak memory", "", f"Failed: `{s['error'][:300]}`", ""]
-        else:
-            engine = c["engine"] + (f" ZeRO-{c['zero_stage']}" if c["engine"] == "deepspeed" else "")
-            lines += [
-                "## 1. Training step time and peak memory",
-                "",
-                f"Model `{c['model']}` ({s['model_params'] / 1e6:.2f}M parameters) on {s['device_name']} "
-                f"({s['device']}, {s.get('torch_threads')} thread(s)), {c['dtype']}, engine {engine}; batch "
-                f"{c['batch_size']} x {c['seq_len']} tokens (no padding); {c['steps']} timed rounds after "
-                f"{c['warmup']} warm-up rounds, methods interleaved.  Step = forward(s) + backward + clip + "
-                "optimizer step.  DPO/ORPO train on chosen + rejected of the same lengths: 2x the tokens per "
-                "example.  Load average before/after: "
-                f"{s.get('load_average_before')} / {s.get('load_average_after')}.",
-                "",
-                "| method | step time, ms (p25–p75) | x SFT | x SFT, CPU time | theory x SFT | tokens/s "
-                "| examples/s | peak memory of the step (range) | x SFT | MFU |",
-                "|---|---|---|---|---|---|---|---|---|---|",
-            ]
-            for name, e in s["methods"].items():
-                mfu = "n/a" if e.get("mfu") is None else f"{100 * e['mfu']:.1f}%"
-                lines.append(
-                    f"| {name} | {_ms(e['median_s'])} ({_ms(e['p25_s'])}–{_ms(e['p75_s'])}) "
-                    f"| {fmt_ratio(e['ratio_to_sft'])} | {fmt_ratio(e.get('cpu_ratio_to_sft'))} "
-                    f"| {fmt_ratio(e['theory_ratio_to_sft'])} "
-                    f"| {_num(e['tokens_per_s'])} | {_num(e['examples_per_s'], '{:,.1f}')} "
-                    f"| {_mem(e)} | {fmt_ratio(e.get('peak_mem_ratio_to_sft'))} | {mfu} |"
-                )
-            lines += [
-                "",
-                "x SFT (time) is the median of per-round paired ratios of wall-clock step times; the CPU-time "
-                "column is the same with the process's CPU time per step (on CPU with one thread: the work done, "
-                "without the time spent waiting for a core other jobs held).  "
-                f"  Peak memory: {s.get('memory_method')}; "
-                f"median (range) over {c.get('memory_repeats', 1)} fresh process(es) per method.  Theory "
-                "counts forward-pass equivalents (backward = 2 forwards) and ignores the optimizer step.",
-                "",
-            ]
+        lines += render_step(r["step"], "## 1. Training step time and peak memory")
     if "scan" in r:
         s = r["scan"]
         lines += ["## 2. Discounted scan (CPU, float32)", ""]
@@ -262,9 +270,13 @@ def render_markdown(doc: dict[str, Any]) -> str:
                 f"({fmt_ratio(tps['cache']['ratio_to_materialized'])}) | >= 0.95x materialized |",
                 "",
             ]
+    if "pack" in r:
+        lines += render_packing(r["pack"])
+    if "lora" in r:
+        lines += render_step(r["lora"], "## 5b. LoRA vs full fine-tuning (IFT)")
     if "scaling" in r:
         s = r["scaling"]
-        lines += ["## 5. Scaling: pipeline tokens/s", ""]
+        lines += ["## 6. Scaling: pipeline tokens/s", ""]
         if "error" in s:
             lines += [f"Failed: `{s['error'][:300]}`", ""]
         else:
@@ -291,12 +303,102 @@ def render_markdown(doc: dict[str, Any]) -> str:
             lines.append("")
     lines += ["## Targets", "", "| target | measured | result |", "|---|---|---|"]
     for t in doc["targets"]:
-        val = "n/a" if t["value"] is None else f"{t['value']:.2f}x"
+        val = t.get("value_text") or ("n/a" if t["value"] is None else f"{t['value']:.2f}x")
         if t.get("cpu_time_value") is not None:
             val += f" (CPU time: {t['cpu_time_value']:.2f}x)"
         lines.append(f"| {t['target']} | {val} | {t['status']} |")
     lines.append("")
     return "\n".join(lines)
+
+
+def render_step(s: dict[str, Any], title: str) -> list[str]:
+    lines: list[str] = []
+    c = s.get("config", {})
+    if "error" in s:
+        lines += [title, "", f"Failed: `{s['error'][:300]}`", ""]
+    else:
+        engine = c["engine"] + (f" ZeRO-{c['zero_stage']}" if c["engine"] == "deepspeed" else "")
+        lines += [
+            title,
+            "",
+            f"Model `{c['model']}` ({s['model_params'] / 1e6:.2f}M parameters) on {s['device_name']} "
+            f"({s['device']}, {s.get('torch_threads')} thread(s)), {c['dtype']}, engine {engine}; batch "
+            f"{c['batch_size']} x {c['seq_len']} tokens (no padding); {c['steps']} timed rounds after "
+            f"{c['warmup']} warm-up rounds, methods interleaved.  Step = forward(s) + backward + clip + "
+            "optimizer step.  DPO/ORPO train on chosen + rejected of the same lengths: 2x the tokens per "
+            "example.  Load average before/after: "
+            f"{s.get('load_average_before')} / {s.get('load_average_after')}.",
+            "",
+            "| method | step time, ms (p25–p75) | x SFT | x SFT, CPU time | theory x SFT | tokens/s "
+            "| examples/s | peak memory of the step (range) | x SFT | MFU |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, e in s["methods"].items():
+            mfu = "n/a" if e.get("mfu") is None else f"{100 * e['mfu']:.1f}%"
+            lines.append(
+                f"| {name} | {_ms(e['median_s'])} ({_ms(e['p25_s'])}–{_ms(e['p75_s'])}) "
+                f"| {fmt_ratio(e['ratio_to_sft'])} | {fmt_ratio(e.get('cpu_ratio_to_sft'))} "
+                f"| {fmt_ratio(e['theory_ratio_to_sft'])} "
+                f"| {_num(e['tokens_per_s'])} | {_num(e['examples_per_s'], '{:,.1f}')} "
+                f"| {_mem(e)} | {fmt_ratio(e.get('peak_mem_ratio_to_sft'))} | {mfu} |"
+            )
+        lines += [
+            "",
+            "x SFT (time) is the median of per-round paired ratios of wall-clock step times; the CPU-time "
+            "column is the same with the process's CPU time per step (on CPU with one thread: the work done, "
+            "without the time spent waiting for a core other jobs held).  "
+            f"  Peak memory: {s.get('memory_method')}; "
+            f"median (range) over {c.get('memory_repeats', 1)} fresh process(es) per method.  Theory "
+            "counts forward-pass equivalents (backward = 2 forwards) and ignores the optimizer step.",
+            "",
+        ]
+    return lines
+
+
+def render_packing(s: dict[str, Any]) -> list[str]:
+    lines = ["## 5. Packing: padded vs packed micro-batches, and TRL", ""]
+    if "error" in s:
+        return lines + [f"Failed: `{s['error'][:300]}`", ""]
+    c, lm, corpus = s["config"], s["config"]["lengths"], s["corpus"]["sft"]
+    lines += [
+        f"{c['model']}, {c['examples']:,} generated examples with lognormal lengths (median e^{lm['log_median']}, "
+        f"σ {lm['sigma']}, clipped {lm['min_tokens']}–{lm['max_tokens']}: p50 {corpus['p50']}, p90 {corpus['p90']}, "
+        f"max {corpus['max']}); {c['batch_size']} rows per micro-batch, padded to the longest or packed into rows "
+        f"of {c['pack_length']} tokens (pairs {2 * c['pack_length']}); {c['rounds']} timed rounds of "
+        f"{c['window']} examples, {c['threads']} thread(s); see `benchmarks/packing.py`.",
+        "",
+        "| method | padding, padded | padding, packed | useful tokens/s, padded | useful tokens/s, packed "
+        "| packed / padded |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method, row in s["methods"].items():
+        pad, pk = row["padded"], row["packed"]
+        lines.append(
+            f"| {method} | {100 * pad['padding_fraction']:.1f}% | {100 * pk['padding_fraction']:.1f}% "
+            f"| {_num(pad['tokens_per_s'])} | {_num(pk['tokens_per_s'])} | {fmt_ratio(row['packed_over_padded'])} |"
+        )
+    trl = s.get("trl")
+    if trl:
+        lines += ["", "The peer, TRL, on the same model, examples, examples per micro-batch and threads:", ""]
+        if "error" in trl:
+            lines.append(f"TRL not measured: {trl['error']}")
+        else:
+            lines += [
+                "| trainer | layout TRL used | padding | useful tokens/s | ours packed / TRL |",
+                "|---|---|---|---|---|",
+            ]
+            for method, row in trl.items():
+                if "error" in row:
+                    lines.append(f"| TRL {method} | failed: `{row['error'][:120]}` | | | |")
+                    continue
+                ours = s["methods"].get(method, {}).get("packed", {}).get("tokens_per_s")
+                layout = "padding-free" if row.get("padding_free") else "padded (padding_free ignored)"
+                lines.append(
+                    f"| TRL {row.get('trl_version', '')} {method} | {layout} | "
+                    f"{100 * row.get('padding_fraction', 0.0):.1f}% | {_num(row['tokens_per_s'])} "
+                    f"| {fmt_ratio(ours / row['tokens_per_s'] if ours and row['tokens_per_s'] else None)} |"
+                )
+    return lines + [""]
 
 
 # --------------------------------------------------------------------------- main
@@ -324,6 +426,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--steps", type=int, default=None, help="timed rounds")
     g.add_argument("--device", default="auto")
     g.add_argument("--peak-tflops", type=float, default=None)
+    g = p.add_argument_group("pack (also takes --model, --dtype, --device)")
+    g.add_argument("--attn", default=None, help="attention implementation, e.g. flash_attention_2 (GPU)")
     g = p.add_argument_group("data / scaling")
     g.add_argument("--data-rows", type=int, default=None)
     g.add_argument("--procs", default=None, help="processes for the data path, e.g. 1,2")
@@ -399,6 +503,17 @@ def main(argv: list[str] | None = None) -> int:
                 from benchmarks.streaming import run as run_stream
 
                 results["stream"] = run_stream(log=log, **sizes["stream"])
+            elif section == "pack":
+                from benchmarks.packing import run as run_packing
+
+                kw = dict(sizes["pack"], model=args.model, device=args.device, dtype=args.dtype)
+                results["pack"] = run_packing(log=log, attn_implementation=args.attn, **kw)
+            elif section == "lora":
+                from benchmarks.step_time import StepConfig
+                from benchmarks.step_time import run as run_step
+
+                cfg = StepConfig(methods=("sft", "ift", "ift_lora"), device=args.device, **sizes["lora"])
+                results["lora"] = run_step(cfg, log=log)
             elif section == "scaling":
                 from benchmarks.scaling import run as run_scaling
 

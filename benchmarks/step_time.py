@@ -76,13 +76,18 @@ BENCH_METHODS: dict[str, dict[str, Any]] = {
     "ift_detached": {"name": "ift", "detach_weights": True},
     "dpo": {"name": "dpo"},
     "orpo": {"name": "orpo"},
+    # IFT training LoRA adapters (r 16 on the attention and MLP projections) instead of every weight.
+    "ift_lora": {"name": "ift", "lora": {"r": 16, "alpha": 32.0, "dropout": 0.0}},
 }
 METHODS: tuple[str, ...] = tuple(BENCH_METHODS)
+DEFAULT_METHODS: tuple[str, ...] = ("sft", "ift", "ift_detached", "dpo", "orpo")  # the step section's
 
 # Forward-pass equivalents per step, in units of one forward over the SFT batch
 # (backward ≈ 2 forwards).  IFT: the no-grad pass + forward + backward.  DPO:
 # policy forward+backward on 2x the sequences plus the reference forward on 2x.
-THEORY_FORWARDS: dict[str, int] = {"sft": 3, "ift": 4, "ift_detached": 4, "dpo": 8, "orpo": 6}
+# IFT with LoRA: the backward computes activation gradients only (the weights are frozen; the
+# adapters' gradients are tiny), about one forward, so no-grad pass + forward + backward = 3.
+THEORY_FORWARDS: dict[str, int] = {"sft": 3, "ift": 4, "ift_detached": 4, "dpo": 8, "orpo": 6, "ift_lora": 3}
 
 # Dense bf16 tensor-core peaks (TFLOP/s) for MFU; pass --peak-tflops for anything else.
 PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
@@ -111,7 +116,7 @@ class StepConfig:
     steps: int = 10
     memory_steps: int = 2
     memory_repeats: int = 3  # fresh processes per method; the figure is their median
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = DEFAULT_METHODS
     lam: float = 0.2
     decay: float = 0.95
     lr: float = 1e-5
@@ -240,7 +245,14 @@ class MethodRunner:
         # The timing run keeps one start copy and gives every method its own; a memory child hands
         # its only copy over, so the measured step memory holds no second set of weights.
         model = (copy.deepcopy(base_model) if copy_model else base_model).to(device).train()
-        method_cfg = MethodConfig(**BENCH_METHODS[name], lam=cfg.lam, decay=cfg.decay)
+        spec = dict(BENCH_METHODS[name])
+        lora = spec.pop("lora", None)
+        if lora is not None:
+            from ift.lora import add_lora
+            from pipelines.config import LoraConfig
+
+            model = add_lora(model, **LoraConfig(**lora).model_dump()).train()
+        method_cfg = MethodConfig(**spec, lam=cfg.lam, decay=cfg.decay)
         self.objective = build_objective(method_cfg, model, device, seed=cfg.seed)
         self.batch = pair_batch if method_cfg.needs_pairs else sft_batch
         mask_keys = (
@@ -265,16 +277,17 @@ class MethodRunner:
             self.autocast = contextlib.nullcontext
         elif cfg.engine == "torch":
             self.model = model
-            self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+            self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
             self.autocast = (
                 (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
             )
         else:
             raise ValueError(f"unknown engine {cfg.engine!r}; expected 'torch' or 'deepspeed'")
 
-    def step(self) -> None:
+    def step(self, batch: dict | None = None) -> None:
+        """One micro-batch step on ``batch`` (default: the runner's own batch)."""
         with self.autocast():
-            out = self.objective(self.model, self.batch, step=0)
+            out = self.objective(self.model, self.batch if batch is None else batch, step=0)
         if self.engine is not None:
             self.engine.backward(out.loss)
             self.engine.step()
