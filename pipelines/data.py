@@ -195,11 +195,16 @@ def stream(plan: SplitPlan, cfg: TrainConfig, *, from_cache: bool, concurrency: 
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     # Reading a shard is I/O (parsing and tokenizing happen in the actors): it reserves no CPU, so it
     # runs even when the training workers and the tokenizer hold every CPU of a small machine.
+    # ... and at most `readers` at a time: a task that reserves no CPU is otherwise started for every
+    # shard at once, and on a small machine the worker processes Ray spawns for hundreds of them
+    # starve the tokenizer and the training workers for tens of seconds before the first step.
+    readers = max(2, concurrency)
     if from_cache:
         from pipelines.cache import read_cached_shard
 
-        return ds.map_batches(read_cached_shard, batch_size=1, batch_format="numpy", num_cpus=0)
-    return tokenize(ds.flat_map(read_shard, num_cpus=0), cfg, concurrency=concurrency, num_cpus=num_cpus)
+        return ds.map_batches(read_cached_shard, batch_size=1, batch_format="numpy", num_cpus=0, concurrency=readers)
+    rows = ds.flat_map(read_shard, num_cpus=0, concurrency=readers)
+    return tokenize(rows, cfg, concurrency=concurrency, num_cpus=num_cpus)
 
 
 # --------------------------------------------------------------------------- resources
