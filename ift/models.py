@@ -326,6 +326,21 @@ def _from_pretrained_dtype_kwargs(dtype: torch.dtype | str) -> dict[str, Any]:
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 
+def check_attention(attn_implementation: str | None) -> None:
+    """Refuse flash-attention 2 where it cannot run, naming the config key."""
+    if attn_implementation != "flash_attention_2":
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is None:
+        raise ValueError(
+            "model.attn_implementation=flash_attention_2 needs the flash-attn package (pip install flash-attn "
+            "--no-build-isolation, on a CUDA machine); use sdpa otherwise"
+        )
+    if not torch.cuda.is_available():
+        raise ValueError("model.attn_implementation=flash_attention_2 needs a CUDA GPU; use sdpa on CPU")
+
+
 def load_model(
     name_or_path: str,
     *,
@@ -334,8 +349,13 @@ def load_model(
     revision: str | None = None,
     seed: int | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
+    attn_implementation: str | None = None,
 ) -> PreTrainedModel:
     """Build or load a causal LM.
+
+    ``attn_implementation`` (``"sdpa"``, ``"eager"``, ``"flash_attention_2"``; None = transformers'
+    default) picks the attention kernel; flash-attention without its package or without CUDA is a
+    ``ValueError`` that says so, before any weight is loaded.
 
     - A preset name builds a randomly initialised ``LlamaForCausalLM`` from
       :data:`MODEL_PRESETS`.  With ``seed`` set, initialisation runs under
@@ -348,6 +368,7 @@ def load_model(
     and the pad/eos ids.
     """
     torch_dtype = resolve_dtype(dtype)
+    check_attention(attn_implementation)
     if is_preset(name_or_path):
         if tokenizer is None:
             tokenizer = load_tokenizer(name_or_path)
@@ -360,6 +381,8 @@ def load_model(
                 model = LlamaForCausalLM(config)
         if torch_dtype != "auto":
             model = model.to(torch_dtype)
+        if attn_implementation is not None:
+            model.set_attn_implementation(attn_implementation)
         _set_special_ids(model, tokenizer, overwrite_eos=True)
         return model
 
@@ -368,6 +391,7 @@ def load_model(
         revision=revision,
         trust_remote_code=trust_remote_code,
         use_safetensors=True,
+        **({"attn_implementation": attn_implementation} if attn_implementation else {}),
         **_from_pretrained_dtype_kwargs(torch_dtype),
     )
     if tokenizer is not None:

@@ -47,7 +47,16 @@ class LoraConfig(_Section):
 class ModelConfig(_Section):
     name: str = Field("tiny", description="Preset ('tiny', 'tiny-100m'), hub id, or local path of a causal LM.")
     tokenizer: str | None = Field(None, description="Tokenizer id/path; defaults to the model's.")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Dtype the weights load in.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Dtype the weights load in; auto = bfloat16 when DeepSpeed trains in bf16 (deepspeed.precision), "
+        "else float32 (DeepSpeed keeps fp32 master weights either way).",
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa",
+        description="Attention kernel; flash_attention_2 needs the flash-attn package and CUDA GPUs "
+        "(packed batches then take its varlen path).",
+    )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     trust_remote_code: bool = Field(False, description="Run code shipped with a hub model. Off unless asked.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
@@ -219,6 +228,11 @@ class TrainConfig(_Section):
             raise ValueError("deepspeed.offload_param needs deepspeed.zero_stage=3")
         if self.method.frozen_fusion_embeddings and self.deepspeed.zero_stage == 3:
             raise ValueError("method.frozen_fusion_embeddings cannot copy partitioned ZeRO-3 embeddings; use stage 0-2")
+        if self.model.attn_implementation == "flash_attention_2" and self.scaling.use_gpu is False:
+            raise ValueError(
+                "model.attn_implementation=flash_attention_2 needs CUDA GPUs but scaling.use_gpu is false; "
+                "use sdpa on CPU"
+            )
         longest = self.data.max_length * (2 if self.method.needs_pairs else 1)
         if self.data.packing and self.data.resolved_pack_length(self.method.needs_pairs) < longest:
             what = "a pair of max_length sequences (packed side by side)" if self.method.needs_pairs else "a sequence"

@@ -132,9 +132,22 @@ class Schedule:
 # --------------------------------------------------------------------------- building
 
 
+def trains_in_bf16(cfg: TrainConfig, use_gpu: bool) -> bool:
+    """DeepSpeed's bf16 mode: ``deepspeed.precision=bf16``, or ``auto`` on GPUs."""
+    return cfg.deepspeed.precision == "bf16" or (cfg.deepspeed.precision == "auto" and use_gpu)
+
+
+def model_dtype(cfg: TrainConfig, use_gpu: bool) -> str:
+    """``model.dtype``, with ``auto`` resolved to the training precision: a 7B model then loads in
+    bf16 (14 GB) rather than float32 (29 GB) on every rank before DeepSpeed takes it."""
+    if cfg.model.dtype != "auto":
+        return cfg.model.dtype
+    return "bfloat16" if trains_in_bf16(cfg, use_gpu) else "float32"
+
+
 def deepspeed_config(cfg: TrainConfig, use_gpu: bool) -> dict[str, Any]:
     ds = cfg.deepspeed
-    bf16 = ds.precision == "bf16" or (ds.precision == "auto" and use_gpu)
+    bf16 = trains_in_bf16(cfg, use_gpu)
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
@@ -184,7 +197,7 @@ def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
     return factor
 
 
-def build_model_and_tokenizer(cfg: TrainConfig):
+def build_model_and_tokenizer(cfg: TrainConfig, use_gpu: bool = False):
     tokenizer = load_tokenizer(
         cfg.model.tokenizer or cfg.model.name,
         trust_remote_code=cfg.model.trust_remote_code,
@@ -192,7 +205,8 @@ def build_model_and_tokenizer(cfg: TrainConfig):
     )
     model = load_model(
         cfg.model.name,
-        dtype=cfg.model.dtype,
+        dtype=model_dtype(cfg, use_gpu),
+        attn_implementation=cfg.model.attn_implementation,
         trust_remote_code=cfg.model.trust_remote_code,
         revision=cfg.model.revision,
         seed=cfg.optimization.seed,

@@ -145,6 +145,13 @@ def train(
 
     init_ray()
     use_gpu = _use_gpu(cfg)
+    if cfg.model.attn_implementation == "flash_attention_2" and not use_gpu:
+        from pipelines.config import ConfigError
+
+        raise ConfigError(
+            "model.attn_implementation=flash_attention_2 needs CUDA GPUs, and this run trains on CPU "
+            f"(scaling.use_gpu={cfg.scaling.use_gpu}, the cluster has no GPU); use sdpa"
+        )
     tracking_uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
 
     data = build_datasets(cfg)

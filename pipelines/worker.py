@@ -78,7 +78,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         torch.cuda.set_device(device)
     torch.manual_seed(cfg.optimization.seed)
 
-    model, tokenizer = build_model_and_tokenizer(cfg)
+    model, tokenizer = build_model_and_tokenizer(cfg, use_gpu)
     objective = build_objective(cfg.method, model, device, seed=cfg.optimization.seed, rank=rank)
     engine = build_engine(cfg, model, schedule.total_steps, use_gpu)
 

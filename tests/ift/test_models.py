@@ -211,3 +211,17 @@ def test_ift_modules_do_not_import_ray_deepspeed_or_mlflow() -> None:
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_the_attention_kernel_is_the_one_asked_for():
+    assert load_model("tiny", seed=0, attn_implementation="eager").config._attn_implementation == "eager"
+    assert load_model("tiny", seed=0, attn_implementation="sdpa").config._attn_implementation == "sdpa"
+
+
+def test_flash_attention_where_it_cannot_run_is_an_error_naming_the_key(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real(name, *a))
+    with pytest.raises(ValueError, match="model.attn_implementation=flash_attention_2 needs the flash-attn package"):
+        load_model("tiny", attn_implementation="flash_attention_2")

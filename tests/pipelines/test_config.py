@@ -116,6 +116,11 @@ def test_a_packed_row_defaults_to_room_for_the_longest_example():
     assert load_config(None, ["data.packing=true", "method.name=orpo"]).data.resolved_pack_length(paired=True) == 512
 
 
+def test_flash_attention_on_a_cpu_run_is_rejected_naming_the_key():
+    with pytest.raises(ConfigError, match="model.attn_implementation=flash_attention_2 needs CUDA GPUs"):
+        load_config(None, ["model.attn_implementation=flash_attention_2", "scaling.use_gpu=false"])
+
+
 def test_apply_overrides_revalidates():
     cfg = apply_overrides(load_config(), {"method.lam": 0.4})
     assert cfg.method.lam == 0.4

@@ -24,6 +24,7 @@ from pipelines.loop import (
     build_model_and_tokenizer,
     deepspeed_config,
     lr_lambda,
+    model_dtype,
     run_training,
 )
 from pipelines.methods import build_objective
@@ -93,6 +94,13 @@ def test_deepspeed_config_uses_bf16_on_gpu_only_and_merges_overrides():
         "stage3_gather_16bit_weights_on_model_save": True,
         "reduce_bucket_size": 1000,
     }
+
+
+def test_model_dtype_auto_loads_in_the_training_precision():
+    assert model_dtype(tiny_cfg(), use_gpu=False) == "float32"  # precision auto: fp32 on CPU
+    assert model_dtype(tiny_cfg(), use_gpu=True) == "bfloat16"  # ... bf16 on GPUs
+    assert model_dtype(tiny_cfg("deepspeed.precision=fp32"), use_gpu=True) == "float32"
+    assert model_dtype(tiny_cfg("model.dtype=float16"), use_gpu=True) == "float16"  # an explicit dtype wins
 
 
 def test_loop_state_is_written_atomically(tmp_path):
