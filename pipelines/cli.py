@@ -36,6 +36,9 @@ def _train(argv: list[str]) -> int:
     parser.add_argument("items", nargs="*", help="an optional CONFIG.yaml (or packaged name), then key=value overrides")
     parser.add_argument("--help-config", action="store_true", help="list every config key with its default")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="validate, count rows and steps, estimate memory per GPU; train nothing"
+    )
     args = parser.parse_args(argv)
     from pipelines.config import describe_schema
 
@@ -45,6 +48,15 @@ def _train(argv: list[str]) -> int:
     cfg = _load_config(args.items)
     if cfg is None:
         return 2
+    if args.dry_run:
+        from pipelines.estimate import dry_run
+
+        try:
+            dry_run(cfg)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        return 0
     from ift.data import DataError
     from pipelines.loop import ResumeError
     from pipelines.train import summary, train

@@ -1,0 +1,191 @@
+"""`ift train --dry-run`: will the model states fit, per GPU and per host, before anything starts?
+
+The model is built on PyTorch's ``meta`` device (shapes only, no memory; a hub
+model needs only its ``config.json``) to count parameters, and the bytes per
+parameter follow the ZeRO paper's accounting (Rajbhandari et al., 2020, §3)
+for mixed-precision Adam: 2 bytes of bf16/fp16 weights + 2 of gradients + 12 of
+optimizer state (fp32 master weights, momentum, variance) = 16 per trained
+parameter, 16 in fp32 training too (4 + 4 + 8).  ZeRO-1 partitions the optimizer
+state over the data-parallel ranks, ZeRO-2 also the gradients, ZeRO-3 also the
+weights; offloading moves the optimizer state (and with ``offload_param`` the
+weights) to host memory.  LoRA trains only the adapters: the base weights cost
+their 2 (or 4) bytes and nothing else.  DPO's live reference model is a second,
+unpartitioned copy of the weights on every GPU (none with LoRA: the adapters
+switch off; none with ``precompute_reference``).
+
+Activations are a rough upper figure for one micro-batch (Korthikanti et al.,
+2022, eq. 1, without sequence parallelism: ``s·b·h·(34 + 5·a·s/h)`` bytes per
+layer in 16-bit; with gradient checkpointing only each layer's input,
+``2·s·b·h``, plus one layer's full set), plus the fp32 logits and their
+log-softmax.  Allocator fragmentation, CUDA context (~0.5–1 GB) and DeepSpeed's
+communication buckets come on top: read the total as a floor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipelines.config import TrainConfig
+
+GIB = 2**30
+
+
+@dataclass
+class ModelShape:
+    parameters: int
+    trainable: int
+    layers: int
+    hidden: int
+    heads: int
+    vocab: int
+
+
+@dataclass
+class MemoryEstimate:
+    shape: ModelShape
+    workers: int
+    zero_stage: int
+    bf16: bool
+    per_gpu: dict[str, float] = field(default_factory=dict)  # bytes on each GPU (or worker, on CPU)
+    per_host: dict[str, float] = field(default_factory=dict)  # bytes in host memory per worker (offload)
+
+    @property
+    def gpu_total(self) -> float:
+        return sum(self.per_gpu.values())
+
+
+def model_shape(cfg: TrainConfig) -> ModelShape:
+    """Parameter counts and dimensions, from a model built on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ift.models import build_preset_config, is_preset, load_tokenizer
+
+    if is_preset(cfg.model.name):
+        config = build_preset_config(cfg.model.name, load_tokenizer(cfg.model.name))
+    else:
+        config = AutoConfig.from_pretrained(
+            cfg.model.name, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
+        )
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = total
+    if cfg.model.lora is not None:
+        from ift.lora import add_lora
+
+        lora = cfg.model.lora
+        model = add_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+    return ModelShape(
+        parameters=total,
+        trainable=trainable,
+        layers=int(config.num_hidden_layers),
+        hidden=int(config.hidden_size),
+        heads=int(config.num_attention_heads),
+        vocab=int(config.vocab_size),
+    )
+
+
+def estimate_memory(cfg: TrainConfig, shape: ModelShape, *, use_gpu: bool) -> MemoryEstimate:
+    """Bytes per GPU (and per host, for offloaded state) of one training worker: see the module docstring."""
+    from pipelines.loop import trains_in_bf16
+
+    bf16 = trains_in_bf16(cfg, use_gpu)
+    n = cfg.scaling.num_workers
+    stage = cfg.deepspeed.zero_stage
+    weight_bytes = 2 if bf16 else 4
+    frozen = shape.parameters - shape.trainable
+    est = MemoryEstimate(shape=shape, workers=n, zero_stage=stage, bf16=bf16)
+
+    weights = (shape.trainable + frozen) * weight_bytes / (n if stage == 3 else 1)
+    grads = shape.trainable * weight_bytes / (n if stage >= 2 else 1)
+    # Mixed precision: fp32 master + momentum + variance; fp32: momentum + variance.
+    optimizer = shape.trainable * (12 if bf16 else 8) / (n if stage >= 1 else 1)
+    (est.per_host if cfg.deepspeed.offload_param else est.per_gpu)["weights"] = weights
+    est.per_gpu["gradients"] = grads
+    (est.per_host if cfg.deepspeed.offload_optimizer else est.per_gpu)["optimizer state"] = optimizer
+    live_reference = cfg.method.name == "dpo" and cfg.model.lora is None and not cfg.method.precompute_reference
+    if live_reference:
+        est.per_gpu["DPO reference copy"] = shape.parameters * weight_bytes
+
+    s, b, h, a, layers = cfg.data.max_length, cfg.optimization.micro_batch_size, shape.hidden, shape.heads, shape.layers
+    sequences = b * (2 if cfg.method.needs_pairs else 1)  # DPO/ORPO: chosen and rejected in one forward
+    full_layer = s * sequences * h * (34 + 5 * a * s / h)
+    if cfg.model.gradient_checkpointing:
+        est.per_gpu["activations"] = 2 * s * sequences * h * layers + full_layer
+    else:
+        est.per_gpu["activations"] = full_layer * layers
+    # fp32 logits and their log-softmax; IFT's no-grad prediction pass makes its own (freed before).
+    est.per_gpu["logits"] = 2 * 4 * s * sequences * shape.vocab
+    return est
+
+
+def _size(n: float) -> str:
+    return f"{n / GIB:8.2f} GiB" if n >= GIB else f"{n / 2**20:8.1f} MiB"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
+def render(cfg: TrainConfig, est: MemoryEstimate, *, use_gpu: bool) -> str:
+    shape = est.shape
+    where = "GPU" if use_gpu else "worker (CPU run)"
+    lines = [
+        f"model {cfg.model.name}: {_count(shape.parameters)} parameters, {_count(shape.trainable)} trained"
+        + (f" (LoRA r={cfg.model.lora.r})" if cfg.model.lora is not None else ""),
+        f"{est.workers} workers, ZeRO-{est.zero_stage}, {'bf16' if est.bf16 else 'fp32'}, micro-batch "
+        f"{cfg.optimization.micro_batch_size} x {cfg.data.max_length} tokens"
+        + (", gradient checkpointing" if cfg.model.gradient_checkpointing else ""),
+        f"estimated memory per {where}:",
+    ]
+    for k, v in est.per_gpu.items():
+        lines.append(f"  {k:<22} {_size(v)}")
+    lines.append(f"  {'total (a floor)':<22} {_size(est.gpu_total)}")
+    for k, v in est.per_host.items():
+        lines.append(f"  host, {k:<16} {_size(v)} (offloaded)")
+    return "\n".join(lines)
+
+
+def dry_run(cfg: TrainConfig, *, use_gpu: bool | None = None, log: Any = print) -> MemoryEstimate:
+    """Validate, count the data and the steps, estimate the memory; start nothing."""
+    from pipelines.data import plan_data
+
+    if use_gpu is None:
+        import torch
+
+        use_gpu = bool(cfg.scaling.use_gpu)
+        if cfg.scaling.use_gpu == "auto":
+            use_gpu = torch.cuda.is_available() and cfg.scaling.gpus_per_worker > 0
+            if not use_gpu:
+                log("scaling.use_gpu=auto and no GPU here: sized as a CPU run (scaling.use_gpu=true sizes GPUs)")
+    from ift.data import DataError
+    from pipelines.loop import Schedule
+
+    try:
+        plan = plan_data(cfg)
+        rows_per_micro = None
+        if cfg.data.packing:
+            from pipelines.data import estimate_rows_per_micro
+
+            rows_per_micro = estimate_rows_per_micro(cfg, plan.train, from_cache=plan.from_cache)
+        schedule = Schedule.from_config(cfg, plan.train.rows, cfg.scaling.num_workers, rows_per_micro)
+        log(
+            f"data: {plan.train.rows:,} training rows -> {schedule.steps_per_epoch:,} steps per epoch, "
+            f"{schedule.total_steps:,} in all"
+        )
+    except DataError as exc:  # the memory estimate does not need the data
+        log(f"data: not counted ({exc})")
+    try:
+        shape = model_shape(cfg)
+    except OSError as exc:
+        raise ValueError(
+            f"cannot read the configuration of model.name={cfg.model.name!r} ({exc}); the estimate needs its "
+            "config.json (a hub id with hub access, or a local directory)"
+        ) from None
+    est = estimate_memory(cfg, shape, use_gpu=use_gpu)
+    log(render(cfg, est, use_gpu=use_gpu))
+    return est

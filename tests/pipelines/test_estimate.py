@@ -1,0 +1,77 @@
+"""pipelines.estimate: the memory a run needs per GPU, from the ZeRO paper's bytes per parameter."""
+
+from __future__ import annotations
+
+import pytest
+
+from ift.models import load_model
+from pipelines.cli import main
+from pipelines.config import load_config
+from pipelines.estimate import ModelShape, estimate_memory, model_shape
+
+GB = 1e9
+ONE_B = ModelShape(parameters=10**9, trainable=10**9, layers=16, hidden=2048, heads=16, vocab=32000)
+
+
+def states(cfg, shape=ONE_B, use_gpu=True) -> dict[str, float]:
+    est = estimate_memory(cfg, shape, use_gpu=use_gpu)
+    return {k: v for k, v in est.per_gpu.items() if k not in ("activations", "logits")} | {
+        f"host {k}": v for k, v in est.per_host.items()
+    }
+
+
+@pytest.mark.parametrize(
+    "stage, expected",
+    [  # 1B trained parameters, 8 workers, bf16: weights 2 B, gradients 2 B, optimizer 12 B per parameter
+        (0, {"weights": 2 * GB, "gradients": 2 * GB, "optimizer state": 12 * GB}),
+        (1, {"weights": 2 * GB, "gradients": 2 * GB, "optimizer state": 1.5 * GB}),
+        (2, {"weights": 2 * GB, "gradients": 0.25 * GB, "optimizer state": 1.5 * GB}),
+        (3, {"weights": 0.25 * GB, "gradients": 0.25 * GB, "optimizer state": 1.5 * GB}),
+    ],
+)
+def test_each_zero_stage_partitions_what_the_zero_paper_says(stage, expected):
+    cfg = load_config(None, [f"deepspeed.zero_stage={stage}", "scaling.num_workers=8", "deepspeed.precision=bf16"])
+    assert states(cfg) == pytest.approx(expected)
+
+
+def test_fp32_training_keeps_four_byte_weights_and_no_master_copy():
+    cfg = load_config(None, ["deepspeed.zero_stage=0", "deepspeed.precision=fp32"])
+    assert states(cfg) == pytest.approx({"weights": 4 * GB, "gradients": 4 * GB, "optimizer state": 8 * GB})
+
+
+def test_offloading_moves_the_optimizer_state_and_the_weights_to_the_host():
+    cfg = load_config(None, ["deepspeed.zero_stage=3", "scaling.num_workers=8", "deepspeed.precision=bf16",
+                             "deepspeed.offload_optimizer=true", "deepspeed.offload_param=true"])  # fmt: skip
+    assert states(cfg) == pytest.approx(
+        {"gradients": 0.25 * GB, "host weights": 0.25 * GB, "host optimizer state": 1.5 * GB}
+    )
+
+
+def test_dpo_adds_a_whole_reference_copy_unless_lora_or_precomputed():
+    base = ["method.name=dpo", "deepspeed.zero_stage=3", "scaling.num_workers=8", "deepspeed.precision=bf16"]
+    assert states(load_config(None, base))["DPO reference copy"] == pytest.approx(2 * GB)
+    assert "DPO reference copy" not in states(load_config(None, [*base, "method.precompute_reference=true"]))
+    assert "DPO reference copy" not in states(load_config(None, [*base, "model.lora={r: 8}"]))
+
+
+def test_lora_pays_optimizer_and_gradients_only_for_the_adapters():
+    cfg = load_config(None, ["deepspeed.zero_stage=0", "deepspeed.precision=bf16", "model.lora={r: 8}"])
+    lora = ModelShape(parameters=10**9 + 10**7, trainable=10**7, layers=16, hidden=2048, heads=16, vocab=32000)
+    assert states(cfg, lora) == pytest.approx(
+        {"weights": 2 * (GB + 10**7), "gradients": 2 * 10**7, "optimizer state": 12 * 10**7}
+    )
+
+
+def test_the_parameter_count_is_the_real_models_without_building_it():
+    cfg = load_config(None, ["model.name=tiny"])
+    shape = model_shape(cfg)
+    assert shape.parameters == shape.trainable == sum(p.numel() for p in load_model("tiny", seed=0).parameters())
+    with_lora = model_shape(load_config(None, ["model.lora={r: 4}"]))
+    assert with_lora.parameters > shape.parameters and 0 < with_lora.trainable < shape.parameters
+
+
+def test_ift_train_dry_run_prints_steps_and_memory_and_trains_nothing(capsys, tmp_path):
+    assert main(["train", "--dry-run", "tiny", f"checkpointing.storage_path={tmp_path / 'runs'}"]) == 0
+    out = capsys.readouterr().out
+    assert "training rows ->" in out and "estimated memory per worker (CPU run):" in out and "total (a floor)" in out
+    assert not (tmp_path / "runs").exists()
