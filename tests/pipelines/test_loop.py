@@ -229,7 +229,11 @@ def _rank_main(rank: int, world: int, port: int, overrides: list[str], plan: lis
     dist.all_gather_object(stops, stopped)
     if rank == 0:
         torch.save({"weights": engine.module.state_dict(), "step": state.step, "stops": stops}, out)
+    dist.barrier()
     dist.destroy_process_group()
+    # Skip the interpreter's teardown: under load, a gloo/DeepSpeed worker thread still joinable at
+    # exit made one rank abort ("terminate called without an active exception") after its work was done.
+    os._exit(0)
 
 
 def _run_group(world: int, overrides: list[str], plan: list[list[int]], out) -> dict:

@@ -121,17 +121,17 @@ def test_each_method_trains_packed_with_two_workers_and_almost_no_padding(tmp_pa
     cfg = config(
         tmp_path, corpora, f"method.name={method}", f"deepspeed.zero_stage={METHOD_RUNS[method]}",
         f"data.train=[{{path: {source}, max_rows: 160}}]", "data.validation=[]", "data.packing=true",
-        "optimization.micro_batch_size=1", pairs=pairs,
+        "optimization.micro_batch_size=2", pairs=pairs,
     )  # fmt: skip
     result = train(cfg, show_progress=False)
     client = mlflow.MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
     metrics = client.get_run(result.mlflow_run_id).data.metrics
     history = loss_history(cfg, result.mlflow_run_id)
     print(f"{method} packed: {len(history)} steps, loss {history[0][1]:.3f} -> {history[-1][1]:.3f}, {metrics}")
-    assert metrics["data/padding_fraction"] < 0.05
-    # One packed row of at most 128 tokens (256 for a pair) per micro-batch: about 5 rows, so about 16 steps.
-    assert 0 < metrics["tokens_per_step_rank_min"] <= metrics["tokens_per_step_rank_max"] <= 256
-    assert len(history) >= 10 and all(math.isfinite(v) for _, v in history)
+    # Two packed rows of at most 128 tokens (256 for a pair) per micro-batch, padded to the longer.
+    assert 0 < metrics["data/padding_fraction"] < 0.05
+    assert 0 < metrics["tokens_per_step_rank_min"] <= metrics["tokens_per_step_rank_max"] <= 2 * 256
+    assert len(history) >= 5 and all(math.isfinite(v) for _, v in history)
     assert result.registered_version == "1"
 
 
