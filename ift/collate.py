@@ -52,6 +52,17 @@ from ift.data import IGNORE_INDEX
 # --------------------------------------------------------------------------- collate
 
 
+def _same_keys(items: Sequence[Mapping[str, Any]], what: str, item: str) -> list[str]:
+    """The keys every item of a batch shares (an error naming the first item that differs)."""
+    if not items:
+        raise ValueError(f"{what} got an empty batch")
+    keys = list(items[0])
+    for i, x in enumerate(items[1:], start=1):
+        if set(x) != set(keys):
+            raise ValueError(f"{item} {i} has keys {sorted(x)}, {item.split()[-1]} 0 has {sorted(keys)}")
+    return keys
+
+
 def _pad_value(key: str, pad_token_id: int) -> int:
     if key.endswith("input_ids"):
         return pad_token_id
@@ -78,12 +89,7 @@ def pad_collate(
     chosen and rejected batches can be concatenated into a single forward.
     Numeric scalar keys become 1-D tensors.
     """
-    if not examples:
-        raise ValueError("pad_collate got an empty batch")
-    keys = list(examples[0])
-    for i, ex in enumerate(examples[1:], start=1):
-        if set(ex) != set(keys):
-            raise ValueError(f"batch example {i} has keys {sorted(ex)}, example 0 has {sorted(keys)}")
+    keys = _same_keys(examples, "pad_collate", "batch example")
     token_keys = [k for k in keys if k.endswith(("input_ids", "labels"))]
     other_keys = [k for k in keys if k not in token_keys and not k.endswith("attention_mask")]
     for k in token_keys:
@@ -127,12 +133,7 @@ def _sequence_prefixes(example: Mapping[str, Any]) -> list[str]:
 
 
 def _check_same_keys(examples: Sequence[Mapping[str, Any]], what: str) -> list[str]:
-    if not examples:
-        raise ValueError(f"{what} got no examples")
-    keys = list(examples[0])
-    for i, ex in enumerate(examples[1:], start=1):
-        if set(ex) != set(keys):
-            raise ValueError(f"{what}: example {i} has keys {sorted(ex)}, example 0 has {sorted(keys)}")
+    keys = _same_keys(examples, what, f"{what}: example")
     if not any(k.endswith("input_ids") for k in keys):
         raise ValueError(f"{what}: examples have no '*input_ids' key (keys {sorted(keys)})")
     return keys
@@ -294,12 +295,7 @@ def collate_packs(
     which is the order of the sequences in the batch (row-major): numeric ones become a 1-D tensor,
     anything else a list.
     """
-    if not packs:
-        raise ValueError("collate_packs got an empty batch")
-    keys = list(packs[0])
-    for i, row in enumerate(packs[1:], start=1):
-        if set(row) != set(keys):
-            raise ValueError(f"packed row {i} has keys {sorted(row)}, row 0 has {sorted(keys)}")
+    keys = _same_keys(packs, "collate_packs", "packed row")
     token_keys = [k for k in keys if k.endswith(("input_ids", "labels", "position_ids"))]
     if not any(k.endswith("position_ids") for k in token_keys):
         raise ValueError("collate_packs expects packed rows with *position_ids (build them with join_pack)")

@@ -10,8 +10,6 @@ import random
 import pytest
 import torch
 
-pytest.importorskip("trl")
-
 from benchmarks.trl_peer import build_trainer, trl_tokens_per_s
 from ift.models import load_tokenizer
 

@@ -77,13 +77,18 @@ def test_a_crashing_trial_is_reported_and_the_sweep_goes_on(ray_cluster, tmp_pat
     assert "failed" in summary(result)
 
 
+def child_runs(client, result) -> list:
+    """The sweep's trial runs: the MLflow runs nested under its parent run."""
+    return client.search_runs(
+        [client.get_experiment_by_name("sweep-test").experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'",
+    )
+
+
 @pytest.mark.slow
 def test_the_sweep_tokenizes_the_corpus_once_and_every_trial_reads_that_cache(sweep4):
     client = client_for(sweep4)
-    children = client.search_runs(
-        [client.get_experiment_by_name("sweep-test").experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{sweep4.parent_run_id}'",
-    )
+    children = child_runs(client, sweep4)
     assert len(children) == 4
     cache_dirs = {r.data.params["data.cache_dir"] for r in children}
     assert len(cache_dirs) == 1 and all(r.data.params["data.cache"] == "True" for r in children)
@@ -102,10 +107,7 @@ def test_resubmitting_one_trial_reads_the_sweeps_cache_and_tokenizes_nothing(swe
     from pipelines.train import train
 
     client = client_for(sweep4)
-    child = client.search_runs(
-        [client.get_experiment_by_name("sweep-test").experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{sweep4.parent_run_id}'",
-    )[0]
+    child = child_runs(client, sweep4)[0]
     cache_dir = Path(child.data.params["data.cache_dir"])
     manifests = {m: m.stat().st_mtime_ns for m in cache_dir.glob("*/manifest.json")}
     # The trial's own settings, submitted again on its own (a shorter run: what is read is the point).
