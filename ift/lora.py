@@ -108,9 +108,14 @@ def merged_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[
     for path, scale in scalings.items():
         a = state[f"base_model.model.{path}.lora_A.{ADAPTER}.weight"]
         b = state[f"base_model.model.{path}.lora_B.{ADAPTER}.weight"]
-        weight = out[f"{path}.weight"]
-        out[f"{path}.weight"] = (weight.float() + scale * (b.float() @ a.float())).to(weight.dtype)
+        out[f"{path}.weight"] = merged_weight(out[f"{path}.weight"], a, b, scale)
     return out
+
+
+def merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """``W + scale · B A`` (LoRA, Hu et al. eq. 3, with scale = alpha / r), computed in float32 and
+    returned in ``W``'s dtype."""
+    return (weight.float() + scale * (b.float() @ a.float())).to(weight.dtype)
 
 
 def save_adapter(model: nn.Module, state: dict[str, torch.Tensor], out_dir: str) -> None:

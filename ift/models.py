@@ -12,7 +12,8 @@
 ``trust_remote_code`` is off unless the caller asks for it: it executes Python
 shipped with the checkpoint.
 
-This module must stay free of ray / deepspeed / mlflow imports.
+This module must stay free of ray / deepspeed / mlflow imports (deepspeed is imported lazily only to
+gather parameters DeepSpeed itself partitioned).
 """
 
 from __future__ import annotations
@@ -341,6 +342,48 @@ def check_attention(attn_implementation: str | None) -> None:
         raise ValueError("model.attn_implementation=flash_attention_2 needs a CUDA GPU; use sdpa on CPU")
 
 
+def init_preset_weights(model: PreTrainedModel, seed: int) -> None:
+    """Initialise a preset as transformers does for Llama (linear and embedding weights
+    N(0, ``initializer_range``), biases 0, norms 1), each module from its own generator seeded
+    by ``seed`` and the module's name.
+
+    The weights then depend on nothing but the seed and the names: not on the order modules are
+    built in, nor on whether DeepSpeed built them into ZeRO-3 partitions (then each module is
+    gathered, initialised on rank 0 and re-partitioned), so a ZeRO-3 run starts from exactly
+    the weights of a ZeRO-0 run.
+    """
+    import zlib
+
+    std = model.config.initializer_range
+    for name, module in model.named_modules():
+        params = list(module.parameters(recurse=False))
+        if not params:
+            continue
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        with _whole(params), torch.no_grad():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                module.weight.copy_(torch.empty(module.weight.shape).normal_(0.0, std, generator=generator))
+                if isinstance(module, torch.nn.Embedding) and module.padding_idx is not None:
+                    module.weight[module.padding_idx].zero_()
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif "RMSNorm" in type(module).__name__:
+                module.weight.fill_(1.0)
+
+
+def _whole(params: list[torch.nn.Parameter]):
+    """A context in which ``params`` are whole: DeepSpeed's gather for ZeRO-3 partitions (rank 0's
+    changes are kept), nothing for ordinary parameters.  deepspeed is imported only when it
+    partitioned them, so this module needs no DeepSpeed otherwise."""
+    import contextlib
+
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+
 def load_model(
     name_or_path: str,
     *,
@@ -358,9 +401,8 @@ def load_model(
     ``ValueError`` that says so, before any weight is loaded.
 
     - A preset name builds a randomly initialised ``LlamaForCausalLM`` from
-      :data:`MODEL_PRESETS`.  With ``seed`` set, initialisation runs under
-      ``torch.manual_seed(seed)`` inside a forked RNG, so the same seed gives
-      identical weights and the caller's global RNG state is left untouched.
+      :data:`MODEL_PRESETS` (:func:`init_preset_weights`: the same ``seed`` gives the same
+      weights, whole or built into ZeRO-3 partitions; the global RNG is left untouched).
     - Anything else is ``AutoModelForCausalLM.from_pretrained`` (Hub id or
       local directory), safetensors only (pickle checkpoints can run code).
 
@@ -373,14 +415,13 @@ def load_model(
         if tokenizer is None:
             tokenizer = load_tokenizer(name_or_path)
         config = build_preset_config(name_or_path, tokenizer)
+        # _from_config builds straight into DeepSpeed partitions when a ZeRO-3 HfDeepSpeedConfig is
+        # alive (transformers.integrations), so no rank ever holds the whole model.
         if seed is None:
-            model = LlamaForCausalLM(config)
-        else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                model = LlamaForCausalLM(config)
-        if torch_dtype != "auto":
-            model = model.to(torch_dtype)
+            seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        with torch.random.fork_rng(devices=[]):  # torch's own default init draws from the global RNG
+            model = LlamaForCausalLM._from_config(config, dtype=None if torch_dtype == "auto" else torch_dtype)
+        init_preset_weights(model, seed)
         if attn_implementation is not None:
             model.set_attn_implementation(attn_implementation)
         _set_special_ids(model, tokenizer, overwrite_eos=True)

@@ -9,7 +9,6 @@ config JIT-compiles a kernel.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -23,11 +22,11 @@ import torch
 import torch.distributed as dist
 
 from ift.data import DataError
-from ift.lora import add_lora, is_lora, merged_state_dict, save_adapter
+from ift.lora import add_lora
 from ift.models import load_model, load_tokenizer
 from ift.objectives import sft_loss
 from pipelines.config import TrainConfig
-from pipelines.methods import Objective, ReferenceTable
+from pipelines.methods import Objective, ReferenceTable, method_of
 
 STATE_FILE = "trainer_state.json"
 DS_TAG = "deepspeed"
@@ -153,9 +152,6 @@ def deepspeed_config(cfg: TrainConfig, use_gpu: bool) -> dict[str, Any]:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
     if ds.offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": use_gpu}
-    if ds.zero_stage == 3:
-        # Gather the full weights on save so the final model can be exported.
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
     conf: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.optimization.micro_batch_size,
         "gradient_accumulation_steps": cfg.optimization.gradient_accumulation_steps,
@@ -197,13 +193,26 @@ def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
     return factor
 
 
-def build_model_and_tokenizer(cfg: TrainConfig, use_gpu: bool = False):
-    tokenizer = load_tokenizer(
-        cfg.model.tokenizer or cfg.model.name,
-        trust_remote_code=cfg.model.trust_remote_code,
-        revision=cfg.model.revision,
-    )
-    model = load_model(
+# transformers reads "build into ZeRO-3 partitions" from a weakly referenced HfDeepSpeedConfig; this
+# holds it for the latest model built in this process (one per Ray Train worker).
+_zero3_construction: Any = None
+
+
+def partitioned_construction(cfg: TrainConfig, use_gpu: bool) -> None:
+    """Under ZeRO-3, make transformers build every model from here on straight into DeepSpeed's
+    partitions (``deepspeed.zero.Init`` inside ``from_pretrained`` and ``from_config``), so no rank
+    ever holds all parameters; under ZeRO 0-2, build whole models.  Needs the process group up."""
+    global _zero3_construction
+    _zero3_construction = None  # dropping the last reference switches transformers' check off
+    if cfg.deepspeed.zero_stage == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        _zero3_construction = HfDeepSpeedConfig(deepspeed_config(cfg, use_gpu))
+
+
+def _load_policy(cfg: TrainConfig, tokenizer, use_gpu: bool) -> torch.nn.Module:
+    partitioned_construction(cfg, use_gpu)
+    return load_model(
         cfg.model.name,
         dtype=model_dtype(cfg, use_gpu),
         attn_implementation=cfg.model.attn_implementation,
@@ -212,6 +221,17 @@ def build_model_and_tokenizer(cfg: TrainConfig, use_gpu: bool = False):
         seed=cfg.optimization.seed,
         tokenizer=tokenizer,
     )
+
+
+def build_model_and_tokenizer(cfg: TrainConfig, use_gpu: bool = False):
+    """The model to train (under ZeRO-3 built into partitions), with gradient checkpointing and LoRA
+    as configured, and its tokenizer."""
+    tokenizer = load_tokenizer(
+        cfg.model.tokenizer or cfg.model.name,
+        trust_remote_code=cfg.model.trust_remote_code,
+        revision=cfg.model.revision,
+    )
+    model = _load_policy(cfg, tokenizer, use_gpu)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if cfg.model.lora is not None:
@@ -240,6 +260,28 @@ def build_engine(cfg: TrainConfig, model: torch.nn.Module, total_steps: int, use
         lr_scheduler=scheduler,
         config=deepspeed_config(cfg, use_gpu),
     )
+    return engine
+
+
+def partitioned_reference(cfg: TrainConfig, tokenizer, use_gpu: bool):
+    """DPO's frozen reference for a full (not LoRA) ZeRO-3 run, else None (the objective then copies
+    the policy, or switches a LoRA model's adapters off).
+
+    A copy of a partitioned model would be empty, so the start policy is built again into
+    partitions and wrapped in a DeepSpeed engine with no optimizer, as TRL prepares its reference:
+    each rank holds 1/world of it, and each forward gathers layer by layer like the policy's.
+    Every rank must call it, before a resume changes the policy.
+    """
+    if not (method_of(cfg.method).reference and cfg.model.lora is None and cfg.deepspeed.zero_stage == 3):
+        return None
+    import deepspeed
+
+    reference = _load_policy(cfg, tokenizer, use_gpu).requires_grad_(False)
+    ds = deepspeed_config(cfg, use_gpu)
+    ds["zero_optimization"].pop("offload_optimizer", None)
+    ds.pop("zero_force_ds_cpu_optimizer", None)
+    engine, *_ = deepspeed.initialize(model=reference, config=ds)
+    engine.eval()  # DeepSpeedEngine.eval returns None
     return engine
 
 
@@ -317,12 +359,31 @@ class StreamDataError(DataError):
     """A bad row stopped training; raised on every rank at once (the row is the first rank's that met one)."""
 
 
-def all_reduce_max(value: int, device: torch.device) -> int:
-    if _world()[1] == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+def _next(iterator: Iterator) -> tuple[int, dict[str, Any] | None, DataError | None]:
+    """(status, batch, error): status 0 = a batch, 1 = the stream ended, 2 = a bad row."""
+    try:
+        return 0, next(iterator), None
+    except StopIteration:
+        return 1, None, None
+    except DataError as exc:
+        return 2, None, exc
+
+
+def _agree(status: int, error: DataError | None, device: torch.device) -> tuple[bool, bool]:
+    """(some rank's stream ended, some rank has a batch), agreed by every rank in one collective;
+    a bad row on any rank raises :class:`StreamDataError` on all of them, with the lowest rank's row."""
+    flags = torch.tensor([status == 2, status != 0, status == 0], dtype=torch.int64, device=device)
+    if _world()[1] > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    any_error, any_ended, any_batch = (bool(f) for f in flags.tolist())
+    if any_error:
+        errors = [error]
+        if _world()[1] > 1:
+            errors = [None] * _world()[1]
+            dist.all_gather_object(errors, error)
+        first = next(e for e in errors if e is not None)
+        raise StreamDataError(first.source, first.row, first.reason, kind=first.kind, line=first.line)
+    return any_ended, any_batch
 
 
 def next_batch_on_every_rank(iterator: Iterator, device: torch.device) -> dict[str, Any] | None:
@@ -332,22 +393,48 @@ def next_batch_on_every_rank(iterator: Iterator, device: torch.device) -> dict[s
     forward pass that the others would not join.  A :class:`DataError` on any rank
     becomes a :class:`StreamDataError` on every rank, carrying the lowest rank's row.
     """
-    status, batch, error = 0, None, None
-    try:
-        batch = next(iterator)
-    except StopIteration:
-        status = 1
-    except DataError as exc:
-        status, error = 2, exc
-    agreed = all_reduce_max(status, device)
-    if agreed == 2:
-        errors = [error]
-        if _world()[1] > 1:
-            errors = [None] * _world()[1]
-            dist.all_gather_object(errors, error)
-        first = next(e for e in errors if e is not None)
-        raise StreamDataError(first.source, first.row, first.reason, kind=first.kind, line=first.line)
-    return batch if agreed == 0 else None
+    status, batch, error = _next(iterator)
+    any_ended, _ = _agree(status, error, device)
+    return None if any_ended else batch
+
+
+def until_every_rank_ends(iterator: Iterator, device: torch.device) -> Iterator[tuple[dict[str, Any], bool]]:
+    """``(batch, real)`` for all of this rank's micro-batches, in step with the other ranks until the
+    last stream ends: a rank whose stream ended first gets its last batch again with ``real=False``
+    (its result is to be dropped), so every rank still joins each ZeRO-3 forward's gathers."""
+    last = None
+    while True:
+        status, batch, error = _next(iterator)
+        _, any_batch = _agree(status, error, device)
+        if not any_batch:
+            return
+        if batch is not None:
+            last = batch
+            yield batch, True
+        elif last is not None:
+            yield last, False
+        else:
+            raise RuntimeError(
+                f"rank {_world()[0]} has no micro-batch while other ranks do: its share of the data is smaller "
+                "than one micro-batch; use fewer workers or a smaller optimization.micro_batch_size"
+            )
+
+
+def precompute_reference_table(objective: Objective, batches: Iterable[dict[str, Any]], device) -> ReferenceTable:
+    """DPO's reference log-probs of every training pair: each rank scores the pairs of its own
+    share once, in step with the others (:func:`until_every_rank_ends`), then the ranks' tables are
+    gathered so each holds every pair, whichever rank reads it in a later epoch.  Frees the reference."""
+    table: ReferenceTable = {}
+    for batch, real in until_every_rank_ends(iter(batches), device):
+        rows = objective.reference_rows(to_device(batch, device))
+        if real:
+            table.update(rows)
+    if _world()[1] > 1:
+        tables: list[ReferenceTable | None] = [None] * _world()[1]
+        dist.all_gather_object(tables, table)
+        table = {k: v for t in tables for k, v in t.items()}
+    objective.release_reference()
+    return table
 
 
 def grad_norm(engine) -> float | None:
@@ -396,36 +483,6 @@ def validation_metrics(
     if objective.can_validate:
         out["val_loss"] = float(sums[0]) / n
     return out
-
-
-def export_hf_model(
-    engine, tokenizer, out_dir: str | os.PathLike, rank: int, adapter_dir: str | os.PathLike | None = None
-) -> None:
-    """Save the consolidated model in Hugging Face format (safetensors) from rank 0.
-
-    Under ZeRO-3 the partitioned parameters are gathered first; every rank must
-    call this.  A LoRA model is saved merged (``W + (alpha / r) B A``: a plain
-    model that loads without peft), and its adapters go to ``adapter_dir``.
-    """
-    import deepspeed
-
-    model = engine.module
-    params = list(model.parameters())
-    zero3 = engine.zero_optimization_stage() == 3
-    ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero3 else contextlib.nullcontext()
-    with ctx:
-        if rank == 0:
-            Path(out_dir).mkdir(parents=True, exist_ok=True)
-            state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            if is_lora(model):
-                if adapter_dir is not None:
-                    save_adapter(model, state, str(adapter_dir))
-                state = merged_state_dict(model, state)
-                model = model.get_base_model()
-            model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
-            tokenizer.save_pretrained(out_dir)
-    if dist.is_initialized():
-        dist.barrier()
 
 
 # --------------------------------------------------------------------------- the loop

@@ -127,12 +127,23 @@ class DPOObjective(Objective):
 
     response_prefix = "chosen_"
 
-    def __init__(self, cfg: MethodConfig, model: nn.Module, device: torch.device, *, seed: int, rank: int = 0):
+    def __init__(
+        self,
+        cfg: MethodConfig,
+        model: nn.Module,
+        device: torch.device,
+        *,
+        seed: int,
+        rank: int = 0,
+        reference: nn.Module | None = None,
+    ):
+        """``reference``: the frozen start policy when the caller built it (a ZeRO-3 engine:
+        ``pipelines.loop.partitioned_reference``); otherwise a copy of ``model`` is made here."""
         super().__init__(cfg, model, device, seed=seed, rank=rank)
         self.beta = METHODS["dpo"].beta(cfg)
         self.lora_model = model if is_lora(model) else None
-        self.reference: nn.Module | None = None
-        if self.lora_model is None:
+        self.reference: nn.Module | None = reference
+        if self.lora_model is None and reference is None:
             self.reference = copy.deepcopy(model).to(device).eval().requires_grad_(False)
 
     @property
@@ -153,15 +164,24 @@ class DPOObjective(Objective):
             batch = {**batch, "reference_chosen_logps": chosen, "reference_rejected_logps": rejected}
         return dpo_batch_loss(model, batch, beta=self.beta, reference_model=self.reference)
 
+    def reference_rows(self, batch: Batch) -> ReferenceTable:
+        """The reference log-probs of ``batch``'s pairs (chosen, rejected), keyed by (source, row)."""
+        chosen, rejected = self._reference_logps(self.lora_model or self.reference, batch)
+        keys = zip(batch["source"], batch["row"].tolist(), strict=True)
+        return {key: (c, r) for key, c, r in zip(keys, chosen.tolist(), rejected.tolist(), strict=True)}
+
+    def release_reference(self) -> None:
+        """Free the reference model once every pair has its precomputed log-probs (a LoRA model keeps
+        its reference: the adapters switch off for free)."""
+        self.reference = None
+
     def precompute_reference(self, batches: Iterable[Batch]) -> ReferenceTable:
-        """Reference log-probs of every pair, keyed by (source, row); frees the reference model."""
+        """Reference log-probs of every pair in ``batches`` (one process), keyed by (source, row);
+        frees the reference model.  Across ranks: ``pipelines.loop.precompute_reference_table``."""
         table: ReferenceTable = {}
         for batch in batches:
-            chosen, rejected = self._reference_logps(self.lora_model or self.reference, batch)
-            keys = zip(batch["source"], batch["row"].tolist(), strict=True)
-            for key, c, r in zip(keys, chosen.tolist(), rejected.tolist(), strict=True):
-                table[key] = (c, r)
-        self.reference = None  # a LoRA model keeps its reference: the adapters switch off for free
+            table.update(self.reference_rows(batch))
+        self.release_reference()
         return table
 
 
@@ -187,6 +207,7 @@ class Method:
     paired: bool  # trains on (chosen, rejected) pairs, so reads preference rows
     fields: tuple[str, ...]  # the MethodConfig fields it reads besides `name` (logged as model-version tags)
     default_beta: float | None = None  # β when `method.beta` is unset (the paper's §5.1 values)
+    reference: bool = False  # trains against a frozen reference policy (the objective takes `reference=`)
 
     def beta(self, cfg: MethodConfig) -> float | None:
         return cfg.beta if cfg.beta is not None else self.default_beta
@@ -196,9 +217,17 @@ class Method:
         return {f: (self.beta(cfg) if f == "beta" else getattr(cfg, f)) for f in self.fields}
 
     def build(
-        self, cfg: MethodConfig, model: nn.Module, device: torch.device, *, seed: int, rank: int = 0
+        self,
+        cfg: MethodConfig,
+        model: nn.Module,
+        device: torch.device,
+        *,
+        seed: int,
+        rank: int = 0,
+        reference: nn.Module | None = None,
     ) -> Objective:
-        return self.objective(cfg, model, device, seed=seed, rank=rank)
+        extra = {"reference": reference} if self.reference else {}
+        return self.objective(cfg, model, device, seed=seed, rank=rank, **extra)
 
 
 METHODS: dict[str, Method] = {
@@ -224,7 +253,9 @@ METHODS: dict[str, Method] = {
             ),
         ),
         Method("sft", SFTObjective, paired=False, fields=()),
-        Method("dpo", DPOObjective, paired=True, fields=("beta", "precompute_reference"), default_beta=0.1),
+        Method(
+            "dpo", DPOObjective, paired=True, fields=("beta", "precompute_reference"), default_beta=0.1, reference=True
+        ),
         Method("orpo", ORPOObjective, paired=True, fields=("beta",), default_beta=0.25),
     )
 }
@@ -236,6 +267,14 @@ def method_of(cfg: MethodConfig) -> Method:
 
 
 def build_objective(
-    cfg: MethodConfig, model: nn.Module, device: torch.device, *, seed: int, rank: int = 0
+    cfg: MethodConfig,
+    model: nn.Module,
+    device: torch.device,
+    *,
+    seed: int,
+    rank: int = 0,
+    reference: nn.Module | None = None,
 ) -> Objective:
-    return method_of(cfg).build(cfg, model, device, seed=seed, rank=rank)
+    """The objective of ``cfg.name`` for ``model``; ``reference`` is passed to methods that train
+    against a frozen reference policy (DPO) and ignored by the others."""
+    return method_of(cfg).build(cfg, model, device, seed=seed, rank=rank, reference=reference)

@@ -3,9 +3,11 @@ registered model with its version tags, and the loss-curve plot."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +147,32 @@ def plot_loss_curve(client: MlflowClient, run_id: str, out_path: str | os.PathLi
     return out
 
 
+@contextlib.contextmanager
+def _pipeline_classes_by_object() -> Iterator[None]:
+    """MLflow 3.17 saves a checkpoint directory reading ``transformers.pipelines.check_task(task)[1]
+    ["impl"].__name__``; transformers 5 gives ``impl`` as a dotted path string, so the call fails.
+    Inside, ``check_task`` answers with the class itself (nothing changes where it already does)."""
+    import importlib
+
+    from transformers import pipelines
+
+    original = pipelines.check_task
+
+    def check_task(task: str):
+        name, meta, options = original(task)
+        impl = meta.get("impl")
+        if isinstance(impl, str):
+            module, _, cls = impl.rpartition(".")
+            meta = {**meta, "impl": getattr(importlib.import_module(module), cls)}
+        return name, meta, options
+
+    pipelines.check_task = check_task
+    try:
+        yield
+    finally:
+        pipelines.check_task = original
+
+
 def register_model(
     cfg: TrainConfig, tracking_uri: str, run_id: str, hf_dir: str, tags: dict[str, str]
 ) -> tuple[str, str | None]:
@@ -155,16 +183,16 @@ def register_model(
     Only the client API with explicit URIs is used: MLflow's process-global tracking
     and registry URIs are never touched, so one process can train, register and
     evaluate against several stores.
-    """
-    import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, use_safetensors=True)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    The directory is logged as it is (MLflow's transformers flavour takes a checkpoint path):
+    the weights are copied, never loaded, so the driver, often on a small head node, needs no
+    memory for a 7B model at the end of the run.
+    """
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _pipeline_classes_by_object():
         local = Path(tmp) / MODEL_ARTIFACT
         mlflow.transformers.save_model(
-            transformers_model={"model": model, "tokenizer": tokenizer},
+            transformers_model=str(hf_dir),
             path=str(local),
             task="text-generation",
             pip_requirements=PIP_REQUIREMENTS,

@@ -29,6 +29,7 @@ from ift.lora import parameter_counts
 from pipelines.batching import MicroBatches, Packing
 from pipelines.config import TrainConfig
 from pipelines.data import data_mode, packing_of, token_keys
+from pipelines.export import export_hf_model
 from pipelines.loop import (
     ADAPTER_DIR,
     DS_TAG,
@@ -38,7 +39,8 @@ from pipelines.loop import (
     StreamDataError,
     build_engine,
     build_model_and_tokenizer,
-    export_hf_model,
+    partitioned_reference,
+    precompute_reference_table,
     run_training,
 )
 from pipelines.methods import build_objective
@@ -78,8 +80,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         torch.cuda.set_device(device)
     torch.manual_seed(cfg.optimization.seed)
 
-    model, tokenizer = build_model_and_tokenizer(cfg, use_gpu)
-    objective = build_objective(cfg.method, model, device, seed=cfg.optimization.seed, rank=rank)
+    model, tokenizer = build_model_and_tokenizer(cfg, use_gpu)  # under ZeRO-3 built into partitions
+    reference = partitioned_reference(cfg, tokenizer, use_gpu)
+    objective = build_objective(cfg.method, model, device, seed=cfg.optimization.seed, rank=rank, reference=reference)
     engine = build_engine(cfg, model, schedule.total_steps, use_gpu)
 
     state = LoopState()
@@ -130,9 +133,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         return validation_cache
 
     reference_table = None
-    if precompute:  # each rank scores the rows of its own share, which it reads again every epoch
-        reference_table = objective.precompute_reference(
-            micro_batches(train_shard, shuffle_seed=None, keep_ids=True, drop_last=False)
+    if precompute:  # each rank scores its own share once; the table is then gathered
+        reference_table = precompute_reference_table(
+            objective, micro_batches(train_shard, shuffle_seed=None, keep_ids=True, drop_last=False), device
         )
 
     fault: KillWorker | None = loop_config.get("fault")
@@ -171,7 +174,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     st.save(tmp)
                 if is_last:
                     export_hf_model(
-                        engine, tokenizer, os.path.join(tmp, HF_MODEL_DIR), rank, os.path.join(tmp, ADAPTER_DIR)
+                        engine.module, tokenizer, os.path.join(tmp, HF_MODEL_DIR), rank, os.path.join(tmp, ADAPTER_DIR)
                     )
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         elif len(metrics) > 1:

@@ -91,7 +91,6 @@ def test_deepspeed_config_uses_bf16_on_gpu_only_and_merges_overrides():
     assert not cpu["bf16"]["enabled"] and gpu["bf16"]["enabled"]
     assert cpu["zero_optimization"] == {
         "stage": 3,
-        "stage3_gather_16bit_weights_on_model_save": True,
         "reduce_bucket_size": 1000,
     }
 

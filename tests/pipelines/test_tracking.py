@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from ift.models import load_model, load_tokenizer
 from pipelines.config import load_config
+from pipelines.export import export_hf_model
 from pipelines.tracking import experiment_id, load_model_components, register_model, start_or_resume_run
 
 GLOBALS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
@@ -19,8 +20,7 @@ GLOBALS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 @pytest.fixture(scope="module")
 def tiny_hf_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("hf")
-    load_model("tiny", seed=0).save_pretrained(out, safe_serialization=True)
-    load_tokenizer("tiny").save_pretrained(out)
+    export_hf_model(load_model("tiny", seed=0), load_tokenizer("tiny"), out, rank=0)  # as a run's final export
     return str(out)
 
 
@@ -68,6 +68,24 @@ def test_a_registered_version_carries_its_tags_and_loads_with_the_trained_weight
     loaded = load_model_components("models:/tagged/1", store)["model"].state_dict()
     expected = load_model(tiny_hf_dir).state_dict()
     assert loaded.keys() == expected.keys() and all((loaded[k] == expected[k]).all() for k in expected)
+
+
+def test_registering_copies_the_saved_model_without_building_it_in_this_process(tmp_path, tiny_hf_dir, monkeypatch):
+    # The driver registers at the end of a long run, often on a small head node: a 7B model must not
+    # be loaded there.  Any model construction in this process fails the test.
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("registration built the model in the driver")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "__init__", refuse)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    store = f"sqlite:///{tmp_path / 'store.db'}"
+    cfg, run_id = _train_run(store, "copied")
+    assert register_model(cfg, store, run_id, tiny_hf_dir, {})[1] == "1"
+    monkeypatch.undo()
+    files = {a.path for a in MlflowClient(store).list_artifacts(run_id, "model/model")}
+    assert "model/model/model.safetensors" in files
 
 
 def test_without_a_registered_name_the_model_is_logged_but_not_registered(tmp_path, tiny_hf_dir):
