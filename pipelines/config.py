@@ -183,7 +183,10 @@ class DeepSpeedConfig(_Section):
 
 class ScalingConfig(_Section):
     num_workers: int = Field(2, gt=0, description="Ray Train workers (data-parallel ranks).")
-    use_gpu: bool | Literal["auto"] = Field("auto", description="auto = use GPUs if the cluster has any.")
+    use_gpu: bool | Literal["auto"] = Field(
+        "auto",
+        description="auto = GPUs when gpus_per_worker > 0 and the cluster has GPU nodes or can autoscale them.",
+    )
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker (fractions allowed).")
     gpus_per_worker: float = Field(1.0, ge=0, description="GPUs per worker when use_gpu.")
 

@@ -108,8 +108,8 @@ def estimate_memory(cfg: TrainConfig, shape: ModelShape, *, use_gpu: bool) -> Me
     est.per_gpu["gradients"] = grads
     (est.per_host if cfg.deepspeed.offload_optimizer else est.per_gpu)["optimizer state"] = optimizer
     live_reference = cfg.method.name == "dpo" and cfg.model.lora is None and not cfg.method.precompute_reference
-    if live_reference:
-        est.per_gpu["DPO reference copy"] = shape.parameters * weight_bytes
+    if live_reference:  # under ZeRO-3 partitioned like the policy (pipelines.loop.partitioned_reference)
+        est.per_gpu["DPO reference copy"] = shape.parameters * weight_bytes / (n if stage == 3 else 1)
 
     s, b, h, a, layers = cfg.data.max_length, cfg.optimization.micro_batch_size, shape.hidden, shape.heads, shape.layers
     sequences = b * (2 if cfg.method.needs_pairs else 1)  # DPO/ORPO: chosen and rejected in one forward

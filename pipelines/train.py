@@ -76,10 +76,45 @@ def init_ray(*, log_to_driver: bool = True) -> None:
     ray.init(**{k: v for k, v in kwargs.items() if v is not None})
 
 
-def _use_gpu(cfg: TrainConfig) -> bool:
+def resolve_use_gpu(cfg: TrainConfig, *, gpus_now: float, gpus_autoscalable: float) -> tuple[bool, str]:
+    """``scaling.use_gpu`` resolved, and why.  ``auto`` trains on GPUs when workers ask for them
+    (``scaling.gpus_per_worker > 0``) and the cluster has GPUs, or can start nodes with GPUs
+    (its autoscaler's node types: a KubeRay or cloud cluster often starts with none up)."""
     if cfg.scaling.use_gpu != "auto":
-        return bool(cfg.scaling.use_gpu)
-    return ray.cluster_resources().get("GPU", 0) > 0
+        return bool(cfg.scaling.use_gpu), f"scaling.use_gpu={cfg.scaling.use_gpu}"
+    if cfg.scaling.gpus_per_worker <= 0:
+        return False, "scaling.use_gpu=auto with scaling.gpus_per_worker=0: training on CPU"
+    if gpus_now > 0:
+        return True, f"scaling.use_gpu=auto: the cluster has {gpus_now:g} GPUs"
+    if gpus_autoscalable > 0:
+        return True, (
+            f"scaling.use_gpu=auto: no GPU node is up yet, but the autoscaler can start nodes with "
+            f"{gpus_autoscalable:g} GPUs in all; the workers wait for them"
+        )
+    return False, (
+        "scaling.use_gpu=auto: the cluster has no GPU and no autoscaling node type with GPUs, so this run "
+        "trains on CPU (scaling.use_gpu=true waits for GPUs instead; false says CPU on purpose)"
+    )
+
+
+def _autoscalable_gpus() -> float:
+    """GPUs the cluster's autoscaler could bring up (its node types x max nodes), 0 without one;
+    the same view Ray Train uses to tell a request that can never fit."""
+    from ray._private.state import state
+
+    try:
+        return float((state.get_max_resources_from_cluster_config() or {}).get("GPU", 0))
+    except Exception:  # an older or a bare cluster without the autoscaler's config in the GCS
+        return 0.0
+
+
+def _use_gpu(cfg: TrainConfig, log=None) -> bool:
+    use, why = resolve_use_gpu(
+        cfg, gpus_now=ray.cluster_resources().get("GPU", 0), gpus_autoscalable=_autoscalable_gpus()
+    )
+    if log is not None and cfg.scaling.use_gpu == "auto":
+        log(why)
+    return use
 
 
 def _storage_path(cfg: TrainConfig) -> str:
@@ -144,7 +179,7 @@ def train(
     from pipelines.worker import train_loop_per_worker
 
     init_ray()
-    use_gpu = _use_gpu(cfg)
+    use_gpu = _use_gpu(cfg, log=print)
     if cfg.model.attn_implementation == "flash_attention_2" and not use_gpu:
         from pipelines.config import ConfigError
 

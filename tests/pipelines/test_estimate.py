@@ -47,9 +47,11 @@ def test_offloading_moves_the_optimizer_state_and_the_weights_to_the_host():
     )
 
 
-def test_dpo_adds_a_whole_reference_copy_unless_lora_or_precomputed():
+def test_dpo_adds_a_reference_copy_partitioned_under_zero3_unless_lora_or_precomputed():
     base = ["method.name=dpo", "deepspeed.zero_stage=3", "scaling.num_workers=8", "deepspeed.precision=bf16"]
-    assert states(load_config(None, base))["DPO reference copy"] == pytest.approx(2 * GB)
+    assert states(load_config(None, base))["DPO reference copy"] == pytest.approx(2 * GB / 8)
+    zero2 = [*base[:1], "deepspeed.zero_stage=2", *base[2:]]
+    assert states(load_config(None, zero2))["DPO reference copy"] == pytest.approx(2 * GB)  # whole on every GPU
     assert "DPO reference copy" not in states(load_config(None, [*base, "method.precompute_reference=true"]))
     assert "DPO reference copy" not in states(load_config(None, [*base, "model.lora={r: 8}"]))
 

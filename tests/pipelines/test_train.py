@@ -378,3 +378,28 @@ def test_under_skip_the_run_counts_the_bad_rows_its_ranks_met(tmp_path, corpora)
     # still ends with its final checkpoint, export and registration.
     assert max(s for s, _ in loss_history(cfg, result.mlflow_run_id)) == 15
     assert result.registered_version == "1"
+
+
+def test_use_gpu_auto_counts_the_gpu_nodes_an_autoscaler_can_start():
+    # A KubeRay or cloud cluster often has no GPU node up when the job starts: Ray's GCS holds the
+    # autoscaler's node types (written here as the autoscaler writes them), and auto must see them.
+    from ray.core.generated import autoscaler_pb2
+    from ray.experimental import internal_kv
+
+    from pipelines.train import _use_gpu
+
+    cfg = load_config(None, ["scaling.use_gpu=auto", "scaling.gpus_per_worker=1"])
+    said: list[str] = []
+    assert _use_gpu(cfg, log=said.append) is False  # this cluster: 2 CPUs, no autoscaler
+    assert "trains on CPU" in said[-1]
+    cluster = autoscaler_pb2.ClusterConfig()
+    group = cluster.node_group_configs.add(name="gpu-workers", max_count=2)
+    group.resources.update({"CPU": 16, "GPU": 8})
+    key, namespace = ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE
+    internal_kv._internal_kv_put(key, cluster.SerializeToString(), namespace=namespace)
+    try:
+        assert _use_gpu(cfg, log=said.append) is True
+        assert "autoscaler can start nodes with 16 GPUs" in said[-1]
+        assert _use_gpu(load_config(None, ["scaling.gpus_per_worker=0"])) is False
+    finally:
+        internal_kv._internal_kv_del(key, namespace=namespace)
