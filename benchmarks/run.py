@@ -31,7 +31,7 @@ from typing import Any
 
 from benchmarks.common import fmt_bytes, fmt_ratio, load_average, load_note, machine_info
 
-SECTIONS = ("step", "scan", "data", "stream", "pack", "lora", "scaling")
+SECTIONS = ("step", "scan", "data", "stream", "pack", "lora", "scaling", "memory")
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,7 @@ TARGETS = (
     Target("step", "ift", ("peak_mem_ratio_to_sft",), 1.10, "IFT peak memory"),
     Target("pack", "ift", ("packed", "padding_fraction"), 0.05, "IFT packed padding", unit="%"),
     Target("pack", "ift", ("packed_over_padded",), 1.30, "IFT packed useful tokens/s", at_most=False, unit="x padded"),
+    Target("memory", "ift", ("zero3_over_zero0_peak_rss",), 0.80, "ZeRO-3 peak RSS per worker", unit="x ZeRO-0"),
 )
 
 FULL = {
@@ -73,6 +74,7 @@ FULL = {
         "memory_repeats": 1,
     },  # fmt: skip
     "scaling": {"workers": (1, 2), "zero_stages": (0, 2, 3), "steps": 40},
+    "memory": {"model": "tiny-100m", "workers": 2, "steps": 2},
 }
 QUICK = {
     "step": {"batch_size": 2, "seq_len": 64, "warmup": 1, "steps": 3, "memory_steps": 1, "memory_repeats": 1},
@@ -90,6 +92,7 @@ QUICK = {
         "memory_repeats": 1,
     },  # fmt: skip
     "scaling": {"workers": (1, 2), "zero_stages": (0,), "steps": 2},
+    "memory": {"model": "tiny", "workers": 2, "steps": 2},
 }
 
 
@@ -301,6 +304,8 @@ def render_markdown(doc: dict[str, Any]) -> str:
                     f"| {eff} |"
                 )
             lines.append("")
+    if "memory" in r:
+        lines += render_memory(r["memory"])
     lines += ["## Targets", "", "| target | measured | result |", "|---|---|---|"]
     for t in doc["targets"]:
         val = t.get("value_text") or ("n/a" if t["value"] is None else f"{t['value']:.2f}x")
@@ -309,6 +314,33 @@ def render_markdown(doc: dict[str, Any]) -> str:
         lines.append(f"| {t['target']} | {val} | {t['status']} |")
     lines.append("")
     return "\n".join(lines)
+
+
+def render_memory(m: dict[str, Any]) -> list[str]:
+    lines = ["## 7. Host memory per worker: ZeRO-0 vs ZeRO-3", ""]
+    if "error" in m:
+        return [*lines, f"Failed: `{m['error'][:300]}`", ""]
+    lines += [
+        f"`ift train` of `{m['model']}` (IFT, {m['workers']} workers, {m['steps']} steps, final checkpoint and "
+        "export included), peak RSS of each `ray::RayTrainWorker` process sampled every 50 ms from outside; "
+        "model states as the ZeRO paper counts them for the stage (`pipelines.estimate`).",
+        "",
+        "| allocator | ZeRO | peak RSS per worker | model states per worker | wall |",
+        "|---|---|---|---|---|",
+    ]
+    for cell in m["cells"].values():
+        rss = ", ".join(f"{v:,} MiB" for v in cell["peak_rss_mib_per_worker"]) or "none sampled"
+        lines.append(
+            f"| {cell['allocator']} | {cell['zero_stage']} | {rss}{' (failed)' if 'error' in cell else ''} "
+            f"| {cell['model_states_mib_per_worker']:,} MiB | {cell['wall_s']:.0f} s |"
+        )
+    buffers = next((c["deepspeed_buffers"] for c in m["cells"].values() if "deepspeed_buffers" in c), None)
+    if buffers:
+        lines += ["", "DeepSpeed's ZeRO-3 buffers as configured (elements): "
+                  + ", ".join(f"`{k}` {v:,}" for k, v in buffers.items()) + "."]  # fmt: skip
+    for allocator, ratio in m.get("zero3_over_zero0_peak_rss", {}).items():
+        lines += ["", f"ZeRO-3 / ZeRO-0 peak RSS per worker, {allocator}: {fmt_ratio(ratio)}."]
+    return [*lines, ""]
 
 
 def render_step(s: dict[str, Any], title: str) -> list[str]:
@@ -521,6 +553,10 @@ def main(argv: list[str] | None = None) -> int:
                 if args.scaling_steps:
                     kw["steps"] = args.scaling_steps
                 results["scaling"] = run_scaling(log=log, **kw)
+            elif section == "memory":
+                from benchmarks.zero_memory import run as run_memory
+
+                results["memory"] = run_memory(log=log, **sizes["memory"])
         except Exception as exc:  # report the section as failed, keep the others
             import traceback
 

@@ -10,8 +10,17 @@ state over the data-parallel ranks, ZeRO-2 also the gradients, ZeRO-3 also the
 weights; offloading moves the optimizer state (and with ``offload_param`` the
 weights) to host memory.  LoRA trains only the adapters: the base weights cost
 their 2 (or 4) bytes and nothing else.  DPO's live reference model is a second,
-unpartitioned copy of the weights on every GPU (none with LoRA: the adapters
-switch off; none with ``precompute_reference``).
+copy of the weights on every GPU, partitioned like the policy's under ZeRO-3 (none with
+LoRA: the adapters switch off; none with ``precompute_reference``).
+
+Two buffers of DeepSpeed's own come on top, as its estimators count them
+(``estimate_zero2_model_states_mem_needs``, ``estimate_zero3_model_states_mem_needs``,
+which the tests compare against): in bf16 the optimizer's partition keeps an fp32 copy of
+its gradients (4 bytes per trained parameter, partitioned from ZeRO-1 on), and under
+ZeRO-3 the largest layer is gathered whole for its forward and backward (4 bytes per
+parameter of that layer).  The ZeRO-2 figure equals DeepSpeed's estimator; for ZeRO-3 ours
+is larger by the 16-bit gradient partition (2 bytes per parameter over the ranks) that
+DeepSpeed's stage 3 keeps and its estimator leaves out.
 
 Activations are a rough upper figure for one micro-batch (Korthikanti et al.,
 2022, eq. 1, without sequence parallelism: ``s·b·h·(34 + 5·a·s/h)`` bytes per
@@ -24,11 +33,14 @@ communication buckets come on top: read the total as a floor.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pipelines.config import TrainConfig
 
 GIB = 2**30
+# config.json of the packaged paper configs' models, for a dry run without hub access (shapes only).
+BUNDLED_MODEL_CONFIGS = Path(__file__).parent / "configs" / "models"
 
 
 @dataclass
@@ -39,6 +51,7 @@ class ModelShape:
     hidden: int
     heads: int
     vocab: int
+    largest_layer: int = 0  # parameters of the largest module, as DeepSpeed counts them (gathered whole under ZeRO-3)
 
 
 @dataclass
@@ -65,9 +78,15 @@ def model_shape(cfg: TrainConfig) -> ModelShape:
     if is_preset(cfg.model.name):
         config = build_preset_config(cfg.model.name, load_tokenizer(cfg.model.name))
     else:
-        config = AutoConfig.from_pretrained(
-            cfg.model.name, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
-        )
+        try:
+            config = AutoConfig.from_pretrained(
+                cfg.model.name, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
+            )
+        except OSError:
+            bundled = BUNDLED_MODEL_CONFIGS / cfg.model.name.replace("/", "--")
+            if not (bundled / "config.json").is_file():
+                raise
+            config = AutoConfig.from_pretrained(bundled)  # no hub here: the paper's models ship their config.json
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
     total = sum(p.numel() for p in model.parameters())
@@ -79,7 +98,9 @@ def model_shape(cfg: TrainConfig) -> ModelShape:
         model = add_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     return ModelShape(
+        largest_layer=largest,
         parameters=total,
         trainable=trainable,
         layers=int(config.num_hidden_layers),
@@ -107,6 +128,11 @@ def estimate_memory(cfg: TrainConfig, shape: ModelShape, *, use_gpu: bool) -> Me
     (est.per_host if cfg.deepspeed.offload_param else est.per_gpu)["weights"] = weights
     est.per_gpu["gradients"] = grads
     (est.per_host if cfg.deepspeed.offload_optimizer else est.per_gpu)["optimizer state"] = optimizer
+    if bf16:  # DeepSpeed's fp32 copy of the gradients, beside the optimizer state it serves
+        fp32_grads = shape.trainable * 4 / (n if stage >= 1 else 1)
+        (est.per_host if cfg.deepspeed.offload_optimizer else est.per_gpu)["fp32 gradients"] = fp32_grads
+    if stage == 3:
+        est.per_gpu["largest layer, gathered"] = 4 * shape.largest_layer
     live_reference = cfg.method.name == "dpo" and cfg.model.lora is None and not cfg.method.precompute_reference
     if live_reference:  # under ZeRO-3 partitioned like the policy (pipelines.loop.partitioned_reference)
         est.per_gpu["DPO reference copy"] = shape.parameters * weight_bytes / (n if stage == 3 else 1)

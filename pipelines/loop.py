@@ -144,10 +144,21 @@ def model_dtype(cfg: TrainConfig, use_gpu: bool) -> str:
     return "bfloat16" if trains_in_bf16(cfg, use_gpu) else "float32"
 
 
-def deepspeed_config(cfg: TrainConfig, use_gpu: bool) -> dict[str, Any]:
+def deepspeed_config(cfg: TrainConfig, use_gpu: bool, hidden_size: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed config of ``cfg`` (``deepspeed.overrides`` merged last, so they win).
+
+    Under ZeRO-3, with the model's ``hidden_size`` known, the bucket sizes follow the model as the
+    Hugging Face Trainer's ``auto`` values do: ``reduce_bucket_size`` h², ``stage3_prefetch_bucket_size``
+    0.9·h², ``stage3_param_persistence_threshold`` 10·h.  DeepSpeed's fixed defaults (5e8, 5e7, 1e5
+    elements) would let a whole small model's gradients fill one bucket and keep it gathered.
+    """
     ds = cfg.deepspeed
     bf16 = trains_in_bf16(cfg, use_gpu)
     zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage == 3 and hidden_size:
+        zero["reduce_bucket_size"] = hidden_size * hidden_size
+        zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden_size * hidden_size)
+        zero["stage3_param_persistence_threshold"] = 10 * hidden_size
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
     if ds.offload_param:
@@ -240,6 +251,10 @@ def build_model_and_tokenizer(cfg: TrainConfig, use_gpu: bool = False):
     return model, tokenizer
 
 
+def _hidden_size(model: torch.nn.Module) -> int | None:
+    return getattr(getattr(model, "config", None), "hidden_size", None)
+
+
 def build_engine(cfg: TrainConfig, model: torch.nn.Module, total_steps: int, use_gpu: bool):
     """``deepspeed.initialize`` with a torch AdamW and a LambdaLR schedule."""
     import deepspeed
@@ -258,7 +273,7 @@ def build_engine(cfg: TrainConfig, model: torch.nn.Module, total_steps: int, use
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, use_gpu),
+        config=deepspeed_config(cfg, use_gpu, _hidden_size(model)),
     )
     return engine
 
@@ -277,7 +292,7 @@ def partitioned_reference(cfg: TrainConfig, tokenizer, use_gpu: bool):
     import deepspeed
 
     reference = _load_policy(cfg, tokenizer, use_gpu).requires_grad_(False)
-    ds = deepspeed_config(cfg, use_gpu)
+    ds = deepspeed_config(cfg, use_gpu, _hidden_size(reference))
     ds["zero_optimization"].pop("offload_optimizer", None)
     ds.pop("zero_force_ds_cpu_optimizer", None)
     engine, *_ = deepspeed.initialize(model=reference, config=ds)

@@ -179,7 +179,7 @@ def train(
     from pipelines.worker import train_loop_per_worker
 
     init_ray()
-    use_gpu = _use_gpu(cfg, log=print)
+    use_gpu = _use_gpu(cfg, log=print if show_progress else None)
     if cfg.model.attn_implementation == "flash_attention_2" and not use_gpu:
         from pipelines.config import ConfigError
 

@@ -6,7 +6,7 @@ import pytest
 
 from ift.models import load_model
 from pipelines.cli import main
-from pipelines.config import load_config
+from pipelines.config import load_config, packaged_config_names
 from pipelines.estimate import ModelShape, estimate_memory, model_shape
 
 GB = 1e9
@@ -22,11 +22,21 @@ def states(cfg, shape=ONE_B, use_gpu=True) -> dict[str, float]:
 
 @pytest.mark.parametrize(
     "stage, expected",
-    [  # 1B trained parameters, 8 workers, bf16: weights 2 B, gradients 2 B, optimizer 12 B per parameter
-        (0, {"weights": 2 * GB, "gradients": 2 * GB, "optimizer state": 12 * GB}),
-        (1, {"weights": 2 * GB, "gradients": 2 * GB, "optimizer state": 1.5 * GB}),
-        (2, {"weights": 2 * GB, "gradients": 0.25 * GB, "optimizer state": 1.5 * GB}),
-        (3, {"weights": 0.25 * GB, "gradients": 0.25 * GB, "optimizer state": 1.5 * GB}),
+    [  # 1B trained parameters, 8 workers, bf16: weights 2 B, gradients 2 B, optimizer 12 B per parameter,
+        # and DeepSpeed's fp32 gradients 4 B, partitioned with the optimizer state
+        (0, {"weights": 2 * GB, "gradients": 2 * GB, "optimizer state": 12 * GB, "fp32 gradients": 4 * GB}),
+        (1, {"weights": 2 * GB, "gradients": 2 * GB, "optimizer state": 1.5 * GB, "fp32 gradients": 0.5 * GB}),
+        (2, {"weights": 2 * GB, "gradients": 0.25 * GB, "optimizer state": 1.5 * GB, "fp32 gradients": 0.5 * GB}),
+        (
+            3,
+            {
+                "weights": 0.25 * GB,
+                "gradients": 0.25 * GB,
+                "optimizer state": 1.5 * GB,
+                "fp32 gradients": 0.5 * GB,
+                "largest layer, gathered": 0,
+            },
+        ),
     ],
 )
 def test_each_zero_stage_partitions_what_the_zero_paper_says(stage, expected):
@@ -43,7 +53,13 @@ def test_offloading_moves_the_optimizer_state_and_the_weights_to_the_host():
     cfg = load_config(None, ["deepspeed.zero_stage=3", "scaling.num_workers=8", "deepspeed.precision=bf16",
                              "deepspeed.offload_optimizer=true", "deepspeed.offload_param=true"])  # fmt: skip
     assert states(cfg) == pytest.approx(
-        {"gradients": 0.25 * GB, "host weights": 0.25 * GB, "host optimizer state": 1.5 * GB}
+        {
+            "gradients": 0.25 * GB,
+            "host weights": 0.25 * GB,
+            "host optimizer state": 1.5 * GB,
+            "host fp32 gradients": 0.5 * GB,
+            "largest layer, gathered": 0,
+        }
     )
 
 
@@ -60,8 +76,39 @@ def test_lora_pays_optimizer_and_gradients_only_for_the_adapters():
     cfg = load_config(None, ["deepspeed.zero_stage=0", "deepspeed.precision=bf16", "model.lora={r: 8}"])
     lora = ModelShape(parameters=10**9 + 10**7, trainable=10**7, layers=16, hidden=2048, heads=16, vocab=32000)
     assert states(cfg, lora) == pytest.approx(
-        {"weights": 2 * (GB + 10**7), "gradients": 2 * 10**7, "optimizer state": 12 * 10**7}
+        {
+            "weights": 2 * (GB + 10**7),
+            "gradients": 2 * 10**7,
+            "optimizer state": 12 * 10**7,
+            "fp32 gradients": 4 * 10**7,
+        }
     )
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_model_states_per_gpu_match_deepspeeds_own_estimator(stage):
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    cfg = load_config(None, ["model.name=tiny-100m", f"deepspeed.zero_stage={stage}", "scaling.num_workers=8",
+                             "deepspeed.precision=bf16"])  # fmt: skip
+    shape = model_shape(cfg)
+    if stage == 3:
+        _, expected, _ = estimate_zero3_model_states_mem_needs(
+            shape.parameters, shape.largest_layer, num_gpus_per_node=8, cpu_offload=False, cpu_offload_params=False
+        )
+        # Its ZeRO-3 count (18 bytes per parameter over the ranks) leaves out the 16-bit gradient partition
+        # that stage3.py keeps beside the fp32 one (grad_partitions_flat_buffer): ours has it.
+        expected += 2 * shape.parameters / 8
+    else:
+        _, expected = estimate_zero2_model_states_mem_needs(shape.parameters, num_gpus_per_node=8, cpu_offload=False)
+    assert sum(states(cfg, shape).values()) == pytest.approx(expected, abs=2)  # DeepSpeed rounds down
+
+
+def test_the_largest_layer_is_the_embedding_table_as_deepspeed_counts_it():
+    shape = model_shape(load_config(None, ["model.name=tiny"]))
+    embedding = load_model("tiny", seed=0).get_input_embeddings().weight.numel()
+    assert shape.largest_layer == embedding
 
 
 def test_the_parameter_count_is_the_real_models_without_building_it():
@@ -77,3 +124,22 @@ def test_ift_train_dry_run_prints_steps_and_memory_and_trains_nothing(capsys, tm
     out = capsys.readouterr().out
     assert "training rows ->" in out and "estimated memory per worker (CPU run):" in out and "total (a floor)" in out
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("name", packaged_config_names())
+def test_dry_run_of_every_packaged_config_exits_0_offline_without_starting_ray(name, capsys, monkeypatch):
+    import ray
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on this machine: hub ids resolve to nothing
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    assert main(["train", "--dry-run", name, "scaling.use_gpu=true"]) == 0
+    out = capsys.readouterr().out
+    assert "estimated memory per GPU:" in out and "total (a floor)" in out
+    assert not ray.is_initialized()
+
+
+def test_the_dry_run_of_the_papers_ift_run_sizes_mistral_7b_under_zero3_on_8_gpus(capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["train", "--dry-run", "mistral-7b-ift", "scaling.use_gpu=true"]) == 0
+    out = capsys.readouterr().out
+    assert "model mistralai/Mistral-7B-v0.1: 7.24B parameters" in out and "8 workers, ZeRO-3, bf16" in out

@@ -95,6 +95,16 @@ def test_deepspeed_config_uses_bf16_on_gpu_only_and_merges_overrides():
     }
 
 
+def test_zero3_buckets_follow_the_models_hidden_size_unless_overridden():
+    zero = deepspeed_config(tiny_cfg("deepspeed.zero_stage=3"), use_gpu=True, hidden_size=4096)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 4096**2 and zero["stage3_prefetch_bucket_size"] == int(0.9 * 4096**2)
+    assert zero["stage3_param_persistence_threshold"] == 40960
+    mine = tiny_cfg("deepspeed.zero_stage=3", "deepspeed.overrides={zero_optimization: {reduce_bucket_size: 1000}}")
+    assert deepspeed_config(mine, use_gpu=True, hidden_size=4096)["zero_optimization"]["reduce_bucket_size"] == 1000
+    zero2 = deepspeed_config(tiny_cfg("deepspeed.zero_stage=2"), use_gpu=True, hidden_size=4096)["zero_optimization"]
+    assert "reduce_bucket_size" not in zero2  # DeepSpeed's own defaults below ZeRO-3
+
+
 def test_model_dtype_auto_loads_in_the_training_precision():
     assert model_dtype(tiny_cfg(), use_gpu=False) == "float32"  # precision auto: fp32 on CPU
     assert model_dtype(tiny_cfg(), use_gpu=True) == "bfloat16"  # ... bf16 on GPUs
