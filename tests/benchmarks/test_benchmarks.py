@@ -71,7 +71,10 @@ def test_quick_run_writes_results(tmp_path):
         assert ("median_s" in entry["kernel"]) == scan["kernel_available"]
 
     labels = {t["label"]: t for t in doc["targets"]}
-    assert set(labels) == {"IFT step time", "IFT peak memory", "IFT packed padding", "IFT packed useful tokens/s"}
+    assert set(labels) == {
+        "IFT step time", "IFT peak memory", "IFT packed padding", "IFT packed useful tokens/s",
+        "ZeRO-3 peak RSS per worker",
+    }  # fmt: skip
     assert all(labels[k]["status"] in ("met", "missed") for k in ("IFT step time", "IFT peak memory"))
     assert all(labels[k]["status"] == "not measured" for k in ("IFT packed padding", "IFT packed useful tokens/s"))
 
@@ -163,3 +166,29 @@ def test_the_packing_section_renders_padding_throughput_and_the_trl_peer():
     lines = target_lines(targets)
     assert "met:    IFT packed padding 2.0% (goal <= 5.0%)" in lines
     assert "met:    IFT packed useful tokens/s 1.50x padded (goal >= 1.30x padded)" in lines
+
+
+def test_the_memory_section_renders_each_allocator_and_stage_and_reads_the_live_memory_ratio_as_its_target():
+    from benchmarks.run import evaluate_targets, render_markdown
+
+    def cell(allocator, zero, rss):
+        return {"allocator": allocator, "zero_stage": zero, "peak_rss_mib_per_worker": rss,
+                "model_states_mib_per_worker": 1584 // (1 + (zero == 3)), "wall_s": 50.0}  # fmt: skip
+
+    memory = {
+        "model": "tiny-100m", "workers": 2, "steps": 2,
+        "cells": {"glibc default/z0": cell("glibc default", 0, [2900]),
+                  "glibc default/z3": cell("glibc default", 3, [3200]),
+                  "mmap threshold 128 KiB/z0": cell("mmap threshold 128 KiB", 0, [2600]),
+                  "mmap threshold 128 KiB/z3": cell("mmap threshold 128 KiB", 3, [1900, 2000])},
+        "zero3_over_zero0_peak_rss": {"glibc default": 3200 / 2900, "mmap threshold 128 KiB": 2000 / 2600},
+        "methods": {"ift": {"zero3_over_zero0_peak_rss": 2000 / 2600}},
+    }  # fmt: skip
+    targets = evaluate_targets({"memory": memory})
+    machine = {"cpu_model": "x", "cpu_cores": 2, "date_utc": "d", "versions": {}}
+    md = render_markdown({"machine": machine, "results": {"memory": memory}, "targets": targets, "quick": False,
+                          "section_seconds": {}})  # fmt: skip
+    assert "| mmap threshold 128 KiB | 3 | 1,900 MiB, 2,000 MiB | 792 MiB | 50 s |" in md
+    assert "glibc default: 1.10x" in md
+    (memory_target,) = [t for t in targets if t["label"] == "ZeRO-3 peak RSS per worker"]
+    assert memory_target["status"] == "met" and memory_target["value"] == pytest.approx(0.769, abs=1e-3)

@@ -126,12 +126,23 @@ def test_ift_train_dry_run_prints_steps_and_memory_and_trains_nothing(capsys, tm
     assert not (tmp_path / "runs").exists()
 
 
+def offline(monkeypatch) -> None:
+    """No hub, as on this machine, even where the suite runs without `make test`'s HF_HUB_OFFLINE=1
+    (huggingface_hub and datasets read it once, at import)."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
+
+
 @pytest.mark.parametrize("name", packaged_config_names())
 def test_dry_run_of_every_packaged_config_exits_0_offline_without_starting_ray(name, capsys, monkeypatch):
     import ray
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on this machine: hub ids resolve to nothing
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    offline(monkeypatch)
     assert main(["train", "--dry-run", name, "scaling.use_gpu=true"]) == 0
     out = capsys.readouterr().out
     assert "estimated memory per GPU:" in out and "total (a floor)" in out
@@ -139,7 +150,7 @@ def test_dry_run_of_every_packaged_config_exits_0_offline_without_starting_ray(n
 
 
 def test_the_dry_run_of_the_papers_ift_run_sizes_mistral_7b_under_zero3_on_8_gpus(capsys, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    offline(monkeypatch)
     assert main(["train", "--dry-run", "mistral-7b-ift", "scaling.use_gpu=true"]) == 0
     out = capsys.readouterr().out
     assert "model mistralai/Mistral-7B-v0.1: 7.24B parameters" in out and "8 workers, ZeRO-3, bf16" in out
