@@ -251,4 +251,6 @@ def end_run(tracking_uri: str, run_id: str, ok: bool, reason: str | None = None)
     client = MlflowClient(tracking_uri=tracking_uri)
     if not ok and reason:
         client.set_tag(run_id, FAILURE_TAG, reason[:5000])
+    if ok and FAILURE_TAG in client.get_run(run_id).data.tags:
+        client.delete_tag(run_id, FAILURE_TAG)  # a re-run finished what the failed one left
     client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED))

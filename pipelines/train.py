@@ -4,8 +4,9 @@ MLflow, registers the final model and prints where everything is."""
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,8 @@ from ray.train.torch import TorchTrainer
 from tqdm.auto import tqdm
 
 from pipelines.config import TrainConfig
-from pipelines.loop import ADAPTER_DIR, HF_MODEL_DIR, STATE_FILE, LoopState, Schedule, data_position_fingerprint
+from pipelines.loop import ADAPTER_DIR, HF_MODEL_DIR, Schedule, data_position_fingerprint
+from pipelines.storage import StoredCheckpoint, latest_checkpoint, resolve_storage_path
 
 if TYPE_CHECKING:
     from pipelines.worker import KillWorker
@@ -117,31 +119,6 @@ def _use_gpu(cfg: TrainConfig, log=None) -> bool:
     return use
 
 
-def _storage_path(cfg: TrainConfig) -> str:
-    p = cfg.checkpointing.storage_path
-    return p if "://" in p else str(Path(p).resolve())
-
-
-def latest_loop_state(storage_path: str, run_name: str) -> LoopState | None:
-    """The loop state of the run's newest checkpoint in storage (any pyarrow filesystem), if any."""
-    import pyarrow.fs as pafs
-
-    fs, root = pafs.FileSystem.from_uri(storage_path if "://" in storage_path else Path(storage_path).as_uri())
-    run_dir = f"{root.rstrip('/')}/{run_name}"
-    if fs.get_file_info(run_dir).type != pafs.FileType.Directory:
-        return None
-    newest = None
-    for info in fs.get_file_info(pafs.FileSelector(run_dir)):
-        state_file = f"{info.path}/{STATE_FILE}"
-        if info.type != pafs.FileType.Directory or fs.get_file_info(state_file).type != pafs.FileType.File:
-            continue
-        with fs.open_input_stream(state_file) as f:
-            state = LoopState(**json.loads(f.read()))
-        if newest is None or state.step > newest.step:
-            newest = state
-    return newest
-
-
 def _progress_loop(tracker, bar: tqdm, done: threading.Event) -> None:
     while not done.wait(0.5):
         try:
@@ -176,7 +153,6 @@ def train(
     from ift.data import DataError
     from pipelines import tracking
     from pipelines.data import build_datasets
-    from pipelines.worker import train_loop_per_worker
 
     init_ray()
     use_gpu = _use_gpu(cfg, log=print if show_progress else None)
@@ -200,9 +176,10 @@ def train(
         )
     schedule = Schedule.from_config(cfg, data.train_rows, cfg.scaling.num_workers, data.rows_per_micro)
     position = data_position_fingerprint(cfg, data.fingerprints["train"])
-    previous = latest_loop_state(_storage_path(cfg), cfg.run_name)
+    storage = resolve_storage_path(cfg.checkpointing.storage_path)
+    previous = latest_checkpoint(storage, cfg.run_name)
     if previous is not None:  # refused here, before any worker starts (a worker would be retried)
-        previous.check_resumable(cfg.scaling.num_workers, position)
+        previous[1].check_resumable(cfg.scaling.num_workers, position)
 
     run_id = None
     if cfg.mlflow.enabled:
@@ -210,6 +187,45 @@ def train(
         client = tracking.MlflowClient(tracking_uri=tracking_uri)
         if not resumed:
             tracking.log_data_plan(client, run_id, data)
+    finished = previous is not None and previous[1].step >= schedule.total_steps and previous[0].has(HF_MODEL_DIR)
+    if finished:
+        # Trained to the end before, and something after training failed (registration, plot,
+        # evaluation, MLflow): finish that from the final checkpoint; nothing is trained again.
+        final, outcomes = previous[0], {}
+        metrics = dict(client.get_run(run_id).data.metrics) if run_id is not None else {}
+        if show_progress:
+            print(f"{cfg.run_name} trained to step {previous[1].step} before: finishing from {final.uri}")
+    else:
+        final, metrics, outcomes = _fit(
+            cfg, data, schedule, storage, use_gpu, position, tracking_uri, run_id,
+            show_progress=show_progress, fault=fault, trace_dir=trace_dir, extra_callbacks=extra_callbacks,
+        )  # fmt: skip
+    if "data_error" in outcomes:
+        bad = outcomes["data_error"]
+        error = DataError(bad["source"], bad["row"], bad["reason"], kind=bad["kind"], line=bad["line"])
+        if run_id is not None:
+            tracking.end_run(tracking_uri, run_id, ok=False, reason=f"bad training data: {error}")
+        raise error
+    report = outcomes.get("data_report", {})
+    has_model = final is not None and final.has(HF_MODEL_DIR)
+    out = TrainResult(
+        run_name=cfg.run_name,
+        checkpoint_path=final.uri if final is not None else None,
+        hf_model_path=f"{final.uri}/{HF_MODEL_DIR}" if has_model else None,
+        metrics=metrics,
+        mlflow_run_id=run_id,
+        data_report=report,
+    )
+    _finish(cfg, tracking_uri, out, final if has_model else None, data.fingerprints, register=register)
+    return out
+
+
+def _fit(cfg: TrainConfig, data, schedule: Schedule, storage: str, use_gpu: bool, position: str, tracking_uri: str,
+         run_id: str | None, *, show_progress: bool, fault, trace_dir, extra_callbacks):  # fmt: skip
+    """Train on the Ray cluster; (final checkpoint or None, last reported metrics, the workers' outcomes)."""
+    from pipelines import tracking
+    from pipelines.worker import train_loop_per_worker
+
     tracker = ProgressTracker.remote()
     loop_config = {
         "config": cfg.model_dump(mode="json"),
@@ -239,7 +255,7 @@ def train(
         ),
         run_config=RunConfig(
             name=cfg.run_name,
-            storage_path=_storage_path(cfg),
+            storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpointing.keep),
             failure_config=FailureConfig(max_failures=cfg.checkpointing.max_failures),
             callbacks=extra_callbacks or None,
@@ -272,49 +288,69 @@ def train(
         if run_id is not None and not ok:
             tracking.end_run(tracking_uri, run_id, ok=False, reason="training failed (see the driver's log)")
 
-    metrics = dict(result.metrics or {})
-    outcomes = ray.get(tracker.outcome.remote())
-    if "data_error" in outcomes:
-        bad = outcomes["data_error"]
-        error = DataError(bad["source"], bad["row"], bad["reason"], kind=bad["kind"], line=bad["line"])
+    final = StoredCheckpoint.from_ray(result.checkpoint, storage) if result.checkpoint is not None else None
+    return final, dict(result.metrics or {}), ray.get(tracker.outcome.remote())
+
+
+def _finish(cfg: TrainConfig, tracking_uri: str, out: TrainResult, final: StoredCheckpoint | None,
+            fingerprints: dict[str, str], *, register: bool) -> None:  # fmt: skip
+    """Everything after training: plot, register, evaluate; then mark the run FINISHED.  If any of it
+    fails the MLflow run is marked FAILED with the reason, and re-running the same command finishes
+    it from the final checkpoint without training again."""
+    from pipelines import tracking
+
+    run_id = out.mlflow_run_id
+    doing = "recording the run"
+    try:
         if run_id is not None:
-            tracking.end_run(tracking_uri, run_id, ok=False, reason=f"bad training data: {error}")
-        raise error
-    report = outcomes.get("data_report", {})
-    ckpt_path = result.checkpoint.path if result.checkpoint is not None else None
-    hf_dir = os.path.join(ckpt_path, HF_MODEL_DIR) if ckpt_path else None
-    if hf_dir and not os.path.isdir(hf_dir):
-        hf_dir = None
-    out = TrainResult(
-        run_name=cfg.run_name,
-        checkpoint_path=ckpt_path,
-        hf_model_path=hf_dir,
-        metrics=metrics,
-        mlflow_run_id=run_id,
-        data_report=report,
-    )
+            doing = "registering the model"
+            _finish_tracking(cfg, tracking_uri, run_id, out, final, fingerprints, register=register)
+        if cfg.eval.at_end and final is not None:
+            doing = "evaluating the model"
+            out.eval_scores = _evaluate_at_end(cfg, tracking_uri, out, final)
+    except BaseException as exc:
+        if run_id is not None:
+            reason = (
+                f"training finished (final checkpoint {out.checkpoint_path}) but {doing} failed: "
+                f"{type(exc).__name__}: {exc}.  Re-run the same command to finish: training is not repeated."
+            )
+            with contextlib.suppress(Exception):  # MLflow itself may be what failed
+                tracking.end_run(tracking_uri, run_id, ok=False, reason=reason)
+        raise
     if run_id is not None:
-        _finish_tracking(cfg, tracking_uri, run_id, out, data.fingerprints, register=register)
-    if cfg.eval.at_end and hf_dir:
-        out.eval_scores = _evaluate_at_end(cfg, tracking_uri, out)
-    return out
+        tracking.end_run(tracking_uri, run_id, ok=True)
 
 
 def _finish_tracking(
-    cfg: TrainConfig, tracking_uri: str, run_id: str, out: TrainResult, fingerprints: dict[str, str], *, register: bool
+    cfg: TrainConfig,
+    tracking_uri: str,
+    run_id: str,
+    out: TrainResult,
+    final: StoredCheckpoint | None,
+    fingerprints: dict[str, str],
+    *,
+    register: bool,
 ) -> None:
+    """The loss-curve plot, the registered model and the LoRA adapters, each once per run (a re-run
+    that finishes a failed ending skips what is already there)."""
     from pipelines import tracking
 
-    client = tracking.MlflowClient(tracking_uri=tracking_uri)
-    plot_dir = Path(out.checkpoint_path or ".")
-    png = tracking.plot_loss_curve(
-        client, run_id, plot_dir / "loss_curve.png", f"{cfg.method.name} on {cfg.model.name} ({cfg.run_name})"
-    )
-    if png is not None:
-        client.log_artifact(run_id, str(png))
-        out.loss_curve = f"runs:/{run_id}/loss_curve.png"
-    already = [a.path for a in client.list_artifacts(run_id)]
-    if register and out.hf_model_path and "model" not in already:
+    client = tracking.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="ift-plot-") as tmp:  # never beside a remote checkpoint
+        png = tracking.plot_loss_curve(
+            client, run_id, Path(tmp) / "loss_curve.png", f"{cfg.method.name} on {cfg.model.name} ({cfg.run_name})"
+        )
+        if png is not None:
+            client.log_artifact(run_id, str(png))
+            out.loss_curve = f"runs:/{run_id}/loss_curve.png"
+    if final is None:
+        return
+    name = cfg.mlflow.registered_model_name
+    registered = client.search_model_versions(f"name='{name}' and run_id='{run_id}'") if name else []
+    if registered:
+        out.model_uri = f"runs:/{run_id}/{tracking.MODEL_ARTIFACT}"
+        out.registered_version = str(max(int(v.version) for v in registered))
+    elif register:
         from pipelines.methods import method_of
         from pipelines.provenance import git_commit
 
@@ -325,22 +361,23 @@ def _finish_tracking(
             "git_commit": git_commit(),
             "run_name": cfg.run_name,
         }
-        out.model_uri, out.registered_version = tracking.register_model(
-            cfg, tracking_uri, run_id, out.hf_model_path, tags
-        )
-    adapter = os.path.join(out.checkpoint_path, ADAPTER_DIR) if out.checkpoint_path else None
-    if adapter and os.path.isdir(adapter) and ADAPTER_DIR not in already:
+        with final.local(HF_MODEL_DIR) as hf_local:
+            out.model_uri, out.registered_version = tracking.register_model(cfg, tracking_uri, run_id, hf_local, tags)
+    if final.has(ADAPTER_DIR) and ADAPTER_DIR not in [a.path for a in client.list_artifacts(run_id)]:
         # The model is registered merged; the LoRA adapters alone are kept beside it.
-        client.log_artifacts(run_id, adapter, ADAPTER_DIR)
-    tracking.end_run(tracking_uri, run_id, ok=True)
+        with final.local(ADAPTER_DIR) as adapter:
+            client.log_artifacts(run_id, adapter, ADAPTER_DIR)
 
 
-def _evaluate_at_end(cfg: TrainConfig, tracking_uri: str, out: TrainResult) -> dict[str, float]:
+def _evaluate_at_end(
+    cfg: TrainConfig, tracking_uri: str, out: TrainResult, final: StoredCheckpoint
+) -> dict[str, float]:
     from ift.models import load_model, load_tokenizer
     from pipelines import evaluation
 
-    model = load_model(out.hf_model_path)
-    tokenizer = load_tokenizer(out.hf_model_path)
+    with final.local(HF_MODEL_DIR) as hf_local:
+        model = load_model(hf_local)
+        tokenizer = load_tokenizer(hf_local)
     scores = evaluation.evaluate_model(model, tokenizer, tasks=cfg.eval.tasks or None, limit=cfg.eval.limit)
     if out.mlflow_run_id:
         evaluation.log_scores(

@@ -259,7 +259,10 @@ def test_rerunning_the_same_command_resumes_instead_of_restarting(tmp_path, corp
 
 
 def test_evaluation_at_end_scores_the_final_model_and_logs_on_the_run(tmp_path):
+    import pyarrow.fs
+
     from ift.models import load_model, load_tokenizer
+    from pipelines.storage import StoredCheckpoint
     from pipelines.tracking import start_or_resume_run
     from pipelines.train import TrainResult, _evaluate_at_end
 
@@ -278,7 +281,8 @@ def test_evaluation_at_end_scores_the_final_model_and_logs_on_the_run(tmp_path):
         metrics={},
         mlflow_run_id=run_id,
     )
-    scores = _evaluate_at_end(cfg, store, out)
+    final = StoredCheckpoint.of(pyarrow.fs.LocalFileSystem(), str(tmp_path), str(tmp_path))
+    scores = _evaluate_at_end(cfg, store, out, final)
     assert {"ift_arith/exact_match", "ift_capitals_mc/acc"} <= set(scores)
     logged = mlflow.MlflowClient(tracking_uri=store).get_run(run_id).data.metrics
     assert logged["eval/ift_arith/exact_match"] == scores["ift_arith/exact_match"]
