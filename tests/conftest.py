@@ -31,3 +31,49 @@ def build_llama(vocab: int = 32, *, seed: int = 0, dtype: torch.dtype = torch.fl
 @pytest.fixture
 def llama64() -> LlamaForCausalLM:
     return build_llama()
+
+
+# --------------------------------------------------------------------------- nothing left running
+
+# Processes the suite starts through Ray, the S3 and MLflow servers: none may outlive it.
+SERVICE_MARKERS = ("ray::", "raylet", "gcs_server", "dashboard/agent.py", "runtime_env/agent", "log_monitor.py",
+                   "moto.server", "mlflow.server", "mlflow server", "default_worker.py")  # fmt: skip
+_SESSION_START = __import__("time").time()
+
+
+def leftover_processes() -> list[tuple[int, str]]:
+    """(pid, command) of service processes this session started that are still alive: those below
+    this pytest process, and orphans (re-parented to init) started since the session began."""
+    import os
+
+    import psutil
+
+    me = os.getpid()
+    out = []
+    for proc in psutil.process_iter(["pid", "ppid", "cmdline", "create_time"]):
+        info = proc.info
+        cmd = " ".join(info.get("cmdline") or ())
+        if info["pid"] == me or not any(m in cmd for m in SERVICE_MARKERS):
+            continue
+        try:
+            ours = any(parent.pid == me for parent in proc.parents())
+        except psutil.Error:
+            continue
+        orphan = info["ppid"] == 1 and info["create_time"] >= _SESSION_START
+        if ours or orphan:
+            out.append((info["pid"], cmd[:160]))
+    return out
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run when a process of a Ray cluster or a server the tests started survives it
+    (after 30 s of grace: Ray's processes notice their raylet is gone within a few seconds)."""
+    import time
+
+    deadline = time.monotonic() + 30
+    while (left := leftover_processes()) and time.monotonic() < deadline:
+        time.sleep(1)
+    if left:
+        lines = "\n".join(f"  pid {pid}: {cmd}" for pid, cmd in left)
+        print(f"\nFAILED: {len(left)} process(es) started by the tests outlived them:\n{lines}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
