@@ -108,7 +108,7 @@ PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
 class StepConfig:
     model: str = "tiny"
     dtype: str = "float32"  # float32 | bf16 (torch engine: autocast; deepspeed: its bf16 mode)
-    engine: str = "torch"  # torch (plain AdamW) | deepspeed (pipelines.loop.build_engine, one process)
+    engine: str = "torch"  # torch (plain AdamW) | deepspeed (pipelines.build.build_engine, one process)
     zero_stage: int = 0  # deepspeed only
     batch_size: int = 8
     seq_len: int = 256
@@ -265,7 +265,7 @@ class MethodRunner:
         bf16 = cfg.dtype in ("bf16", "bfloat16")
         self.engine = None
         if cfg.engine == "deepspeed":
-            from pipelines.loop import build_engine
+            from pipelines.build import build_engine
 
             if getattr(self.objective, "reference", None) is not None and bf16:
                 self.objective.reference = self.objective.reference.to(torch.bfloat16)

@@ -99,9 +99,9 @@ def run(
 ) -> dict[str, Any]:
     import ray
 
+    from pipelines.build import deepspeed_config
     from pipelines.config import load_config
     from pipelines.estimate import estimate_memory, model_shape
-    from pipelines.loop import deepspeed_config
     from pipelines.train import train
 
     cells: dict[str, Any] = {}

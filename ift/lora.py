@@ -81,7 +81,7 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def _scalings(model: nn.Module) -> dict[str, float]:
+def lora_scalings(model: nn.Module) -> dict[str, float]:
     """Module path (as in the state dict, without the peft prefix) -> alpha / r of its adapter."""
     from peft.tuners.lora import LoraLayer
 
@@ -98,7 +98,7 @@ def merged_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[
 
     Computed from the tensors, so the training model is left as it is (nothing merged in place).
     """
-    scalings = _scalings(model)
+    scalings = lora_scalings(model)
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         key = key.removeprefix("base_model.model.")

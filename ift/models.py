@@ -360,7 +360,7 @@ def init_preset_weights(model: PreTrainedModel, seed: int) -> None:
         if not params:
             continue
         generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-        with _whole(params), torch.no_grad():
+        with whole_parameters(params, keep_changes=True), torch.no_grad():
             if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
                 module.weight.copy_(torch.empty(module.weight.shape).normal_(0.0, std, generator=generator))
                 if isinstance(module, torch.nn.Embedding) and module.padding_idx is not None:
@@ -371,17 +371,17 @@ def init_preset_weights(model: PreTrainedModel, seed: int) -> None:
                 module.weight.fill_(1.0)
 
 
-def _whole(params: list[torch.nn.Parameter]):
-    """A context in which ``params`` are whole: DeepSpeed's gather for ZeRO-3 partitions (rank 0's
-    changes are kept), nothing for ordinary parameters.  deepspeed is imported only when it
-    partitioned them, so this module needs no DeepSpeed otherwise."""
+def whole_parameters(params: list[torch.nn.Parameter], *, keep_changes: bool = False):
+    """A context in which ``params`` are whole: DeepSpeed's gather for ZeRO-3 partitions (with
+    ``keep_changes``, rank 0's writes are kept and re-partitioned), nothing for ordinary parameters.
+    deepspeed is imported only when it partitioned them, so this module needs no DeepSpeed otherwise."""
     import contextlib
 
     if not any(hasattr(p, "ds_id") for p in params):
         return contextlib.nullcontext()
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if keep_changes else None)
 
 
 def load_model(

@@ -112,7 +112,7 @@ def model_shape(cfg: TrainConfig) -> ModelShape:
 
 def estimate_memory(cfg: TrainConfig, shape: ModelShape, *, use_gpu: bool) -> MemoryEstimate:
     """Bytes per GPU (and per host, for offloaded state) of one training worker: see the module docstring."""
-    from pipelines.loop import trains_in_bf16
+    from pipelines.build import trains_in_bf16
 
     bf16 = trains_in_bf16(cfg, use_gpu)
     n = cfg.scaling.num_workers
@@ -134,7 +134,7 @@ def estimate_memory(cfg: TrainConfig, shape: ModelShape, *, use_gpu: bool) -> Me
     if stage == 3:
         est.per_gpu["largest layer, gathered"] = 4 * shape.largest_layer
     live_reference = cfg.method.name == "dpo" and cfg.model.lora is None and not cfg.method.precompute_reference
-    if live_reference:  # under ZeRO-3 partitioned like the policy (pipelines.loop.partitioned_reference)
+    if live_reference:  # under ZeRO-3 partitioned like the policy (pipelines.build.partitioned_reference)
         est.per_gpu["DPO reference copy"] = shape.parameters * weight_bytes / (n if stage == 3 else 1)
 
     s, b, h, a, layers = cfg.data.max_length, cfg.optimization.micro_batch_size, shape.hidden, shape.heads, shape.layers

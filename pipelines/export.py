@@ -20,7 +20,6 @@ No Ray here.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from collections.abc import Iterator
@@ -30,30 +29,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ift.lora import ADAPTER, is_lora, merged_weight
+from ift.lora import ADAPTER, is_lora, lora_scalings, merged_weight
+from ift.models import whole_parameters
 
 PEFT_PREFIX = "base_model.model."
 DEFAULT_SHARD_BYTES = 5 * 1024**3  # transformers' default max_shard_size
-
-
-def _gathered(params: list[nn.Parameter]):
-    """Whole ``params`` inside (read-only); a no-op for parameters DeepSpeed did not partition."""
-    if not any(hasattr(p, "ds_id") for p in params):
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-
-
-def _lora_layers(model: nn.Module) -> dict[str, float]:
-    """Module path (peft's full name) -> alpha / r of every LoRA layer of a peft ``model``."""
-    from peft.tuners.lora import LoraLayer
-
-    return {
-        name: float(m.scaling[ADAPTER])
-        for name, m in model.named_modules()
-        if isinstance(m, LoraLayer) and ADAPTER in m.scaling
-    }
 
 
 def consolidated_tensors(model: nn.Module, *, keep: bool) -> Iterator[tuple[str, torch.Tensor, bool]]:
@@ -65,7 +45,7 @@ def consolidated_tensors(model: nn.Module, *, keep: bool) -> Iterator[tuple[str,
     copied and yielded.  A tied parameter (the same tensor under two names) is yielded once, under
     its first name, as ``save_pretrained`` does.
     """
-    lora = _lora_layers(model) if is_lora(model) else {}
+    lora = {PEFT_PREFIX + path: scale for path, scale in lora_scalings(model).items()} if is_lora(model) else {}
     seen: set[int] = set()
     skip_under: str | None = None  # the LoRA layer being merged: its submodules are done
     for name, module in model.named_modules():
@@ -76,14 +56,14 @@ def consolidated_tensors(model: nn.Module, *, keep: bool) -> Iterator[tuple[str,
         if name in lora:
             skip_under = prefix
             params = list(module.parameters())
-            with _gathered(params):
+            with whole_parameters(params):
                 if keep:
                     yield from _merged_lora_layer(module, prefix, lora[name])
             continue
         params = [p for p in module.parameters(recurse=False) if id(p) not in seen]
         fresh = {id(p) for p in params}
         seen |= fresh
-        with _gathered(params):
+        with whole_parameters(params):
             if not keep:
                 continue
             for pname, p in module.named_parameters(recurse=False):

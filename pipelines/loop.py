@@ -10,7 +10,6 @@ config JIT-compiles a kernel.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -22,11 +21,9 @@ import torch
 import torch.distributed as dist
 
 from ift.data import DataError
-from ift.lora import add_lora
-from ift.models import load_model, load_tokenizer
 from ift.objectives import sft_loss
 from pipelines.config import TrainConfig
-from pipelines.methods import Objective, ReferenceTable, method_of
+from pipelines.methods import Objective, ReferenceTable
 
 STATE_FILE = "trainer_state.json"
 DS_TAG = "deepspeed"
@@ -126,178 +123,6 @@ class Schedule:
         if o.max_steps is not None:
             total = min(total, o.max_steps)
         return cls(micro_per_epoch=micro, steps_per_epoch=steps, total_steps=total)
-
-
-# --------------------------------------------------------------------------- building
-
-
-def trains_in_bf16(cfg: TrainConfig, use_gpu: bool) -> bool:
-    """DeepSpeed's bf16 mode: ``deepspeed.precision=bf16``, or ``auto`` on GPUs."""
-    return cfg.deepspeed.precision == "bf16" or (cfg.deepspeed.precision == "auto" and use_gpu)
-
-
-def model_dtype(cfg: TrainConfig, use_gpu: bool) -> str:
-    """``model.dtype``, with ``auto`` resolved to the training precision: a 7B model then loads in
-    bf16 (14 GB) rather than float32 (29 GB) on every rank before DeepSpeed takes it."""
-    if cfg.model.dtype != "auto":
-        return cfg.model.dtype
-    return "bfloat16" if trains_in_bf16(cfg, use_gpu) else "float32"
-
-
-def deepspeed_config(cfg: TrainConfig, use_gpu: bool, hidden_size: int | None = None) -> dict[str, Any]:
-    """The DeepSpeed config of ``cfg`` (``deepspeed.overrides`` merged last, so they win).
-
-    Under ZeRO-3, with the model's ``hidden_size`` known, the bucket sizes follow the model as the
-    Hugging Face Trainer's ``auto`` values do: ``reduce_bucket_size`` h², ``stage3_prefetch_bucket_size``
-    0.9·h², ``stage3_param_persistence_threshold`` 10·h.  DeepSpeed's fixed defaults (5e8, 5e7, 1e5
-    elements) would let a whole small model's gradients fill one bucket and keep it gathered.
-    """
-    ds = cfg.deepspeed
-    bf16 = trains_in_bf16(cfg, use_gpu)
-    zero: dict[str, Any] = {"stage": ds.zero_stage}
-    if ds.zero_stage == 3 and hidden_size:
-        zero["reduce_bucket_size"] = hidden_size * hidden_size
-        zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden_size * hidden_size)
-        zero["stage3_param_persistence_threshold"] = 10 * hidden_size
-    if ds.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
-    if ds.offload_param:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": use_gpu}
-    conf: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": cfg.optimization.micro_batch_size,
-        "gradient_accumulation_steps": cfg.optimization.gradient_accumulation_steps,
-        "gradient_clipping": cfg.optimization.max_grad_norm,
-        "zero_optimization": zero,
-        "bf16": {"enabled": bf16},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    if ds.offload_optimizer:
-        # The offloaded optimizer must be DeepSpeed's CPU Adam; allow the torch object anyway.
-        conf["zero_force_ds_cpu_optimizer"] = False
-    _deep_update(conf, ds.overrides)
-    return conf
-
-
-def _deep_update(base: dict, extra: dict) -> None:
-    for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            _deep_update(base[k], v)
-        else:
-            base[k] = v
-
-
-def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
-    o = cfg.optimization
-    warmup = int(round(o.warmup_ratio * total_steps))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if o.schedule == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        if o.schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-    return factor
-
-
-# transformers reads "build into ZeRO-3 partitions" from a weakly referenced HfDeepSpeedConfig; this
-# holds it for the latest model built in this process (one per Ray Train worker).
-_zero3_construction: Any = None
-
-
-def partitioned_construction(cfg: TrainConfig, use_gpu: bool) -> None:
-    """Under ZeRO-3, make transformers build every model from here on straight into DeepSpeed's
-    partitions (``deepspeed.zero.Init`` inside ``from_pretrained`` and ``from_config``), so no rank
-    ever holds all parameters; under ZeRO 0-2, build whole models.  Needs the process group up."""
-    global _zero3_construction
-    _zero3_construction = None  # dropping the last reference switches transformers' check off
-    if cfg.deepspeed.zero_stage == 3:
-        from transformers.integrations import HfDeepSpeedConfig
-
-        _zero3_construction = HfDeepSpeedConfig(deepspeed_config(cfg, use_gpu))
-
-
-def _load_policy(cfg: TrainConfig, tokenizer, use_gpu: bool) -> torch.nn.Module:
-    partitioned_construction(cfg, use_gpu)
-    return load_model(
-        cfg.model.name,
-        dtype=model_dtype(cfg, use_gpu),
-        attn_implementation=cfg.model.attn_implementation,
-        trust_remote_code=cfg.model.trust_remote_code,
-        revision=cfg.model.revision,
-        seed=cfg.optimization.seed,
-        tokenizer=tokenizer,
-    )
-
-
-def build_model_and_tokenizer(cfg: TrainConfig, use_gpu: bool = False):
-    """The model to train (under ZeRO-3 built into partitions), with gradient checkpointing and LoRA
-    as configured, and its tokenizer."""
-    tokenizer = load_tokenizer(
-        cfg.model.tokenizer or cfg.model.name,
-        trust_remote_code=cfg.model.trust_remote_code,
-        revision=cfg.model.revision,
-    )
-    model = _load_policy(cfg, tokenizer, use_gpu)
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    if cfg.model.lora is not None:
-        lora = cfg.model.lora
-        model = add_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
-    return model, tokenizer
-
-
-def _hidden_size(model: torch.nn.Module) -> int | None:
-    return getattr(getattr(model, "config", None), "hidden_size", None)
-
-
-def build_engine(cfg: TrainConfig, model: torch.nn.Module, total_steps: int, use_gpu: bool):
-    """``deepspeed.initialize`` with a torch AdamW and a LambdaLR schedule."""
-    import deepspeed
-
-    o = cfg.optimization
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.dim() < 2 or "norm" in name.lower() else decay).append(p)
-    # No empty group: ZeRO drops it, and the scheduler would then count one group more than it steps
-    # (LoRA trains only 2-D adapter matrices, so its no-decay group is empty).
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=tuple(o.betas))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, use_gpu, _hidden_size(model)),
-    )
-    return engine
-
-
-def partitioned_reference(cfg: TrainConfig, tokenizer, use_gpu: bool):
-    """DPO's frozen reference for a full (not LoRA) ZeRO-3 run, else None (the objective then copies
-    the policy, or switches a LoRA model's adapters off).
-
-    A copy of a partitioned model would be empty, so the start policy is built again into
-    partitions and wrapped in a DeepSpeed engine with no optimizer, as TRL prepares its reference:
-    each rank holds 1/world of it, and each forward gathers layer by layer like the policy's.
-    Every rank must call it, before a resume changes the policy.
-    """
-    if not (method_of(cfg.method).reference and cfg.model.lora is None and cfg.deepspeed.zero_stage == 3):
-        return None
-    import deepspeed
-
-    reference = _load_policy(cfg, tokenizer, use_gpu).requires_grad_(False)
-    ds = deepspeed_config(cfg, use_gpu, _hidden_size(reference))
-    ds["zero_optimization"].pop("offload_optimizer", None)
-    ds.pop("zero_force_ds_cpu_optimizer", None)
-    engine, *_ = deepspeed.initialize(model=reference, config=ds)
-    engine.eval()  # DeepSpeedEngine.eval returns None
-    return engine
 
 
 # --------------------------------------------------------------------------- DPO's precomputed references

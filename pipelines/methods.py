@@ -138,7 +138,7 @@ class DPOObjective(Objective):
         reference: nn.Module | None = None,
     ):
         """``reference``: the frozen start policy when the caller built it (a ZeRO-3 engine:
-        ``pipelines.loop.partitioned_reference``); otherwise a copy of ``model`` is made here."""
+        ``pipelines.build.partitioned_reference``); otherwise a copy of ``model`` is made here."""
         super().__init__(cfg, model, device, seed=seed, rank=rank)
         self.beta = METHODS["dpo"].beta(cfg)
         self.lora_model = model if is_lora(model) else None

@@ -27,6 +27,7 @@ from mlflow.entities import Metric, Param
 from ift.data import BadRowReport, DataError
 from ift.lora import parameter_counts
 from pipelines.batching import MicroBatches, Packing
+from pipelines.build import build_engine, build_model_and_tokenizer, partitioned_reference
 from pipelines.config import TrainConfig
 from pipelines.data import data_mode, packing_of, token_keys
 from pipelines.export import export_hf_model
@@ -37,9 +38,6 @@ from pipelines.loop import (
     LoopState,
     Schedule,
     StreamDataError,
-    build_engine,
-    build_model_and_tokenizer,
-    partitioned_reference,
     precompute_reference_table,
     run_training,
 )

@@ -13,20 +13,9 @@ import torch.distributed as dist
 from ift.collate import pack_collate, pad_collate
 from ift.data import DataError, tokenize_rows
 from ift.toydata import make_conversations
+from pipelines.build import build_engine, build_model_and_tokenizer, deepspeed_config, lr_lambda, model_dtype
 from pipelines.config import load_config
-from pipelines.loop import (
-    DS_TAG,
-    LoopState,
-    ResumeError,
-    Schedule,
-    StreamDataError,
-    build_engine,
-    build_model_and_tokenizer,
-    deepspeed_config,
-    lr_lambda,
-    model_dtype,
-    run_training,
-)
+from pipelines.loop import DS_TAG, LoopState, ResumeError, Schedule, StreamDataError, run_training
 from pipelines.methods import build_objective
 
 DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "CROSS_RANK", "CROSS_SIZE")

@@ -13,8 +13,9 @@ from ift.collate import pad_collate
 from ift.data import tokenize_rows
 from ift.objectives import dpo_batch_loss, sft_loss
 from ift.toydata import make_preference_pairs
+from pipelines.build import build_model_and_tokenizer
 from pipelines.config import MethodConfig, load_config
-from pipelines.loop import attach_reference, build_model_and_tokenizer
+from pipelines.loop import attach_reference
 from pipelines.methods import METHODS, build_objective, method_of
 from tests.conftest import build_llama
 

@@ -13,7 +13,6 @@ import mlflow
 import pytest
 import ray
 
-from ift.toydata import make_conversations, write_jsonl
 from pipelines.train import train
 from tests.pipelines.test_train import config
 from tests.test_cluster_integration import BIN, _base_env, _free_ports, _terminate_tree, _wait_http
@@ -61,14 +60,6 @@ def ray_cluster():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def corpora(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    write_jsonl(make_conversations(128, seed=7), root / "chat.jsonl")
-    write_jsonl(make_conversations(16, seed=8), root / "chat_val.jsonl")
-    return root
 
 
 def test_a_ten_second_mlflow_outage_mid_run_loses_and_repeats_no_metric(tmp_path, corpora, server):

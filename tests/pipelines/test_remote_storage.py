@@ -17,7 +17,6 @@ import mlflow
 import pytest
 import ray
 
-from ift.toydata import make_conversations, write_jsonl
 from pipelines.tracking import FAILURE_TAG, load_model_components
 from pipelines.train import train
 from pipelines.worker import KillWorker
@@ -78,14 +77,6 @@ def ray_cluster(s3):
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def corpora(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    write_jsonl(make_conversations(128, seed=7), root / "chat.jsonl")
-    write_jsonl(make_conversations(16, seed=8), root / "chat_val.jsonl")
-    return root
 
 
 def objects(s3, prefix: str) -> list[str]:

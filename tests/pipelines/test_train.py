@@ -18,7 +18,6 @@ from safetensors.torch import load_file
 
 import pipelines
 from ift.data import DataError
-from ift.toydata import make_conversations, make_preference_pairs, write_jsonl
 from pipelines.config import load_config
 from pipelines.tracking import load_model_components
 from pipelines.train import train
@@ -32,18 +31,6 @@ def ray_cluster():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def corpora(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    # One epoch of 128 rows: 16 steps of 4 x 2 workers, and a single pass of the stream (each
-    # epoch re-reads and re-tokenizes it, which costs seconds on this small machine).
-    write_jsonl(make_conversations(128, seed=7), root / "chat.jsonl")
-    write_jsonl(make_conversations(16, seed=8), root / "chat_val.jsonl")
-    write_jsonl(make_conversations(32, seed=7), root / "chat32.jsonl")
-    write_jsonl(make_preference_pairs(16, seed=9), root / "pref.jsonl")  # read 8 times per epoch (weight 8)
-    return root
 
 
 def config(tmp_path: Path, corpora: Path, *overrides: str, pairs: bool = False):
