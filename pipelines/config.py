@@ -189,6 +189,11 @@ class ScalingConfig(_Section):
     )
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker (fractions allowed).")
     gpus_per_worker: float = Field(1.0, ge=0, description="GPUs per worker when use_gpu.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK",
+        description="How Ray places the workers on nodes: PACK fills few nodes (fast collectives), SPREAD "
+        "one per node where it can (a lost node takes fewer ranks); STRICT_ forms fail rather than bend.",
+    )
 
 
 class CheckpointingConfig(_Section):

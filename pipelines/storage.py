@@ -52,6 +52,12 @@ class StoredCheckpoint:
         return cls(fs, path, f"{scheme}://{path}")
 
     @classmethod
+    def from_uri(cls, uri: str) -> StoredCheckpoint:
+        """From what a user reads (a local path or ``scheme://bucket/...``)."""
+        fs, path = filesystem(uri)
+        return cls.of(fs, path, uri)
+
+    @classmethod
     def from_ray(cls, checkpoint: Any, storage_path: str) -> StoredCheckpoint:
         """From a ``ray.train.Checkpoint`` (its ``filesystem`` and scheme-less ``path``)."""
         return cls.of(checkpoint.filesystem, checkpoint.path, storage_path)
@@ -75,19 +81,32 @@ class StoredCheckpoint:
             yield dest
 
 
+# Ray Train V2's record of a run's committed checkpoints, beside them in the run's folder.  A
+# checkpoint is committed once every rank has uploaded its part; Ray resumes from the latest one.
+RAY_CHECKPOINT_RECORD = "checkpoint_manager_snapshot.json"
+
+
 def latest_checkpoint(storage_path: str, run_name: str) -> tuple[StoredCheckpoint, LoopState] | None:
-    """The run's newest checkpoint in storage and its loop state, if it has one."""
+    """The checkpoint a resume of the run starts from, and its loop state: the latest one Ray Train
+    committed.  A folder left half-written by a worker killed during the save (rank 0's loop
+    state there, another rank's shard missing or cut short) is never committed, so never chosen."""
     fs, root = filesystem(storage_path)
     run_dir = f"{root.rstrip('/')}/{run_name}"
-    if fs.get_file_info(run_dir).type != pafs.FileType.Directory:
+    record = f"{run_dir}/{RAY_CHECKPOINT_RECORD}"
+    if fs.get_file_info(record).type != pafs.FileType.File:
         return None
-    newest: tuple[StoredCheckpoint, LoopState] | None = None
-    for info in fs.get_file_info(pafs.FileSelector(run_dir)):
-        state_file = f"{info.path}/{STATE_FILE}"
-        if info.type != pafs.FileType.Directory or fs.get_file_info(state_file).type != pafs.FileType.File:
-            continue
-        with fs.open_input_stream(state_file) as f:
-            state = LoopState(**json.loads(f.read()))
-        if newest is None or state.step > newest[1].step:
-            newest = (StoredCheckpoint.of(fs, info.path, storage_path), state)
-    return newest
+    with fs.open_input_stream(record) as f:
+        text = f.read()
+    try:
+        latest = json.loads(text).get("latest_checkpoint_result")
+        name = latest["checkpoint_dir_name"] if latest else None
+    except (ValueError, AttributeError, KeyError, TypeError) as exc:
+        raise RuntimeError(
+            f"cannot read Ray Train's checkpoint record {record} ({exc!r}): was it written by another Ray version? "
+            "Resume with the Ray version pinned in pyproject.toml, or use a new run_name"
+        ) from exc
+    if name is None:
+        return None
+    checkpoint = StoredCheckpoint.of(fs, f"{run_dir}/{name}", storage_path)
+    with fs.open_input_stream(f"{checkpoint.path}/{STATE_FILE}") as f:
+        return checkpoint, LoopState(**json.loads(f.read()))

@@ -8,9 +8,10 @@ import contextlib
 import os
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import ray
 from ray.data import ExecutionOptions
@@ -21,9 +22,6 @@ from tqdm.auto import tqdm
 from pipelines.config import TrainConfig
 from pipelines.loop import ADAPTER_DIR, HF_MODEL_DIR, Schedule, data_position_fingerprint
 from pipelines.storage import StoredCheckpoint, latest_checkpoint, resolve_storage_path
-
-if TYPE_CHECKING:
-    from pipelines.worker import KillWorker
 
 PROGRESS_ACTOR_PREFIX = "ift-progress-"
 
@@ -141,12 +139,13 @@ def train(
     show_progress: bool = True,
     extra_callbacks: list | None = None,
     register: bool = True,
-    fault: KillWorker | None = None,
+    fault: Callable[[int, int], None] | None = None,
     trace_dir: str | None = None,
 ) -> TrainResult:
     """Run one training job end to end (also the body of every sweep trial).
 
-    Two test hooks: ``fault`` kills a worker at a given step (:class:`pipelines.worker.KillWorker`);
+    Two test hooks: ``fault`` is called by every rank after every optimizer step, to kill or stall
+    a worker there (:class:`pipelines.worker.KillWorker`, :class:`pipelines.worker.StallWorker`);
     ``trace_dir`` makes each rank write the row ids of every micro-batch it takes
     (:func:`pipelines.worker.traced`).
     """
@@ -252,6 +251,7 @@ def _fit(cfg: TrainConfig, data, schedule: Schedule, storage: str, use_gpu: bool
                 "CPU": cfg.scaling.cpus_per_worker,
                 **({"GPU": cfg.scaling.gpus_per_worker} if use_gpu else {}),
             },
+            placement_strategy=cfg.scaling.placement_strategy,
         ),
         run_config=RunConfig(
             name=cfg.run_name,

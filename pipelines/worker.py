@@ -15,9 +15,11 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow.fs as pafs
 import ray.data
 import ray.train
 import torch
@@ -35,6 +37,7 @@ from pipelines.loop import (
     ADAPTER_DIR,
     DS_TAG,
     HF_MODEL_DIR,
+    STATE_FILE,
     LoopState,
     Schedule,
     StreamDataError,
@@ -46,7 +49,8 @@ from pipelines.methods import build_objective
 
 @dataclass(frozen=True)
 class KillWorker:
-    """A test hook: kill the worker of ``rank`` (``os._exit``) right after optimizer step ``step``.
+    """A test hook: kill the worker of ``rank`` (``os._exit``) right after optimizer step ``step``,
+    or, ``while_saving``, in the middle of uploading its part of that step's checkpoint.
 
     Passed explicitly as ``train(cfg, fault=KillWorker(...))``; production runs never
     carry one.  The marker file makes it fire once, so the restarted group runs on.
@@ -55,11 +59,59 @@ class KillWorker:
     step: int
     rank: int
     marker: str
+    while_saving: bool = False
+
+    def _fires(self, step: int, rank: int) -> bool:
+        return step == self.step and rank == self.rank and not os.path.exists(self.marker)
+
+    def __call__(self, step: int, rank: int) -> None:
+        if not self.while_saving and self._fires(step, rank):
+            open(self.marker, "w").close()
+            os._exit(1)
+
+    def checkpoint_upload_fn(self, step: int, rank: int) -> Callable[[ray.train.Checkpoint, str], Any] | None:
+        """For ``ray.train.report``: an upload that dies halfway, once rank 0's loop state is in the
+        checkpoint's folder (so the folder looks like a checkpoint), with half of each of this rank's
+        files written.  None (Ray's own upload) at every other step and rank."""
+        if not (self.while_saving and self._fires(step, rank)):
+            return None
+
+        def die_mid_upload(checkpoint: ray.train.Checkpoint, dir_name: str) -> Any:
+            storage = ray.train.get_context().get_storage()
+            fs, dest = storage.storage_filesystem, storage.build_checkpoint_path_from_name(dir_name)
+            deadline = time.monotonic() + 120
+            while fs.get_file_info(f"{dest}/{STATE_FILE}").type != pafs.FileType.File:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"rank 0 never uploaded {dest}/{STATE_FILE}")
+                time.sleep(0.1)
+            for parent, _, files in os.walk(checkpoint.path):
+                for name in files:
+                    local = os.path.join(parent, name)
+                    remote = f"{dest}/{os.path.relpath(local, checkpoint.path)}"
+                    fs.create_dir(os.path.dirname(remote))
+                    with open(local, "rb") as src, fs.open_output_stream(remote) as out:
+                        out.write(src.read()[: os.path.getsize(local) // 2])
+            open(self.marker, "w").close()
+            os._exit(1)
+
+        return die_mid_upload
+
+
+@dataclass(frozen=True)
+class StallWorker:
+    """A test hook: the worker of ``rank`` writes its Ray node id to ``marker`` right after optimizer
+    step ``step`` and stalls, as a worker on a failing machine does, until the test takes its node away."""
+
+    step: int
+    rank: int
+    marker: str
 
     def __call__(self, step: int, rank: int) -> None:
         if step == self.step and rank == self.rank and not os.path.exists(self.marker):
-            open(self.marker, "w").close()
-            os._exit(1)
+            with open(self.marker + ".tmp", "w") as f:
+                f.write(ray.get_runtime_context().get_node_id())
+            os.replace(self.marker + ".tmp", self.marker)
+            time.sleep(3600)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -136,7 +188,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             objective, micro_batches(train_shard, shuffle_seed=None, keep_ids=True, drop_last=False), device
         )
 
-    fault: KillWorker | None = loop_config.get("fault")
+    fault: KillWorker | StallWorker | None = loop_config.get("fault")
     monitor = loop_config["progress"]
     progress = monitor if rank == 0 else None
     client = run_id = None
@@ -174,7 +226,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     export_hf_model(
                         engine.module, tokenizer, os.path.join(tmp, HF_MODEL_DIR), rank, os.path.join(tmp, ADAPTER_DIR)
                     )
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+                upload = getattr(fault, "checkpoint_upload_fn", lambda step, rank: None)(st.step, rank)
+                ray.train.report(
+                    metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_upload_fn=upload
+                )
         elif len(metrics) > 1:
             ray.train.report(metrics)
 

@@ -49,14 +49,18 @@ def trial_run_name(sweep_id: str, trial_id: str) -> str:
     return f"{sweep_id}-{trial_id}"
 
 
-def collect_rows(grid: Any, sweep_id: str, keys: list[str], metric: str) -> list[dict[str, Any]]:
+def collect_rows(grid: Any, sweep_id: str, keys: list[str], metric: str, sweep_dir: str) -> list[dict[str, Any]]:
     """One row per trial of Tune's ``ResultGrid``, sorted by trial id.
 
     A trial that ended without error is COMPLETED when its last checkpoint holds the
-    exported model, else STOPPED (early, by the scheduler).
+    exported model, else STOPPED (early, by the scheduler).  Tune reports a checkpoint's
+    path without its scheme; it is looked up in the filesystem of ``sweep_dir`` (a local
+    folder or a URI such as ``s3://bucket/sweeps/<id>``), and the row keeps the full URI.
     """
     from pipelines.loop import HF_MODEL_DIR
+    from pipelines.storage import StoredCheckpoint, filesystem
 
+    fs = filesystem(sweep_dir)[0]
     rows = []
     for res in grid:
         last = dict(res.metrics or {})
@@ -65,10 +69,9 @@ def collect_rows(grid: Any, sweep_id: str, keys: list[str], metric: str) -> list
         history = []
         if df is not None and metric in getattr(df, "columns", []):
             history = [float(v) for v in df[metric].dropna().tolist()]
-        ckpt = last.get("checkpoint_path")
-        hf = os.path.join(ckpt, HF_MODEL_DIR) if ckpt else None
-        if hf and not os.path.isdir(hf):
-            hf = None
+        stored = StoredCheckpoint.of(fs, last["checkpoint_path"], sweep_dir) if last.get("checkpoint_path") else None
+        ckpt = stored.uri if stored is not None else None
+        hf = f"{ckpt}/{HF_MODEL_DIR}" if stored is not None and stored.has(HF_MODEL_DIR) else None
         if res.error is not None:
             status = ERROR
         else:

@@ -18,7 +18,9 @@ from mlflow.tracking import MlflowClient
 
 from pipelines import tracking
 from pipelines.config import TrainConfig, apply_overrides, flatten
+from pipelines.loop import HF_MODEL_DIR
 from pipelines.provenance import git_commit
+from pipelines.storage import StoredCheckpoint
 from tune.config import SweepConfig
 from tune.results import COMPLETED, ERROR, STOPPED, SweepResult
 
@@ -144,7 +146,9 @@ def register_champion(result: SweepResult, base: TrainConfig, sweep: SweepConfig
         "git_commit": git_commit(),
         **{f"space.{k}": str(best[k]) for k in result.keys},
     }
-    _, version = tracking.register_model(cfg, result.tracking_uri, best["mlflow_run_id"], best["hf_model_path"], tags)
+    # The trial's checkpoint may be in a bucket: only its hf_model/ is copied out to register.
+    with StoredCheckpoint.from_uri(best["checkpoint_path"]).local(HF_MODEL_DIR) as hf_local:
+        _, version = tracking.register_model(cfg, result.tracking_uri, best["mlflow_run_id"], hf_local, tags)
     client.set_registered_model_alias(result.registered_model_name, sweep.alias, str(version))
     client.set_tag(best["mlflow_run_id"], "sweep.champion", "true")
     client.set_tag(result.parent_run_id, "champion_version", str(version))

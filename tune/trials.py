@@ -17,6 +17,11 @@ How a sweep runs
   reports to Tune, where ASHA compares trials at ``step`` milestones.
 * Trials stopped by ASHA would keep their placement group:
   :mod:`tune.placement_groups` gives it back.
+* A trial whose driver is lost with its node is retried (up to ``checkpointing.max_failures``
+  times); the retry is the same ``ift train`` run, so it resumes from the trial's last
+  checkpoint.  A trial that raised is not run again: the retry reads the failure
+  the first attempt recorded beside its checkpoints and fails at once
+  (:func:`trial_driver`).  Lost workers alone are Ray Train's to retry, inside the trial.
 * After the Tuner: one results row per trial (:mod:`tune.results`), child runs
   marked FINISHED / KILLED (early stopped) / FAILED, and the best *completed*
   trial's model registered with the alias ``champion`` (:mod:`tune.tracking`).
@@ -31,10 +36,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 from mlflow.tracking import MlflowClient
 
 from pipelines import tracking as mlflow_tracking
 from pipelines.config import TrainConfig, apply_overrides
+from pipelines.storage import filesystem
 from tune import tracking
 from tune.config import SweepConfig, check_sweep, plain
 from tune.placement_groups import PlacementGroupJanitor, placement_group_recorder
@@ -77,6 +84,7 @@ def trial_driver(
     ``registry`` is the placement-group janitor's registry actor (``None``: no janitor).
     """
     import ray.data
+    import ray.exceptions
     from ray import tune as rtune
 
     from pipelines.train import train
@@ -92,7 +100,29 @@ def trial_driver(
     recorder = placement_group_recorder(registry, trial_id) if registry is not None else None
     if recorder is not None:
         callbacks.append(recorder)
-    train(cfg, parent_run_id=parent_run_id, show_progress=False, extra_callbacks=callbacks, register=False)
+    # Tune retries a trial whatever ended it; only a lost driver (its node died) is worth a retry.
+    failed_before = f"{trials_dir.rstrip('/')}/{values['run_name']}{TRIAL_FAILURE_SUFFIX}"
+    fs, path = filesystem(failed_before)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        with fs.open_input_stream(path) as f:
+            reason = f.read().decode()
+        raise TrialFailedBefore(f"not retried: this trial raised before ({reason})")
+    try:
+        train(cfg, parent_run_id=parent_run_id, show_progress=False, extra_callbacks=callbacks, register=False)
+    except (ray.exceptions.RayActorError, ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError):
+        raise  # lost with a node (the driver usually dies with it): worth the retry
+    except Exception as exc:
+        fs.create_dir(path.rsplit("/", 1)[0])
+        with fs.open_output_stream(path) as f:
+            f.write(f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}".encode())
+        raise
+
+
+TRIAL_FAILURE_SUFFIX = ".failed"  # beside the trial's checkpoint folder: what its first attempt raised
+
+
+class TrialFailedBefore(RuntimeError):
+    """A retried trial whose first attempt raised: the same config would raise again."""
 
 
 def _progress_callback_cls() -> type:
@@ -240,7 +270,8 @@ def _tuner(
             name="tune",
             storage_path=sweep_dir,
             verbose=verbose,
-            failure_config=rtune.FailureConfig(max_failures=0, fail_fast=False),
+            # Retries are for trials lost with their node: see trial_driver.
+            failure_config=rtune.FailureConfig(max_failures=base.checkpointing.max_failures, fail_fast=False),
             callbacks=[_progress_callback_cls()(metric, list(sweep.space()))],
         ),
     )
@@ -328,7 +359,7 @@ def run_sweep(
         if not ok:
             mlflow_tracking.end_run(tracking_uri, parent_id, ok=False)
 
-    rows = collect_rows(grid, sweep_id, keys, metric)
+    rows = collect_rows(grid, sweep_id, keys, metric, sweep_dir)
     tracking.reconcile_child_runs(client, exp_id, parent_id, sweep_id, rows, base)
     best = mark_best(rows, metric, mode)
     result = SweepResult(

@@ -1,4 +1,4 @@
-"""`ift train` with its checkpoints on S3 (the pipeline's worker-kill resume test runs here).
+"""`ift train` with its checkpoints on S3: a worker killed while saving, a failure after training.
 
 A real S3-compatible server (moto_server) on 127.0.0.1, started and stopped here, is reached
 through the usual AWS environment variables by the driver and by every Ray worker (the local
@@ -6,70 +6,20 @@ Ray cluster starts after they are set, so its processes inherit them)."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
+import json
 
 import mlflow
 import pytest
 import ray
 
+from pipelines.loop import STATE_FILE
 from pipelines.tracking import FAILURE_TAG, load_model_components
 from pipelines.train import train
 from pipelines.worker import KillWorker
+from tests.pipelines.conftest import BUCKET
 from tests.pipelines.test_train import config, loss_history
 
 pytestmark = pytest.mark.slow
-
-BUCKET = "ift-test"
-AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3():
-    """An S3 endpoint on loopback with an empty bucket; the AWS variables point at it."""
-    port = _free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    saved = {k: os.environ.get(k) for k in AWS_ENV}
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(endpoint, timeout=1)
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError("moto_server did not start") from None
-                time.sleep(0.2)
-        os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                          AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=endpoint)  # fmt: skip
-        import boto3
-
-        client = boto3.client("s3", endpoint_url=endpoint)
-        client.create_bucket(Bucket=BUCKET)
-        yield client
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -79,34 +29,58 @@ def ray_cluster(s3):
     ray.shutdown()
 
 
-def objects(s3, prefix: str) -> list[str]:
-    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
-    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+def checkpoint_folders(s3, run_name: str) -> dict[str, dict[str, int]]:
+    """Each checkpoint folder of the run in the bucket: its files (relative path -> size)."""
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=f"runs/{run_name}/checkpoint_")
+    folders: dict[str, dict[str, int]] = {}
+    for o in (o for page in pages for o in page.get("Contents", [])):
+        parts = o["Key"].split("/", 3)
+        if len(parts) == 4:  # not Ray's checkpoint_manager_snapshot.json beside the folders
+            folders.setdefault(parts[2], {})[parts[3]] = o["Size"]
+    return folders
 
 
-def test_a_run_on_s3_resumes_from_its_s3_checkpoint_after_a_killed_worker_and_registers_a_loadable_model(
+def step_of(s3, run_name: str, folder: str) -> int:
+    body = s3.get_object(Bucket=BUCKET, Key=f"runs/{run_name}/{folder}/{STATE_FILE}")["Body"].read()
+    return json.loads(body)["step"]
+
+
+RANK1_SHARD = "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt"  # ZeRO-2: rank 1's optimizer partition
+
+
+def test_a_worker_killed_while_saving_leaves_no_checkpoint_a_rerun_loads_and_the_rerun_resumes_from_the_last_whole_one(
     tmp_path, corpora, s3
 ):
-    marker = tmp_path / "failed-once"
-    cfg = config(tmp_path, corpora, "optimization.max_steps=10", f"checkpointing.storage_path=s3://{BUCKET}/runs")
-    result = train(cfg, show_progress=False, fault=KillWorker(step=6, rank=1, marker=str(marker)))
+    marker = tmp_path / "killed-while-saving"
+    cfg = config(
+        tmp_path, corpora, "optimization.max_steps=10", "deepspeed.zero_stage=2", "checkpointing.max_failures=0",
+        f"checkpointing.storage_path=s3://{BUCKET}/runs",
+    )  # fmt: skip
+    # Rank 1 dies halfway through uploading the final checkpoint, once rank 0's part is in the bucket.
+    with pytest.raises(ray.train.TrainingFailedError):
+        train(cfg, show_progress=False, fault=KillWorker(step=10, rank=1, marker=str(marker), while_saving=True))
     assert marker.exists(), "the fault was not injected"
-    assert result.checkpoint_path.startswith(f"s3://{BUCKET}/runs/{cfg.run_name}/")
-    assert result.hf_model_path == f"{result.checkpoint_path}/hf_model"
-    keys = objects(s3, f"runs/{cfg.run_name}/")
-    assert any(k.endswith("hf_model/model.safetensors") for k in keys)
-    assert any("/deepspeed/" in k for k in keys)  # the DeepSpeed shards went to S3 too
+    folders = checkpoint_folders(s3, cfg.run_name)
+    by_step = {step_of(s3, cfg.run_name, f): f for f, files in folders.items() if STATE_FILE in files}
+    assert sorted(by_step) == [4, 8, 10]
+    whole, half = folders[by_step[8]], folders[by_step[10]]
+    # The step-10 folder looks like a checkpoint (loop state, exported model) but is half-written.
+    assert "hf_model/model.safetensors" in half
+    assert half[RANK1_SHARD] == whole[RANK1_SHARD] // 2
+
+    result = train(cfg, show_progress=False)
     client = mlflow.MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
-    assert [m.value for m in client.get_metric_history(result.mlflow_run_id, "resumed_from_step")] == [4.0]
-    by_step: dict[int, list[float]] = {}
+    assert [m.value for m in client.get_metric_history(result.mlflow_run_id, "resumed_from_step")] == [8.0]
+    losses: dict[int, list[float]] = {}
     for step, loss in loss_history(cfg, result.mlflow_run_id):
-        by_step.setdefault(step, []).append(loss)
-    assert sorted(by_step) == list(range(1, 11))
-    # Steps 5-6 ran before the kill and again after it, from the same weights and rows: the same loss.
-    assert len(by_step[5]) == 2 and by_step[5][0] == pytest.approx(by_step[5][1], rel=1e-4)
-    run = client.get_run(result.mlflow_run_id)
-    assert run.info.status == "FINISHED"
-    assert "loss_curve.png" in [a.path for a in client.list_artifacts(result.mlflow_run_id)]
+        losses.setdefault(step, []).append(loss)
+    assert sorted(losses) == list(range(1, 11))
+    # Steps 9-10 ran before the kill and again after it, from the same weights and rows: the same loss.
+    assert [len(losses[s]) for s in range(1, 11)] == [1] * 8 + [2, 2]
+    assert losses[10][0] == pytest.approx(losses[10][1], rel=1e-4)
+    final = checkpoint_folders(s3, cfg.run_name)[result.checkpoint_path.rsplit("/", 1)[1]]
+    assert final[RANK1_SHARD] == whole[RANK1_SHARD]
+    assert client.get_run(result.mlflow_run_id).info.status == "FINISHED"
     assert result.registered_version == "1"
     components = load_model_components("models:/tiny-test/1", cfg.mlflow.tracking_uri)
     ids = components["tokenizer"]("hello", return_tensors="pt").input_ids
