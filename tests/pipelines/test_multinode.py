@@ -21,7 +21,7 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from pipelines.train import train
+from pipelines.train import init_ray, train
 from pipelines.worker import StallWorker
 from tests.pipelines.conftest import BUCKET
 from tests.pipelines.test_train import config, loss_history
@@ -47,6 +47,7 @@ def cluster(s3):
     saved = os.environ.get("RAY_ADDRESS")
     os.environ["RAY_ADDRESS"] = c.address  # what `ray job submit` gives a driver; init_ray joins it
     try:
+        init_ray(log_to_driver=False)
         yield c
     finally:
         ray.shutdown()
