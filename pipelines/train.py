@@ -141,8 +141,13 @@ def train(
     register: bool = True,
     fault: Callable[[int, int], None] | None = None,
     trace_dir: str | None = None,
+    report_each_log_step: bool = False,
 ) -> TrainResult:
     """Run one training job end to end (also the body of every sweep trial).
+
+    Ray Train gets a report at checkpoints and evaluations; ``report_each_log_step`` adds every
+    logged step, for callbacks that read training metrics (a sweep that ranks trials by ``loss``).
+    Each report waits for the Ray Train controller's next poll (up to 2 s).
 
     Two test hooks: ``fault`` is called by every rank after every optimizer step, to kill or stall
     a worker there (:class:`pipelines.worker.KillWorker`, :class:`pipelines.worker.StallWorker`);
@@ -198,6 +203,7 @@ def train(
         final, metrics, outcomes = _fit(
             cfg, data, schedule, storage, use_gpu, position, tracking_uri, run_id,
             show_progress=show_progress, fault=fault, trace_dir=trace_dir, extra_callbacks=extra_callbacks,
+            report_each_log_step=report_each_log_step,
         )  # fmt: skip
     if "data_error" in outcomes:
         bad = outcomes["data_error"]
@@ -220,7 +226,8 @@ def train(
 
 
 def _fit(cfg: TrainConfig, data, schedule: Schedule, storage: str, use_gpu: bool, position: str, tracking_uri: str,
-         run_id: str | None, *, show_progress: bool, fault, trace_dir, extra_callbacks):  # fmt: skip
+         run_id: str | None, *, show_progress: bool, fault, trace_dir, extra_callbacks,
+         report_each_log_step: bool):  # fmt: skip
     """Train on the Ray cluster; (final checkpoint or None, last reported metrics, the workers' outcomes)."""
     from pipelines import tracking
     from pipelines.worker import train_loop_per_worker
@@ -237,6 +244,7 @@ def _fit(cfg: TrainConfig, data, schedule: Schedule, storage: str, use_gpu: bool
         "progress": tracker,
         "fault": fault,
         "trace_dir": trace_dir,
+        "report_each_log_step": report_each_log_step,
     }
     datasets = {"train": data.train}
     if data.validation is not None:

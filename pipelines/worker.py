@@ -164,6 +164,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         )  # fmt: skip
 
     trace_dir = loop_config.get("trace_dir")
+    report_each_log_step = loop_config.get("report_each_log_step", False)
 
     def batches_for_epoch(epoch: int):
         epoch_batches[epoch] = micro_batches(
@@ -215,8 +216,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             client.log_batch(
                 run_id, metrics=[Metric(k, float(v), now, st.step) for k, v in metrics.items() if k != "step"]
             )
-        # ray.train.report is a barrier with the controller (slow): report only when
-        # there are metrics or a checkpoint; the step condition is the same on every rank.
+        # ray.train.report is a barrier with the controller: it waits for the controller's next poll
+        # (every 2 s in Ray 2.60), which would cap a run at one logged step per 2 s.  So report only
+        # checkpoints and evaluations (what Ray Train's result and a sweep's scheduler read); MLflow
+        # gets every logged step from rank 0 above.  The conditions are the same on every rank.
         if st.step % cfg.checkpointing.every_n_steps == 0 or is_last:
             with tempfile.TemporaryDirectory() as tmp:
                 engine.save_checkpoint(tmp, tag=DS_TAG)
@@ -230,7 +233,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 ray.train.report(
                     metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_upload_fn=upload
                 )
-        elif len(metrics) > 1:
+        elif "val_nll" in metrics or (report_each_log_step and len(metrics) > 1):
             ray.train.report(metrics)
 
     skipped = BadRowReport()

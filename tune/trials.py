@@ -54,8 +54,8 @@ def _report_callback_cls() -> type:
     class _ReportEvaluations(TuneReportCallback):
         """TuneReportCallback that forwards only the reports carrying the sweep metric.
 
-        Rank 0 also reports training loss at log steps; Tune requires the
-        metric in every result, and ASHA should only see evaluations.
+        Checkpoint reports may lack it (a checkpoint step that is no evaluation
+        step); Tune requires the metric in every result.
         """
 
         def __init__(self, metric: str):
@@ -108,7 +108,10 @@ def trial_driver(
             reason = f.read().decode()
         raise TrialFailedBefore(f"not retried: this trial raised before ({reason})")
     try:
-        train(cfg, parent_run_id=parent_run_id, show_progress=False, extra_callbacks=callbacks, register=False)
+        train(
+            cfg, parent_run_id=parent_run_id, show_progress=False, extra_callbacks=callbacks, register=False,
+            report_each_log_step=not metric.startswith("val_"),  # evaluations are always reported
+        )  # fmt: skip
     except (ray.exceptions.RayActorError, ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError):
         raise  # lost with a node (the driver usually dies with it): worth the retry
     except Exception as exc:
