@@ -216,10 +216,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             client.log_batch(
                 run_id, metrics=[Metric(k, float(v), now, st.step) for k, v in metrics.items() if k != "step"]
             )
-        # ray.train.report is a barrier with the controller: it waits for the controller's next poll
-        # (every 2 s in Ray 2.60), which would cap a run at one logged step per 2 s.  So report only
-        # checkpoints and evaluations (what Ray Train's result and a sweep's scheduler read); MLflow
-        # gets every logged step from rank 0 above.  The conditions are the same on every rank.
+        # Ray Train takes one report per controller poll (every 2 s in Ray 2.60; a queue of one), and a
+        # report waits for the previous one to be taken: reporting every step would cap a run at one
+        # step per 2 s.  So report only checkpoints and evaluations (what Ray Train's result and a
+        # sweep's scheduler read); MLflow gets every logged step from rank 0 above.  The conditions
+        # are the same on every rank (a report is a barrier).
         if st.step % cfg.checkpointing.every_n_steps == 0 or is_last:
             with tempfile.TemporaryDirectory() as tmp:
                 engine.save_checkpoint(tmp, tag=DS_TAG)
@@ -233,6 +234,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 ray.train.report(
                     metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_upload_fn=upload
                 )
+            if not is_last:
+                # The checkpoint counts once the controller has taken its report (its next poll).  An
+                # empty report waits for that, so a worker lost after this step resumes from here.
+                ray.train.report({})
         elif "val_nll" in metrics or (report_each_log_step and len(metrics) > 1):
             ray.train.report(metrics)
 
