@@ -10,7 +10,9 @@ discounted scan), ``data`` (Ray Data vs datasets tokenization), ``stream``
 (training from a stream: first step, rows per rank, object store, tokens/s),
 ``pack`` (padding and useful tokens/s, padded vs packed, TRL as the peer),
 ``lora`` (IFT with LoRA vs full fine-tuning: step time and peak memory, tiny-100m),
-``scaling`` (pipeline tokens/s, 1 vs 2 workers x ZeRO 0/2/3).  ``step``,
+``scaling`` (pipeline tokens/s, 1 vs 2 workers x ZeRO 0/2/3), ``memory`` (host memory per
+worker, ZeRO-0 vs ZeRO-3), ``report`` (seconds per step, reporting every logged step to Ray
+Train vs only checkpoints and evaluations).  ``step``,
 ``scan``, ``pack`` and ``lora`` never import Ray.  Each run overwrites ``<out>/results.json`` and ``<out>/results.md``
 with the sections it ran: every ratio in a file was measured side by side in
 that one run.  Exit status 0 even when a target is missed (benchmarks are not
@@ -31,7 +33,7 @@ from typing import Any
 
 from benchmarks.common import fmt_bytes, fmt_ratio, load_average, load_note, machine_info
 
-SECTIONS = ("step", "scan", "data", "stream", "pack", "lora", "scaling", "memory")
+SECTIONS = ("step", "scan", "data", "stream", "pack", "lora", "scaling", "memory", "report")
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ FULL = {
     },  # fmt: skip
     "scaling": {"workers": (1, 2), "zero_stages": (0, 2, 3), "steps": 40},
     "memory": {"model": "tiny-100m", "workers": 2, "steps": 2},
+    "report": {"steps": 30},
 }
 QUICK = {
     "step": {"batch_size": 2, "seq_len": 64, "warmup": 1, "steps": 3, "memory_steps": 1, "memory_repeats": 1},
@@ -93,6 +96,7 @@ QUICK = {
     },  # fmt: skip
     "scaling": {"workers": (1, 2), "zero_stages": (0,), "steps": 2},
     "memory": {"model": "tiny", "workers": 2, "steps": 2},
+    "report": {"steps": 7},
 }
 
 
@@ -306,6 +310,10 @@ def render_markdown(doc: dict[str, Any]) -> str:
             lines.append("")
     if "memory" in r:
         lines += render_memory(r["memory"])
+    if "report" in r:
+        from benchmarks.report_overhead import render as render_report
+
+        lines += render_report(r["report"])
     lines += ["## Targets", "", "| target | measured | result |", "|---|---|---|"]
     for t in doc["targets"]:
         val = t.get("value_text") or ("n/a" if t["value"] is None else f"{t['value']:.2f}x")
@@ -557,6 +565,10 @@ def main(argv: list[str] | None = None) -> int:
                 from benchmarks.zero_memory import run as run_memory
 
                 results["memory"] = run_memory(log=log, **sizes["memory"])
+            elif section == "report":
+                from benchmarks.report_overhead import run as run_report
+
+                results["report"] = run_report(log=log, **sizes["report"])
         except Exception as exc:  # report the section as failed, keep the others
             import traceback
 

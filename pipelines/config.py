@@ -170,7 +170,7 @@ class OptimizationConfig(_Section):
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping (0 = off).")
     seed: int = Field(42, description="Seeds model init, data order and sampling.")
     eval_every_n_steps: int = Field(0, ge=0, description="Validation loss every N steps (0 = only at the end).")
-    log_every_n_steps: int = Field(1, gt=0, description="Report metrics every N steps.")
+    log_every_n_steps: int = Field(1, gt=0, description="Log metrics to MLflow every N steps.")
 
 
 class DeepSpeedConfig(_Section):

@@ -192,3 +192,22 @@ def test_the_memory_section_renders_each_allocator_and_stage_and_reads_the_live_
     assert "glibc default: 1.10x" in md
     (memory_target,) = [t for t in targets if t["label"] == "ZeRO-3 peak RSS per worker"]
     assert memory_target["status"] == "met" and memory_target["value"] == pytest.approx(0.769, abs=1e-3)
+
+
+def test_the_report_section_renders_seconds_per_step_for_both_report_policies():
+    from benchmarks.run import render_markdown
+
+    report = {
+        "config": "tiny", "steps": 30, "measured_steps": "5-30", "cpu_cores": 2,
+        "cells": {
+            "checkpoints_and_evaluations": {"seconds_per_step": 0.08, "wall_s": 30.0},
+            "every_logged_step": {"seconds_per_step": 2.0, "wall_s": 88.0},
+        },
+        "slowdown_every_logged_step": 25.0,
+    }  # fmt: skip
+    machine = {"cpu_model": "x", "cpu_cores": 2, "date_utc": "d", "versions": {}}
+    doc = {"machine": machine, "results": {"report": report}, "targets": [], "quick": False, "section_seconds": {}}
+    md = render_markdown(doc)
+    assert "| checkpoints and evaluations (default) | 0.080 | 30 |" in md
+    assert "| every logged step | 2.000 | 88 |" in md
+    assert "25.0x slower" in md
