@@ -100,13 +100,8 @@ def trial_driver(
     recorder = placement_group_recorder(registry, trial_id) if registry is not None else None
     if recorder is not None:
         callbacks.append(recorder)
-    # Tune retries a trial whatever ended it; only a lost driver (its node died) is worth a retry.
-    failed_before = f"{trials_dir.rstrip('/')}/{values['run_name']}{TRIAL_FAILURE_SUFFIX}"
-    fs, path = filesystem(failed_before)
-    if fs.get_file_info(path).type == pafs.FileType.File:
-        with fs.open_input_stream(path) as f:
-            reason = f.read().decode()
-        raise TrialFailedBefore(f"not retried: this trial raised before ({reason})")
+    # Tune retries a trial whatever ended it; only a trial lost with its node is worth a retry.
+    raise_if_failed_before(trials_dir, values["run_name"])
     try:
         train(
             cfg, parent_run_id=parent_run_id, show_progress=False, extra_callbacks=callbacks, register=False,
@@ -115,9 +110,7 @@ def trial_driver(
     except (ray.exceptions.RayActorError, ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError):
         raise  # lost with a node (the driver usually dies with it): worth the retry
     except Exception as exc:
-        fs.create_dir(path.rsplit("/", 1)[0])
-        with fs.open_output_stream(path) as f:
-            f.write(f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}".encode())
+        record_trial_failure(trials_dir, values["run_name"], exc)
         raise
 
 
@@ -126,6 +119,27 @@ TRIAL_FAILURE_SUFFIX = ".failed"  # beside the trial's checkpoint folder: what i
 
 class TrialFailedBefore(RuntimeError):
     """A retried trial whose first attempt raised: the same config would raise again."""
+
+
+def _failure_record(trials_dir: str, run_name: str) -> tuple[pafs.FileSystem, str]:
+    return filesystem(f"{trials_dir.rstrip('/')}/{run_name}{TRIAL_FAILURE_SUFFIX}")
+
+
+def record_trial_failure(trials_dir: str, run_name: str, exc: BaseException) -> None:
+    """Write what a trial raised beside its checkpoints (local or in a bucket)."""
+    fs, path = _failure_record(trials_dir, run_name)
+    lines = str(exc).strip().splitlines()
+    fs.create_dir(path.rsplit("/", 1)[0])
+    with fs.open_output_stream(path) as f:
+        f.write(f"{type(exc).__name__}: {lines[-1] if lines else ''}".encode())
+
+
+def raise_if_failed_before(trials_dir: str, run_name: str) -> None:
+    """Refuse to run again a trial that raised before (:class:`TrialFailedBefore`, with its reason)."""
+    fs, path = _failure_record(trials_dir, run_name)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        with fs.open_input_stream(path) as f:
+            raise TrialFailedBefore(f"not retried: this trial raised before ({f.read().decode()})")
 
 
 def _progress_callback_cls() -> type:

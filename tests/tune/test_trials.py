@@ -138,3 +138,14 @@ def test_default_concurrency_fits_worker_groups_and_tokenizer_actors(monkeypatch
     # Streaming trials with 4 tokenizer actors each: only one fits beside the read tasks' CPU.
     assert _default_concurrency(apply_overrides(base, {"data.tokenize_concurrency": 4}), 0.0) == 1
     assert _default_concurrency(base, 0.0) == 4  # unset: one actor per trial
+
+
+def test_a_trial_that_raised_is_refused_on_retry_with_its_first_reason(tmp_path):
+    from tune.trials import TrialFailedBefore, raise_if_failed_before, record_trial_failure
+
+    trials = str(tmp_path / "trials")
+    raise_if_failed_before(trials, "s-00000")  # never failed: runs
+    record_trial_failure(trials, "s-00000", OSError("Traceback ...\nno model at /nonexistent/ift-model"))
+    with pytest.raises(TrialFailedBefore, match=r"raised before \(OSError: no model at /nonexistent/ift-model\)"):
+        raise_if_failed_before(trials, "s-00000")
+    raise_if_failed_before(trials, "s-00001")  # another trial of the sweep is not affected
