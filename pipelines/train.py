@@ -17,6 +17,7 @@ import ray
 from ray.data import ExecutionOptions
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm.auto import tqdm
 
 from pipelines.config import TrainConfig
@@ -232,7 +233,11 @@ def _fit(cfg: TrainConfig, data, schedule: Schedule, storage: str, use_gpu: bool
     from pipelines import tracking
     from pipelines.worker import train_loop_per_worker
 
-    tracker = ProgressTracker.remote()
+    # On the driver's node, as Ray Train places its controller: on a worker node that is lost, it
+    # would take the run's outcome with it (and fail every retry of the workers that report to it).
+    tracker = ProgressTracker.options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    ).remote()
     loop_config = {
         "config": cfg.model_dump(mode="json"),
         "schedule": schedule.__dict__,
