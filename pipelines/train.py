@@ -65,6 +65,12 @@ class ProgressTracker:
         return self.step, self.metrics
 
 
+def on_driver_node() -> NodeAffinitySchedulingStrategy:
+    """Where the driver's helper actors go: its own node, as Ray Train places its controller.  A
+    worker node may be lost mid-run; the driver's node outlives the run or ends it anyway."""
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+
+
 def init_ray(*, log_to_driver: bool = True) -> None:
     """Connect to RAY_ADDRESS (a cluster, or a `ray job submit` driver) or start Ray in-process."""
     if ray.is_initialized():
@@ -233,11 +239,9 @@ def _fit(cfg: TrainConfig, data, schedule: Schedule, storage: str, use_gpu: bool
     from pipelines import tracking
     from pipelines.worker import train_loop_per_worker
 
-    # On the driver's node, as Ray Train places its controller: on a worker node that is lost, it
-    # would take the run's outcome with it (and fail every retry of the workers that report to it).
-    tracker = ProgressTracker.options(
-        scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    ).remote()
+    # On a worker node that is lost, the tracker would take the run's outcome with it (and fail
+    # every retry of the workers that report to it).
+    tracker = ProgressTracker.options(scheduling_strategy=on_driver_node()).remote()
     loop_config = {
         "config": cfg.model_dump(mode="json"),
         "schedule": schedule.__dict__,

@@ -106,8 +106,11 @@ class PlacementGroupJanitor:
     """
 
     def __init__(self, interval_s: float = 1.0, log: Callable[[str], None] | None = None):
-        # Trials get this actor's handle (it pickles; the janitor's thread does not).
-        self.registry = _registry_cls().remote()
+        from pipelines.train import on_driver_node
+
+        # Trials get this actor's handle (it pickles; the janitor's thread does not).  On the driver's
+        # node: on a worker node that is lost it would take the sweep's records with it.
+        self.registry = _registry_cls().options(scheduling_strategy=on_driver_node()).remote()
         self.interval_s = interval_s
         self.released: list[tuple[str, str]] = []  # (trial id, placement group id)
         self._done: set[str] = set()
