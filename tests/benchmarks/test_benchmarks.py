@@ -116,9 +116,16 @@ def test_missed_targets_are_printed():
     assert all(t["status"] == "not measured" for t in evaluate_targets({}))
 
 
-def test_the_stream_section_renders_its_figures_against_their_goals():
+def rendered(section: str, result: dict, targets: list | None = None) -> str:
+    """``results.md`` of a run that measured only ``section`` (a made-up machine)."""
     from benchmarks.run import render_markdown
 
+    machine = {"cpu_model": "x", "cpu_cores": 2, "date_utc": "d", "versions": {}}
+    return render_markdown({"machine": machine, "results": {section: result}, "targets": targets or [],
+                            "quick": False, "section_seconds": {}})  # fmt: skip
+
+
+def test_the_stream_section_renders_its_figures_against_their_goals():
     stream = {
         "small_rows": 2000, "large_rows": 200000, "first_step_ratio_large_to_small": 1.1,
         "small": {"seconds_to_first_step": 30.0, "object_store_peak_bytes": 2**20},
@@ -130,16 +137,14 @@ def test_the_stream_section_renders_its_figures_against_their_goals():
             "cache": {"tokens_per_s": 1010.0, "ratio_to_materialized": 1.01},
         },
     }  # fmt: skip
-    machine = {"cpu_model": "x", "cpu_cores": 2, "date_utc": "d", "versions": {}}
-    doc = {"machine": machine, "results": {"stream": stream}, "targets": [], "quick": False, "section_seconds": {}}
-    md = render_markdown(doc)
+    md = rendered("stream", stream)
     assert "| time to the first step, 200,000 rows | 33.0 s (1.10x) | within 1.2x |" in md
     assert "| rows read per rank (2,000 rows, 2 workers) | 1,000, 1,000 | 1,000 |" in md
     assert "(0.98x) | >= 0.95x materialized |" in md
 
 
 def test_the_packing_section_renders_padding_throughput_and_the_trl_peer():
-    from benchmarks.run import evaluate_targets, render_markdown, target_lines
+    from benchmarks.run import evaluate_targets, target_lines
 
     def row(pad, packed_pad, tps, packed_tps):
         return {
@@ -157,10 +162,8 @@ def test_the_packing_section_renders_padding_throughput_and_the_trl_peer():
         "trl": {"sft": {"trl_version": "1.16.0", "padding_free": True, "padding_fraction": 0.0,
                         "tokens_per_s": 1600.0}},
     }  # fmt: skip
-    machine = {"cpu_model": "x", "cpu_cores": 2, "date_utc": "d", "versions": {}}
     targets = evaluate_targets({"pack": pack})
-    doc = {"machine": machine, "results": {"pack": pack}, "targets": targets, "quick": False, "section_seconds": {}}
-    md = render_markdown(doc)
+    md = rendered("pack", pack, targets)
     assert "| ift | 50.0% | 2.0% | 800 | 1,200 | 1.50x |" in md
     assert "| TRL 1.16.0 sft | padding-free | 0.0% | 1,600 | 1.25x |" in md
     lines = target_lines(targets)
@@ -169,7 +172,7 @@ def test_the_packing_section_renders_padding_throughput_and_the_trl_peer():
 
 
 def test_the_memory_section_renders_each_allocator_and_stage_and_reads_the_live_memory_ratio_as_its_target():
-    from benchmarks.run import evaluate_targets, render_markdown
+    from benchmarks.run import evaluate_targets
 
     def cell(allocator, zero, rss):
         return {"allocator": allocator, "zero_stage": zero, "peak_rss_mib_per_worker": rss,
@@ -185,9 +188,7 @@ def test_the_memory_section_renders_each_allocator_and_stage_and_reads_the_live_
         "methods": {"ift": {"zero3_over_zero0_peak_rss": 2000 / 2600}},
     }  # fmt: skip
     targets = evaluate_targets({"memory": memory})
-    machine = {"cpu_model": "x", "cpu_cores": 2, "date_utc": "d", "versions": {}}
-    md = render_markdown({"machine": machine, "results": {"memory": memory}, "targets": targets, "quick": False,
-                          "section_seconds": {}})  # fmt: skip
+    md = rendered("memory", memory, targets)
     assert "| mmap threshold 128 KiB | 3 | 1,900 MiB, 2,000 MiB | 792 MiB | 50 s |" in md
     assert "glibc default: 1.10x" in md
     (memory_target,) = [t for t in targets if t["label"] == "ZeRO-3 peak RSS per worker"]
@@ -195,8 +196,6 @@ def test_the_memory_section_renders_each_allocator_and_stage_and_reads_the_live_
 
 
 def test_the_report_section_renders_seconds_per_step_for_both_report_policies():
-    from benchmarks.run import render_markdown
-
     report = {
         "config": "tiny", "steps": 30, "measured_steps": "5-30", "cpu_cores": 2,
         "cells": {
@@ -205,9 +204,7 @@ def test_the_report_section_renders_seconds_per_step_for_both_report_policies():
         },
         "slowdown_every_logged_step": 25.0,
     }  # fmt: skip
-    machine = {"cpu_model": "x", "cpu_cores": 2, "date_utc": "d", "versions": {}}
-    doc = {"machine": machine, "results": {"report": report}, "targets": [], "quick": False, "section_seconds": {}}
-    md = render_markdown(doc)
+    md = rendered("report", report)
     assert "| checkpoints and evaluations (default) | 0.080 | 30 |" in md
     assert "| every logged step | 2.000 | 88 |" in md
     assert "25.0x slower" in md
