@@ -18,7 +18,7 @@ export DO_NOT_TRACK ?= 1
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,eval,bench]'
+	$(PY) -m pip install --quiet -e '.[test,eval,bench,frozenlake]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -16,7 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from pipelines.provenance import git_commit
+from pipelines.tracking.provenance import git_commit
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,6 +1,6 @@
 """The data path: Ray Data tokenization against ``datasets.map``, same corpus, same processes.
 
-Both sides run the pipeline's own per-row work, ``pipelines.data.TokenizeRows``
+Both sides run the pipeline's own per-row work, ``pipelines.data.tokenize.TokenizeRows``
 (JSON payload -> validated, chat-templated token ids and labels), in batches of
 256 rows over the same in-memory corpus of ``make_conversations`` rows:
 
@@ -43,10 +43,10 @@ def _corpus(n_rows: int, seed: int) -> list[dict[str, Any]]:
 
 
 def init_ray() -> float:
-    """``pipelines.train.init_ray`` (the pipeline's own start-up), timed; 0 if Ray is already up."""
+    """``pipelines.orchestration.train.init_ray`` (the pipeline's own start-up), timed; 0 if Ray is already up."""
     import ray
 
-    from pipelines.train import init_ray as pipeline_init_ray
+    from pipelines.orchestration.train import init_ray as pipeline_init_ray
 
     if ray.is_initialized():
         return 0.0
@@ -58,7 +58,7 @@ def init_ray() -> float:
 def _ray_once(items: list[dict[str, Any]], procs: int) -> tuple[float, int, int, int]:
     import ray
 
-    from pipelines.data import TokenizeRows
+    from pipelines.data.tokenize import TokenizeRows
 
     ds = ray.data.from_items(items, override_num_blocks=max(4 * procs, len(items) // (8 * BATCH) or 1))
     ds.context.enable_progress_bars = False
@@ -79,7 +79,7 @@ def _ray_once(items: list[dict[str, Any]], procs: int) -> tuple[float, int, int,
 def _hf_once(items: list[dict[str, Any]], procs: int) -> tuple[float, int, int, int]:
     import datasets
 
-    from pipelines.data import TokenizeRows
+    from pipelines.data.tokenize import TokenizeRows
 
     hf = datasets.Dataset.from_list(items)
     t = time.perf_counter()

@@ -8,7 +8,7 @@ chosen and rejected response lengths independently.
 
 Both layouts see the same examples in the same order (``window`` examples per
 round) and train the same model (a copy of one start) with the method's objective
-from ``pipelines.methods`` and a plain AdamW step (clip 1.0), as
+from ``pipelines.training.methods`` and a plain AdamW step (clip 1.0), as
 ``benchmarks.step_time`` does:
 
 * *padded*: micro-batches of ``batch_size`` examples right-padded to their
@@ -18,7 +18,7 @@ from ``pipelines.methods`` and a plain AdamW step (clip 1.0), as
   defaults to ``data.max_length``; twice that for pairs, whose chosen and
   rejected sequences share a row), ``batch_size`` rows per micro-batch: the
   padded micro-batch's shape at full length, filled with real tokens
-  (:class:`pipelines.batching.MicroBatches` with ``data.packing=true`` does
+  (:class:`pipelines.data.batching.MicroBatches` with ``data.packing=true`` does
   exactly this: :func:`ift.collate.pack_examples` + :func:`ift.collate.collate_packs`).
 
 *Useful tokens* are the real tokens a training forward processes (prompt and
@@ -48,6 +48,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import load_average
+from pipelines.config import METHOD_CONFIGS
 
 METHODS = ("sft", "ift", "dpo", "orpo")
 LAYOUTS = ("padded", "packed")
@@ -199,7 +200,7 @@ def run(cfg: PackingBenchConfig | None = None, *, log: Callable[[str], None] = p
     runners: dict[tuple[str, str], MethodRunner] = {}
     windows: dict[tuple[str, str], list[list[Micro]]] = {}
     for method in cfg.methods:
-        pairs = method in ("dpo", "orpo")
+        pairs = METHOD_CONFIGS[method].paired
         examples = corpora[pairs]
         for layout in LAYOUTS:
             windows[method, layout] = [

@@ -4,7 +4,7 @@ Train, against reporting only checkpoints and evaluations (the default).
 Ray Train 2.60 takes one report per controller poll (every 2 s, a result queue of one) and a
 report waits for the previous one to be taken, so reporting every step caps a run at one step
 per poll interval whenever a step is faster than that.  Both cells are real
-``pipelines.train.train`` runs of the packaged ``tiny`` config (IFT, 1 worker, one logged
+``pipelines.orchestration.train.train`` runs of the packaged ``tiny`` config (IFT, 1 worker, one logged
 step each, MLflow on a temporary sqlite store); seconds per step come from the MLflow
 timestamps of each step's loss, from step 5 on (start-up excluded).
 """
@@ -27,7 +27,7 @@ def run(steps: int = 30, log: Callable[[str], None] = print) -> dict[str, Any]:
 
     from benchmarks.data_path import init_ray
     from pipelines.config import load_config
-    from pipelines.train import train
+    from pipelines.orchestration.train import train
 
     if steps <= MEASURED_FROM:
         raise ValueError(f"steps must exceed {MEASURED_FROM} (steps {MEASURED_FROM}+ are measured)")

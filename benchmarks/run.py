@@ -227,7 +227,8 @@ def render_markdown(doc: dict[str, Any]) -> str:
         else:
             lines += [
                 f"{s['rows']:,} generated conversations (in memory), tokenizer `{s['tokenizer']}`, max_length "
-                f"{s['max_length']}, batches of {s['batch_size']}; both sides run `pipelines.data.TokenizeRows`.  "
+                f"{s['max_length']}, batches of {s['batch_size']}; both sides run "
+                "`pipelines.data.tokenize.TokenizeRows`.  "
                 "End to end includes worker start (Ray actors / the datasets process pool); steady = worker "
                 f"start excluded (full run minus a one-batch-per-worker run).  ray.init ({s['ray_init_s']:.1f} s) "
                 f"excluded.  Load average before/after: {s.get('load_average_before')} / "
@@ -331,7 +332,7 @@ def render_memory(m: dict[str, Any]) -> list[str]:
     lines += [
         f"`ift train` of `{m['model']}` (IFT, {m['workers']} workers, {m['steps']} steps, final checkpoint and "
         "export included), peak RSS of each `ray::RayTrainWorker` process sampled every 50 ms from outside; "
-        "model states as the ZeRO paper counts them for the stage (`pipelines.estimate`).",
+        "model states as the ZeRO paper counts them for the stage (`pipelines.training.estimate`).",
         "",
         "| allocator | ZeRO | peak RSS per worker | model states per worker | wall |",
         "|---|---|---|---|---|",

@@ -1,11 +1,11 @@
 """Scaling: pipeline tokens/s with 1 and 2 Ray Train workers, for ZeRO 0, 2 and 3.
 
-Each cell is a real ``pipelines.train.train`` run of the packaged ``tiny``
+Each cell is a real ``pipelines.orchestration.train.train`` run of the packaged ``tiny``
 config (IFT, tiny preset, bundled chat data, DeepSpeed on CPU or GPU) for a
 fixed number of optimizer steps, with MLflow, validation, intermediate
 checkpoints and model registration off.  tokens/s is the run's own metric
 (non-pad tokens of all ranks' micro-batches over the wall time of the logging
-window, ``pipelines.loop.run_training``), taken from the last window: with
+window, ``pipelines.training.loop.run_training``), taken from the last window: with
 ``log_every_n_steps = steps/2`` the first half of the steps (start-up, the
 first compiled step) is excluded.
 
@@ -35,7 +35,7 @@ def run(
 ) -> dict[str, Any]:
     from benchmarks.data_path import init_ray
     from pipelines.config import load_config
-    from pipelines.train import train
+    from pipelines.orchestration.train import train
 
     if steps < 2 or steps % 2:
         raise ValueError("steps must be an even number >= 2 (the second half is measured)")

@@ -2,7 +2,7 @@
 
 A *step* is what the training loop does per micro-batch: the method's forward
 pass(es), the backward pass and the optimizer step (with gradient clipping at
-1.0, as ``pipelines.loop`` does).  Every method starts from a copy of the same
+1.0, as ``pipelines.training.loop`` does).  Every method starts from a copy of the same
 initial weights and sees the same batch:
 
 * ``sft``           ``ift.objectives.sft_loss``: one forward with gradients;
@@ -39,7 +39,7 @@ state, activations, temporaries and a method's own state (DPO's reference
 model).  The absolute peaks are recorded too.
 
 This module never imports Ray: on a GPU machine it drives ``ift`` and DeepSpeed
-directly (``--engine deepspeed`` builds the engine with ``pipelines.loop``'s
+directly (``--engine deepspeed`` builds the engine with ``pipelines.training.loop``'s
 ``build_engine``, which has no Ray import either)::
 
     python -m benchmarks.step_time --model tiny-100m --dtype bf16 --engine deepspeed --zero 2 \\
@@ -69,7 +69,7 @@ import torch
 from benchmarks.common import cpu_model, load_average, summarize
 
 # Benchmarked variants: a name and its `method` config (λ and decay come from StepConfig);
-# the objectives themselves come from the method table, pipelines.methods.
+# the objectives themselves come from the method table, pipelines.training.methods.
 BENCH_METHODS: dict[str, dict[str, Any]] = {
     "sft": {"name": "sft"},
     "ift": {"name": "ift"},
@@ -108,7 +108,7 @@ PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
 class StepConfig:
     model: str = "tiny"
     dtype: str = "float32"  # float32 | bf16 (torch engine: autocast; deepspeed: its bf16 mode)
-    engine: str = "torch"  # torch (plain AdamW) | deepspeed (pipelines.build.build_engine, one process)
+    engine: str = "torch"  # torch (plain AdamW) | deepspeed (pipelines.training.build.build_engine, one process)
     zero_stage: int = 0  # deepspeed only
     batch_size: int = 8
     seq_len: int = 256
@@ -236,8 +236,10 @@ class MethodRunner:
         *,
         copy_model: bool = True,
     ):
-        from pipelines.config import MethodConfig
-        from pipelines.methods import build_objective
+        from pydantic import TypeAdapter
+
+        from pipelines.config import METHOD_CONFIGS, MethodConfig
+        from pipelines.training.methods import build_objective
 
         self.name = name
         self.cfg = cfg
@@ -252,9 +254,15 @@ class MethodRunner:
             from pipelines.config import LoraConfig
 
             model = add_lora(model, **LoraConfig(**lora).model_dump()).train()
-        method_cfg = MethodConfig(**spec, lam=cfg.lam, decay=cfg.decay)
+        # λ and decay from StepConfig, for the methods that have them
+        options = {
+            k: v
+            for k, v in {"lam": cfg.lam, "decay": cfg.decay}.items()
+            if k in METHOD_CONFIGS[spec["name"]].model_fields
+        }
+        method_cfg = TypeAdapter(MethodConfig).validate_python({**spec, **options})
         self.objective = build_objective(method_cfg, model, device, seed=cfg.seed)
-        self.batch = pair_batch if method_cfg.needs_pairs else sft_batch
+        self.batch = pair_batch if method_cfg.paired else sft_batch
         mask_keys = (
             ["attention_mask"]
             if "attention_mask" in self.batch
@@ -265,7 +273,7 @@ class MethodRunner:
         bf16 = cfg.dtype in ("bf16", "bfloat16")
         self.engine = None
         if cfg.engine == "deepspeed":
-            from pipelines.build import build_engine
+            from pipelines.training.build import build_engine
 
             if getattr(self.objective, "reference", None) is not None and bf16:
                 self.objective.reference = self.objective.reference.to(torch.bfloat16)
@@ -406,7 +414,7 @@ def measure_memory(cfg: StepConfig, *, parallel: int = 1) -> dict[str, dict[str,
     # Not this module itself: run as ``python -m benchmarks.step_time`` it is the children's __main__.
     preload = ["torch", "transformers", "ift.models", "ift.objectives", "ift.data", "ift.toydata"]
     if cfg.engine == "deepspeed":
-        preload.append("pipelines.loop")
+        preload.append("pipelines.training.loop")
     ctx.set_forkserver_preload(preload)
     raw = asdict(cfg)
     tasks = [(raw, m) for _ in range(max(1, cfg.memory_repeats)) for m in cfg.methods]

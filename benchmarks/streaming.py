@@ -1,6 +1,6 @@
 """Training from a stream: time to the first step, rows each rank reads, object-store peak, tokens/s.
 
-Every figure comes from real ``ift train`` runs (``pipelines.train.train``, the
+Every figure comes from real ``ift train`` runs (``pipelines.orchestration.train.train``, the
 packaged tiny config, 2 workers) on generated chat corpora written to JSONL:
 
 * **time to the first optimizer step** on a small and a large corpus (2,000 and
@@ -95,7 +95,7 @@ class ObjectStoreSampler:
 def first_step_seconds(root: Path, corpus: Path, name: str) -> dict[str, Any]:
     import mlflow
 
-    from pipelines.train import train
+    from pipelines.orchestration.train import train
 
     cfg = _config(root, corpus, name, "optimization.max_steps=2")
     # The store's tables are created on first touch (seconds of migrations): not part of either run's time.
@@ -108,7 +108,7 @@ def first_step_seconds(root: Path, corpus: Path, name: str) -> dict[str, Any]:
 
 
 def rows_per_rank(root: Path, corpus: Path, rows: int, workers: int) -> dict[str, Any]:
-    from pipelines.train import train
+    from pipelines.orchestration.train import train
 
     cfg = _config(root, corpus, "rows-per-rank", "optimization.epochs=1", f"scaling.num_workers={workers}")
     result = train(cfg, show_progress=False)
@@ -117,9 +117,9 @@ def rows_per_rank(root: Path, corpus: Path, rows: int, workers: int) -> dict[str
 
 
 def steady_tokens_per_s(root: Path, corpus: Path, steps: int, warmup: int) -> dict[str, Any]:
-    import pipelines.data as data_module
-    from pipelines.cache import prepare
-    from pipelines.train import train
+    import pipelines.data.streaming as data_module
+    from pipelines.data.cache import prepare
+    from pipelines.orchestration.train import train
 
     streaming = data_module.build_datasets
 
@@ -156,7 +156,7 @@ def steady_tokens_per_s(root: Path, corpus: Path, steps: int, warmup: int) -> di
 def run(
     *, small_rows: int = 2_000, large_rows: int = 200_000, steps: int = 40, warmup: int = 10, log=print
 ) -> dict[str, Any]:
-    from pipelines.train import init_ray
+    from pipelines.orchestration.train import init_ray
 
     init_ray(log_to_driver=False)
     out: dict[str, Any] = {"load_average_before": load_average(), "small_rows": small_rows, "large_rows": large_rows}

@@ -56,6 +56,8 @@ from typing import Any
 import torch
 from transformers import PrinterCallback, TrainerCallback
 
+from pipelines.config import METHOD_CONFIGS
+
 METHODS = ("sft", "dpo")
 
 
@@ -154,7 +156,7 @@ def build_trainer(
         "disable_tqdm": True,
         "padding_free": padding_free,
     }
-    if method == "sft":
+    if not METHOD_CONFIGS[method].paired:  # TRL's SFTTrainer; pairs go to its DPOTrainer
         args = SFTConfig(**common, max_length=None, completion_only_loss=True)
         dataset = Dataset.from_list(_sft_rows(examples, max_length))
         return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)

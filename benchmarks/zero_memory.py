@@ -1,6 +1,6 @@
 """Peak host memory of each Ray Train worker, ZeRO-0 against ZeRO-3, sampled from outside the workers.
 
-Each cell is a real ``pipelines.train.train`` run: the ``tiny-100m`` preset (101M
+Each cell is a real ``pipelines.orchestration.train.train`` run: the ``tiny-100m`` preset (101M
 parameters, float32 on CPU), IFT, 2 workers, a few optimizer steps, the final
 checkpoint and the Hugging Face export included (MLflow and validation off).  A
 thread in this process reads the resident set size (RSS) of every
@@ -16,7 +16,7 @@ buckets), not what is live.  With the threshold fixed each freed tensor goes
 back to the kernel, so RSS tracks live memory.
 
 Beside each measurement stand the model states the ZeRO paper counts for that
-stage (:func:`pipelines.estimate.estimate_memory`: parameters, gradients, Adam
+stage (:func:`pipelines.training.estimate.estimate_memory`: parameters, gradients, Adam
 moments) and DeepSpeed's own ZeRO-3 buffers, named with their configured sizes.
 """
 
@@ -99,10 +99,10 @@ def run(
 ) -> dict[str, Any]:
     import ray
 
-    from pipelines.build import deepspeed_config
     from pipelines.config import load_config
-    from pipelines.estimate import estimate_memory, model_shape
-    from pipelines.train import train
+    from pipelines.orchestration.train import train
+    from pipelines.training.build import deepspeed_config
+    from pipelines.training.estimate import estimate_memory, model_shape
 
     cells: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="ift-bench-zero-memory-") as storage:

@@ -20,13 +20,13 @@ Three layouts are produced, matching the formats :mod:`ift.data` accepts:
   ``{"prompt", "chosen": [messages], "rejected": [messages]}``;
 - ``{"prompt": str, "completion": str}``.
 
-The data of the offline lm-eval tasks shipped in ``pipelines/eval_tasks``
+The data of the offline lm-eval tasks shipped in ``pipelines/evaluation/task_configs``
 (:func:`offline_task_rows`) come from the same generators with their own seeds,
 the arithmetic problems held out from the bundled files.
 
 Regenerate the bundled files and the eval tasks' data with::
 
-    python -m ift.toydata pipelines/data
+    python -m ift.toydata pipelines/demo_data
     python -m pipelines.evaluation build-tasks
 """
 
@@ -261,7 +261,7 @@ def write_bundled_data(out_dir: str | Path) -> list[Path]:
 
 
 # --------------------------------------------------------------------------- offline eval tasks
-# The data of the lm-eval tasks shipped in pipelines/eval_tasks (ift_arith,
+# The data of the lm-eval tasks shipped in pipelines/evaluation/task_configs (ift_arith,
 # ift_capitals_mc): same generators and wording as the training data, so a model
 # trained on the bundled files can learn them, with their own seeds.
 
@@ -324,7 +324,7 @@ def offline_task_rows() -> dict[str, list[Row]]:
 def main(argv: list[str] | None = None) -> None:
     """CLI: ``python -m ift.toydata OUT_DIR`` writes the bundled files."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir", nargs="?", default="pipelines/data")
+    parser.add_argument("out_dir", nargs="?", default="pipelines/demo_data")
     args = parser.parse_args(argv)
     for path in write_bundled_data(args.out_dir):
         print(path)

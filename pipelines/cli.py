@@ -49,7 +49,7 @@ def _train(argv: list[str]) -> int:
     if cfg is None:
         return 2
     if args.dry_run:
-        from pipelines.estimate import dry_run
+        from pipelines.orchestration.dry_run import dry_run
 
         try:
             dry_run(cfg)
@@ -58,8 +58,8 @@ def _train(argv: list[str]) -> int:
             return 1
         return 0
     from ift.data import DataError
-    from pipelines.loop import ResumeError
-    from pipelines.train import summary, train
+    from pipelines.orchestration.train import summary, train
+    from pipelines.training.state import ResumeError
 
     try:
         result = train(cfg, show_progress=not args.no_progress)
@@ -84,8 +84,8 @@ def _data(argv: list[str]) -> int:
     if cfg is None:
         return 2
     from ift.data import DataError
-    from pipelines import cache
-    from pipelines.train import init_ray
+    from pipelines.data import cache
+    from pipelines.orchestration.train import init_ray
 
     init_ray(log_to_driver=False)
     import ray
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return main_compare(rest)
     if command == "frozenlake":
-        from pipelines.frozenlake import main as frozenlake_main
+        from experiments.frozenlake.run import main as frozenlake_main
 
         return frozenlake_main(rest)
     print(f"unknown command '{command}'\n\n{USAGE}", file=sys.stderr)

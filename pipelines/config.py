@@ -13,7 +13,7 @@ import json
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 PACKAGED_CONFIGS = "pipelines.configs"
 DEFAULT_CONFIG = "tiny"
 # The store every command defaults to: a sqlite file in the working directory
-# (made absolute by pipelines.tracking.resolve_tracking_uri, so Ray workers hit the same file).
+# (made absolute by pipelines.tracking.runs.resolve_tracking_uri, so Ray workers hit the same file).
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
@@ -120,10 +120,32 @@ class DataConfig(_Section):
         return self.pack_length if self.pack_length is not None else self.max_length * (2 if paired else 1)
 
 
-class MethodConfig(_Section):
-    name: Literal["ift", "sft", "dpo", "orpo"] = Field("ift", description="Training objective.")
+class _MethodSection(_Section):
+    """What every method config says about itself: whether it trains on (chosen, rejected) pairs and
+    whether it trains against a frozen reference policy.  One subclass per method, chosen by ``name``."""
+
+    paired: ClassVar[bool] = False  # reads preference rows (chosen, rejected) instead of SFT rows
+    uses_reference: ClassVar[bool] = False  # scores against a frozen copy of the start policy
+
+    @property
+    def precomputed_reference(self) -> bool:
+        """Whether the reference log-probs are computed once before training (the reference is then freed)."""
+        return False
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The method's own options (everything but ``name``): its model versions' tags and trial params."""
+        return self.model_dump(mode="json", exclude={"name"})
+
+    def check(self, cfg: TrainConfig) -> None:
+        """Combinations with the rest of the config this method cannot train with (raise ValueError)."""
+
+
+class IFTConfig(_MethodSection):
+    """Intuitive Fine-Tuning: the fused-embedding pass of eq. (17) weighted by the discounted scan of eq. (22)."""
+
+    name: Literal["ift"] = "ift"
     lam: float = Field(0.2, ge=0, le=1, description="IFT λ of eq. (17), or its maximum under a schedule.")
-    decay: float = Field(0.95, ge=0, le=1, description="IFT propagation decay γ (0 turns propagation off).")
+    decay: float = Field(0.95, ge=0, le=1, description="IFT propagation decay γ of eq. (22) (0 turns it off).")
     lam_schedule: Literal["constant", "linear_warmup"] = Field("constant", description="λ over steps.")
     lam_min: float = Field(0.0, ge=0, le=1, description="Start λ of the linear warm-up.")
     lam_warmup_steps: int = Field(0, ge=0, description="Steps of the λ warm-up.")
@@ -136,25 +158,51 @@ class MethodConfig(_Section):
     frozen_fusion_embeddings: bool = Field(
         False, description="Fuse with a frozen copy of the input embeddings, as the authors' release does."
     )
-    beta: float | None = Field(None, gt=0, description="DPO/ORPO β; default 0.1 for DPO, 0.25 for ORPO.")
+
+    def check(self, cfg: TrainConfig) -> None:
+        if self.frozen_fusion_embeddings and cfg.deepspeed.zero_stage == 3:
+            raise ValueError("method.frozen_fusion_embeddings cannot copy partitioned ZeRO-3 embeddings; use stage 0-2")
+        if self.lam_schedule == "linear_warmup" and self.lam_min > self.lam:
+            raise ValueError("method.lam_min must not exceed method.lam (the warm-up's end value)")
+
+
+class SFTConfig(_MethodSection):
+    """Supervised fine-tuning: the response NLL of eq. (27)."""
+
+    name: Literal["sft"] = "sft"
+
+
+class DPOConfig(_MethodSection):
+    """Sigmoid DPO (eq. 32) against the start policy; β = 0.1 as in the paper's §5.1."""
+
+    paired: ClassVar[bool] = True
+    uses_reference: ClassVar[bool] = True
+
+    name: Literal["dpo"] = "dpo"
+    beta: float = Field(0.1, gt=0, description="DPO β (the paper's 0.1).")
     precompute_reference: bool = Field(
-        False, description="DPO: compute reference log-probs once before training and free the reference model."
+        False, description="Compute reference log-probs once before training and free the reference model."
     )
 
-    # The method table (pipelines.methods) owns what each name means; imported late
-    # because it brings torch, and parsing a config should not.
     @property
-    def resolved_beta(self) -> float | None:
-        """β of DPO/ORPO with the method's default filled in; None for methods without β."""
-        from pipelines.methods import METHODS
+    def precomputed_reference(self) -> bool:
+        return self.precompute_reference
 
-        return METHODS[self.name].beta(self)
 
-    @property
-    def needs_pairs(self) -> bool:
-        from pipelines.methods import METHODS
+class ORPOConfig(_MethodSection):
+    """ORPO (Hong et al.): chosen NLL plus β × the odds-ratio term, no reference; β = 0.25 as in §5.1."""
 
-        return METHODS[self.name].paired
+    paired: ClassVar[bool] = True
+
+    name: Literal["orpo"] = "orpo"
+    beta: float = Field(0.25, gt=0, description="ORPO β, the odds-ratio term's weight (the paper's 0.25).")
+
+
+METHOD_CONFIGS: dict[str, type[_MethodSection]] = {
+    cls.model_fields["name"].default: cls for cls in (IFTConfig, SFTConfig, DPOConfig, ORPOConfig)
+}
+MethodConfig = Annotated[IFTConfig | SFTConfig | DPOConfig | ORPOConfig, Field(discriminator="name")]
+DEFAULT_METHOD = "ift"
 
 
 class OptimizationConfig(_Section):
@@ -222,7 +270,9 @@ class TrainConfig(_Section):
     run_name: str = Field("ift-tiny", description="Run name; re-running with the same name resumes.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig
-    method: MethodConfig = Field(default_factory=MethodConfig)
+    method: MethodConfig = Field(
+        default_factory=IFTConfig, description="The training method: its `name` (ift, sft, dpo, orpo) and options."
+    )
     optimization: OptimizationConfig = Field(default_factory=OptimizationConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
@@ -230,26 +280,31 @@ class TrainConfig(_Section):
     mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _method_name_defaults_to_ift(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("method"), dict) and "name" not in data["method"]:
+            data = {**data, "method": {"name": DEFAULT_METHOD, **data["method"]}}
+        return data
+
     @model_validator(mode="after")
     def _check_combinations(self) -> TrainConfig:
         if self.deepspeed.offload_param and self.deepspeed.zero_stage != 3:
             raise ValueError("deepspeed.offload_param needs deepspeed.zero_stage=3")
-        if self.method.frozen_fusion_embeddings and self.deepspeed.zero_stage == 3:
-            raise ValueError("method.frozen_fusion_embeddings cannot copy partitioned ZeRO-3 embeddings; use stage 0-2")
         if self.model.attn_implementation == "flash_attention_2" and self.scaling.use_gpu is False:
             raise ValueError(
                 "model.attn_implementation=flash_attention_2 needs CUDA GPUs but scaling.use_gpu is false; "
                 "use sdpa on CPU"
             )
-        longest = self.data.max_length * (2 if self.method.needs_pairs else 1)
-        if self.data.packing and self.data.resolved_pack_length(self.method.needs_pairs) < longest:
-            what = "a pair of max_length sequences (packed side by side)" if self.method.needs_pairs else "a sequence"
+        paired = self.method.paired
+        longest = self.data.max_length * (2 if paired else 1)
+        if self.data.packing and self.data.resolved_pack_length(paired) < longest:
+            what = "a pair of max_length sequences (packed side by side)" if paired else "a sequence"
             raise ValueError(
                 f"data.pack_length={self.data.pack_length} is shorter than {what}: {longest} tokens with "
                 f"data.max_length={self.data.max_length}; raise data.pack_length or lower data.max_length"
             )
-        if self.method.lam_schedule == "linear_warmup" and self.method.lam_min > self.method.lam:
-            raise ValueError("method.lam_min must not exceed method.lam (the warm-up's end value)")
+        self.method.check(self)
         return self
 
     def fingerprint(self) -> str:
@@ -264,12 +319,21 @@ def _format_validation_error(err: ValidationError, source: str, allowed: dict[tu
     lines = [f"invalid config ({source}):"]
     for e in err.errors():
         loc = tuple(str(p) for p in e["loc"])
+        section = tuple(p for p in loc[:-1] if not p.isdigit())
+        method = None
+        if loc[:1] == ("method",) and len(loc) > 2 and loc[1] in METHOD_CONFIGS:
+            # pydantic puts the chosen method's tag in the path: method.sft.lam is the user's method.lam
+            method, loc = loc[1], ("method",) + loc[2:]
         key = ".".join(loc) or "<root>"
         if e["type"] == "extra_forbidden":
-            names = allowed.get(tuple(p for p in loc[:-1] if not p.isdigit()), [])
+            names = allowed.get(section, [])
             close = difflib.get_close_matches(loc[-1], names, n=1)
             hint = f" (did you mean '{'.'.join(loc[:-1] + (close[0],))}'?)" if close else ""
-            lines.append(f"  {key}: unknown key{hint}")
+            what = f"unknown key for method '{method}' (its keys: {', '.join(names)})" if method else "unknown key"
+            lines.append(f"  {key}: {what}{hint}")
+        elif e["type"] == "union_tag_invalid" and loc == ("method",):
+            got = (e.get("ctx") or {}).get("tag")
+            lines.append(f"  method.name: unknown method {got!r} (choose from {', '.join(METHOD_CONFIGS)})")
         elif e["type"] == "missing":
             lines.append(f"  {key}: required key is missing")
         else:
@@ -281,9 +345,18 @@ def _allowed_keys(model: type[BaseModel], prefix: tuple = ()) -> dict[tuple, lis
     """Section path (list indices left out) -> the keys that section accepts."""
     out = {prefix: list(model.model_fields)}
     for name, field in model.model_fields.items():
-        for candidate in (field.annotation, *getattr(field.annotation, "__args__", ())):
-            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-                out.update(_allowed_keys(candidate, prefix + (name,)))
+        sections = [
+            c
+            for c in (field.annotation, *getattr(field.annotation, "__args__", ()))
+            if isinstance(c, type) and issubclass(c, BaseModel)
+        ]
+        if len(sections) > 1 and field.discriminator:  # one class per tag (the method): keys per tag, and all
+            for section in sections:
+                tag = section.model_fields[field.discriminator].default
+                out.update(_allowed_keys(section, prefix + (name, tag)))
+            out[prefix + (name,)] = list(dict.fromkeys(k for c in sections for k in c.model_fields))
+        elif sections:
+            out.update(_allowed_keys(sections[0], prefix + (name,)))
     return out
 
 
@@ -304,6 +377,23 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
         node[int(parts[-1])] = value
     else:
         node[parts[-1]] = value
+
+
+def _method_name_first(items: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """``method.name`` is applied before the other overrides, so ``method.<option>`` is checked against the
+    method the run will train with, wherever it stands on the command line."""
+    return sorted(items, key=lambda kv: kv[0] != "method.name")
+
+
+def _set_override(tree: dict, dotted: str, value: Any) -> None:
+    """``_set_dotted``, except that switching ``method.name`` drops the options of the previous method
+    that the new one does not have (a config's ``method.lam`` means nothing to ``method.name=sft``)."""
+    method = tree.get("method")
+    if dotted == "method.name" and isinstance(method, dict) and value in METHOD_CONFIGS:
+        if method.get("name", DEFAULT_METHOD) != value:
+            fields = METHOD_CONFIGS[value].model_fields
+            tree["method"] = {k: v for k, v in method.items() if k in fields}
+    _set_dotted(tree, dotted, value)
 
 
 def _parse_value(raw: str) -> Any:
@@ -406,9 +496,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             )
     tree = read_yaml_mapping(file)
     resolve_data_paths(tree, file.parent)
-    for key, value in parse_overrides(overrides or []):
+    for key, value in _method_name_first(parse_overrides(overrides or [])):
         try:
-            _set_dotted(tree, key, value)
+            _set_override(tree, key, value)
         except (IndexError, ValueError, TypeError) as exc:
             raise ConfigError(f"override {key}: {exc}") from exc
     resolve_data_paths(tree, Path.cwd())
@@ -427,8 +517,8 @@ def apply_overrides(cfg: TrainConfig, values: dict[str, Any]) -> TrainConfig:
     """A copy of ``cfg`` with dotted-key values set and re-validated (used by sweeps);
     relative data paths among them resolve against the working directory."""
     tree = cfg.model_dump(mode="python")
-    for key, value in values.items():
-        _set_dotted(tree, key, value)
+    for key, value in _method_name_first(list(values.items())):
+        _set_override(tree, key, value)
     resolve_data_paths(tree, Path.cwd())
     try:
         return TrainConfig.model_validate(tree)
@@ -458,15 +548,25 @@ def describe_schema() -> str:
     """Every key with its default and help text (``ift train --help-config``)."""
     lines = []
 
+    def row(key: str, field: Any, note: str = "") -> None:
+        default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+        lines.append(f"{key:42s} {default:>14s}  {note}{field.description or ''}")
+
     def walk(model: type[BaseModel], prefix: str) -> None:
         for name, field in model.model_fields.items():
             ann = field.annotation
             key = f"{prefix}{name}"
+            if field.discriminator:  # the method: its name, then each method's own options
+                lines.append(f"{key + '.name':42s} {repr(DEFAULT_METHOD):>14s}  one of {', '.join(METHOD_CONFIGS)}")
+                for tag, cls in METHOD_CONFIGS.items():
+                    for option, sub in cls.model_fields.items():
+                        if option != field.discriminator:
+                            row(f"{key}.{option}", sub, note=f"[{tag}] ")
+                continue
             if isinstance(ann, type) and issubclass(ann, BaseModel):
                 walk(ann, key + ".")
                 continue
-            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
-            lines.append(f"{key:42s} {default:>14s}  {field.description or ''}")
+            row(key, field)
 
     walk(TrainConfig, "")
     return "\n".join(lines)

@@ -297,7 +297,7 @@ def test_runtime_env_ships_the_code_not_the_venv(tmp_path):
     for needed in (
         "pipelines/cli.py",
         "pipelines/configs/tiny.yaml",
-        "pipelines/data/demo_chat.jsonl",
+        "pipelines/demo_data/demo_chat.jsonl",
         "pyproject.toml",
     ):
         assert needed in names, needed

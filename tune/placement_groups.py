@@ -106,7 +106,7 @@ class PlacementGroupJanitor:
     """
 
     def __init__(self, interval_s: float = 1.0, log: Callable[[str], None] | None = None):
-        from pipelines.train import on_driver_node
+        from pipelines.orchestration.progress import on_driver_node
 
         # Trials get this actor's handle (it pickles; the janitor's thread does not).  On the driver's
         # node: on a worker node that is lost it would take the sweep's records with it.

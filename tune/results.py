@@ -57,8 +57,8 @@ def collect_rows(grid: Any, sweep_id: str, keys: list[str], metric: str, sweep_d
     path without its scheme; it is looked up in the filesystem of ``sweep_dir`` (a local
     folder or a URI such as ``s3://bucket/sweeps/<id>``), and the row keeps the full URI.
     """
-    from pipelines.loop import HF_MODEL_DIR
-    from pipelines.storage import StoredCheckpoint, filesystem
+    from pipelines.orchestration.storage import StoredCheckpoint, filesystem
+    from pipelines.training.state import HF_MODEL_DIR
 
     fs = filesystem(sweep_dir)[0]
     rows = []

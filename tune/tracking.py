@@ -2,9 +2,9 @@
 status, the parent's results (artifacts, counts, best trial) and the champion: the best
 completed trial's model registered with the sweep's alias.
 
-Each trial's child run is opened by ``ift train`` itself (``pipelines.train.train`` with
+Each trial's child run is opened by ``ift train`` itself (``pipelines.orchestration.train.train`` with
 ``parent_run_id``); this module only creates the parent, fixes up the children once Tune
-is done, and registers the champion.  Store access goes through ``pipelines.tracking``.
+is done, and registers the champion.  Store access goes through ``pipelines.tracking.runs``.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from pathlib import Path
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from pipelines import tracking
 from pipelines.config import TrainConfig, apply_overrides, flatten
-from pipelines.loop import HF_MODEL_DIR
-from pipelines.provenance import git_commit
-from pipelines.storage import StoredCheckpoint
+from pipelines.orchestration.storage import StoredCheckpoint
+from pipelines.tracking import runs
+from pipelines.tracking.provenance import git_commit
+from pipelines.training.state import HF_MODEL_DIR
 from tune.config import SweepConfig
 from tune.results import COMPLETED, ERROR, STOPPED, SweepResult
 
@@ -67,7 +67,7 @@ def start_parent_run(
         **{f"space.{k}": spec.describe() for k, spec in space.items()},
         **{f"base.{k}": v for k, v in flatten(base).items() if k not in space},
     }
-    tracking.log_params(client, parent_id, params)
+    runs.log_params(client, parent_id, params)
     client.log_dict(
         parent_id, {"sweep": sweep.model_dump(mode="json"), "base": base.model_dump(mode="json")}, "sweep_config.json"
     )
@@ -82,7 +82,7 @@ def reconcile_child_runs(
     Sets ``row["mlflow_run_id"]`` on every row.
     """
     found = client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=10_000)
-    by_name = {r.data.tags.get(tracking.RUN_NAME_TAG): r for r in found}
+    by_name = {r.data.tags.get(runs.RUN_NAME_TAG): r for r in found}
     for row in rows:
         run = by_name.get(row["run_name"])
         if run is None:  # crashed before `ift train` opened its run (e.g. an invalid sampled value)
@@ -92,11 +92,11 @@ def reconcile_child_runs(
                 tags={
                     "mlflow.runName": row["run_name"],
                     "mlflow.parentRunId": parent_id,
-                    tracking.RUN_NAME_TAG: row["run_name"],
+                    runs.RUN_NAME_TAG: row["run_name"],
                     "method": base.method.name,
                 },
             )
-            tracking.log_params(client, run.info.run_id, {k: row.get(k) for k in row if "." in k})
+            runs.log_params(client, run.info.run_id, {k: row.get(k) for k in row if "." in k})
         run_id = run.info.run_id
         row["mlflow_run_id"] = run_id
         client.set_tag(run_id, "ift.sweep_id", sweep_id)
@@ -119,7 +119,7 @@ def _log_loss_curve(client: MlflowClient, run_id: str, title: str) -> None:
     if "loss_curve.png" in [a.path for a in client.list_artifacts(run_id)]:
         return
     with tempfile.TemporaryDirectory() as tmp:
-        png = tracking.plot_loss_curve(client, run_id, Path(tmp) / "loss_curve.png", f"{title} (stopped early)")
+        png = runs.plot_loss_curve(client, run_id, Path(tmp) / "loss_curve.png", f"{title} (stopped early)")
         if png is not None:
             client.log_artifact(run_id, str(png))
 
@@ -134,21 +134,17 @@ def register_champion(result: SweepResult, base: TrainConfig, sweep: SweepConfig
         base, {"mlflow.registered_model_name": result.registered_model_name, **{k: best[k] for k in result.keys}}
     )
     tags = {
-        "method": cfg.method.name,
-        "lam": str(cfg.method.lam),
-        "decay": str(cfg.method.decay),
+        **runs.model_version_tags(cfg, run.data.tags.get("data_fingerprint.train", "")),
         result.metric: f"{best[result.metric]:.6f}",
         "sweep_id": result.sweep_id,
         "sweep_parent_run_id": result.parent_run_id,
         "trial_id": best["trial_id"],
         "run_name": best["run_name"],
-        "data_fingerprint": run.data.tags.get("data_fingerprint.train", ""),
-        "git_commit": git_commit(),
         **{f"space.{k}": str(best[k]) for k in result.keys},
     }
     # The trial's checkpoint may be in a bucket: only its hf_model/ is copied out to register.
     with StoredCheckpoint.from_uri(best["checkpoint_path"]).local(HF_MODEL_DIR) as hf_local:
-        _, version = tracking.register_model(cfg, result.tracking_uri, best["mlflow_run_id"], hf_local, tags)
+        _, version = runs.register_model(cfg, result.tracking_uri, best["mlflow_run_id"], hf_local, tags)
     client.set_registered_model_alias(result.registered_model_name, sweep.alias, str(version))
     client.set_tag(best["mlflow_run_id"], "sweep.champion", "true")
     client.set_tag(result.parent_run_id, "champion_version", str(version))
@@ -180,4 +176,4 @@ def finish_parent_run(client: MlflowClient, result: SweepResult, started_at: flo
     client.log_batch(parent_id, metrics=metrics)
     result.wall_s = time.time() - started_at
     client.log_metric(parent_id, "wall_s", result.wall_s)
-    tracking.end_run(result.tracking_uri, parent_id, ok=True)
+    runs.end_run(result.tracking_uri, parent_id, ok=True)

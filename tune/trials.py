@@ -6,7 +6,7 @@ How a sweep runs
 ----------------
 * The Tuner runs :func:`trial_driver` once per sampled config.  The driver applies
   the sampled values to the base :class:`~pipelines.config.TrainConfig` and calls
-  :func:`pipelines.train.train`, the body of ``ift train``: the same Ray Data
+  :func:`pipelines.orchestration.train.train`, the body of ``ift train``: the same Ray Data
   preparation, the same ``TorchTrainer`` + DeepSpeed loop, the same MLflow run
   (nested under the sweep's parent run).  This is the Ray Train V2 recipe: a Tuner
   over a driver function that launches a ``TorchTrainer`` whose ``RunConfig`` carries
@@ -39,13 +39,22 @@ from typing import Any
 import pyarrow.fs as pafs
 from mlflow.tracking import MlflowClient
 
-from pipelines import tracking as mlflow_tracking
-from pipelines.config import TrainConfig, apply_overrides
-from pipelines.storage import filesystem
+from pipelines.config import METHOD_CONFIGS, TrainConfig, apply_overrides
+from pipelines.orchestration.storage import filesystem
+from pipelines.tracking import runs as mlflow_runs
 from tune import tracking
 from tune.config import SweepConfig, check_sweep, plain
 from tune.placement_groups import PlacementGroupJanitor, placement_group_recorder
 from tune.results import SweepResult, collect_rows, fmt, mark_best, say, trial_run_name, write_outputs
+
+
+def trial_values(sampled: dict[str, Any], base_method: str) -> dict[str, Any]:
+    """A trial's sampled values as config overrides.  A space that searches ``method.name`` together with
+    one method's options (``method.name=choice(ift,sft)`` and ``method.lam``) is conditional: a trial
+    of a method without that option does not take it."""
+    values = {k: plain(v) for k, v in sampled.items()}
+    fields = METHOD_CONFIGS[values.get("method.name", base_method)].model_fields
+    return {k: v for k, v in values.items() if not (k.startswith("method.") and k.split(".")[1] not in fields)}
 
 
 def _report_callback_cls() -> type:
@@ -87,12 +96,12 @@ def trial_driver(
     import ray.exceptions
     from ray import tune as rtune
 
-    from pipelines.train import train
+    from pipelines.orchestration.train import train
 
     # Several trials prepare data at once: their Ray Data bars would interleave on the console.
     ray.data.DataContext.get_current().enable_progress_bars = False
     trial_id = rtune.get_context().get_trial_id()
-    values = {k: plain(v) for k, v in config.items()}
+    values = trial_values(config, base["method"]["name"])
     values["run_name"] = trial_run_name(sweep_id, trial_id)
     values["checkpointing.storage_path"] = trials_dir
     cfg = apply_overrides(TrainConfig.model_validate(base), values)
@@ -185,7 +194,7 @@ def _default_concurrency(base: TrainConfig, driver_cpus: float) -> int:
     CPU for Ray Data's read tasks."""
     import ray
 
-    from pipelines.train import _use_gpu
+    from pipelines.orchestration.train import use_gpu_on_cluster
 
     total = ray.cluster_resources()
     cpus = total.get("CPU", 1)
@@ -195,7 +204,7 @@ def _default_concurrency(base: TrainConfig, driver_cpus: float) -> int:
     n = int(cpus // train_need) if train_need > 0 else int(cpus)
     if prep_need > 0:
         n = min(n, int(max(cpus - 1, 0) // prep_need))
-    if _use_gpu(base) and base.scaling.gpus_per_worker > 0:
+    if use_gpu_on_cluster(base) and base.scaling.gpus_per_worker > 0:
         n = min(n, int(total.get("GPU", 0) // (base.scaling.num_workers * base.scaling.gpus_per_worker)))
     return max(1, n)
 
@@ -315,7 +324,7 @@ def _prepare_data_once(base: TrainConfig, sweep: SweepConfig, log: Callable[[str
     if any(k.startswith(_TOKENIZATION_KEYS) for k in sweep.space()):
         log("[sweep] the search space changes tokenization: each trial streams and tokenizes its own data")
         return base
-    from pipelines import cache
+    from pipelines.data import cache
 
     for entry in cache.prepare(base, log=lambda msg: log(f"[sweep] data: {msg}")):
         log(f"[sweep] data: {entry.manifest['good_rows']:,} rows, {entry.manifest['tokens']:,} tokens")
@@ -327,13 +336,13 @@ def run_sweep(
 ) -> SweepResult:
     """Run the sweep end to end; see the module docstring."""
     log = log or say
-    from pipelines.train import init_ray
+    from pipelines.orchestration.train import init_ray
 
     check_sweep(sweep, base)
     t0 = time.time()
     init_ray()
     base = _prepare_data_once(base, sweep, log)
-    tracking_uri = mlflow_tracking.resolve_tracking_uri(base.mlflow.tracking_uri)
+    tracking_uri = mlflow_runs.resolve_tracking_uri(base.mlflow.tracking_uri)
     base = apply_overrides(base, {"mlflow.tracking_uri": tracking_uri})
     sweep_id = f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     sweep_dir, local_dir = _sweep_dirs(sweep, base, sweep_id)
@@ -344,7 +353,7 @@ def run_sweep(
     model_name = sweep.registered_model_name or base.mlflow.registered_model_name
 
     client = MlflowClient(tracking_uri=tracking_uri)
-    exp_id = mlflow_tracking.experiment_id(client, base.mlflow.experiment, tracking_uri)
+    exp_id = mlflow_runs.experiment_id(client, base.mlflow.experiment, tracking_uri)
     parent_id = tracking.start_parent_run(
         client, exp_id, sweep_id, sweep, base, sweep_dir=sweep_dir, max_concurrent=max_conc
     )
@@ -374,7 +383,7 @@ def run_sweep(
     finally:
         janitor.stop()
         if not ok:
-            mlflow_tracking.end_run(tracking_uri, parent_id, ok=False)
+            mlflow_runs.end_run(tracking_uri, parent_id, ok=False)
 
     rows = collect_rows(grid, sweep_id, keys, metric, sweep_dir)
     tracking.reconcile_child_runs(client, exp_id, parent_id, sweep_id, rows, base)

@@ -11,7 +11,7 @@ Hugging Face model or an MLflow model), a built-in preset (``tiny``) or a Hub id
 One module per job:
 
 - :mod:`~pipelines.evaluation.tasks`: which tasks (presets ``offline``, the
-  shipped tasks in ``pipelines/eval_tasks``, and ``paper``, the paper's Table 3
+  shipped tasks in ``pipelines/evaluation/task_configs``, and ``paper``, the paper's Table 3
   suite, which needs the Hugging Face Hub), checked before anything is loaded;
 - :mod:`~pipelines.evaluation.models`: which model (MLflow URI, path, preset,
   Hub id), loaded in memory;

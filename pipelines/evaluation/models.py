@@ -79,7 +79,7 @@ def _list_hint(tracking_uri: str) -> str:
 
 
 def _parse_models_uri(model_uri: str) -> re.Match[str]:
-    from pipelines.tracking import MODELS_URI  # brings MLflow, which a preset or path does not need
+    from pipelines.tracking.runs import MODELS_URI  # brings MLflow, which a preset or path does not need
 
     m = MODELS_URI.match(model_uri)
     if not m:
@@ -162,7 +162,7 @@ def _load_mlflow_components(uri: str, tracking_uri: str | None) -> tuple[Any, An
     """An MLflow transformers model: ``models:/`` / ``runs:/`` from the store at ``tracking_uri``, else a local path."""
     import mlflow
 
-    from pipelines.tracking import load_model_components
+    from pipelines.tracking.runs import load_model_components
 
     try:
         if tracking_uri:

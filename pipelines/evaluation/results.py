@@ -97,7 +97,7 @@ def log_scores(
 
     created = False
     if run_id is None:
-        from pipelines.tracking import experiment_id
+        from pipelines.tracking.runs import experiment_id
 
         exp_id = experiment_id(client, EVAL_EXPERIMENT, tracking_uri)
         ref = model_uri or "<in-memory model>"

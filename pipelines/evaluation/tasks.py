@@ -17,7 +17,7 @@ from typing import Any
 
 from pipelines.evaluation.errors import EvalError
 
-TASKS_DIR = Path(__file__).resolve().parent.parent / "eval_tasks"
+TASKS_DIR = Path(__file__).resolve().parent / "task_configs"
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class TaskSpec:
 
     @property
     def offline(self) -> bool:
-        """Shipped with the project (``pipelines/eval_tasks``): runs without the Hub."""
+        """Shipped with the project (``pipelines/evaluation/task_configs``): runs without the Hub."""
         return self.name in local_tasks()
 
 

@@ -86,7 +86,8 @@ def test_quick_run_writes_results(tmp_path):
 
 def test_gpu_path_and_scan_do_not_import_ray():
     code = (
-        "import sys, benchmarks.run, benchmarks.step_time, benchmarks.scan, benchmarks.common, pipelines.loop\n"
+        "import sys, benchmarks.run, benchmarks.step_time, benchmarks.scan, benchmarks.common\n"
+        "import pipelines.training.loop\n"
         "bad = sorted(n for n in sys.modules if n.split('.')[0] in ('ray', 'mlflow'))\n"
         "print(','.join(bad))\n"
     )

@@ -13,7 +13,7 @@ from ift.data import normalize_row, read_jsonl
 from pipelines.evaluation.tasks import OFFLINE_TASKS, TASKS_DIR
 
 REPO = Path(__file__).resolve().parents[2]
-DATA_DIR = REPO / "pipelines" / "data"
+DATA_DIR = REPO / "pipelines" / "demo_data"
 
 
 def test_conversations_are_identical_for_the_same_seed() -> None:

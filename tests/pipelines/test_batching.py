@@ -1,4 +1,4 @@
-"""pipelines.batching: one rank's rows -> micro-batches (B padded examples, or B packed rows); bad rows
+"""pipelines.data.batching: one rank's rows -> micro-batches (B padded examples, or B packed rows); bad rows
 stopped or counted."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ift.data import DataError
-from pipelines.batching import MicroBatches, Packing, estimate_examples_per_pack
+from pipelines.data.batching import MicroBatches, Packing, estimate_examples_per_pack
 
 KEYS = ("input_ids", "labels")
 PAIR_KEYS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")

@@ -1,4 +1,4 @@
-"""pipelines.cache: each source tokenized once into Parquet shards, reused while its inputs are unchanged,
+"""pipelines.data.cache: each source tokenized once into Parquet shards, reused while its inputs are unchanged,
 read back as the same examples the stream gives; `ift data check` lists every bad row."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import ray
 
 from ift.data import DataError
 from ift.toydata import make_conversations, write_jsonl
-from pipelines import cache
 from pipelines.cli import main as ift
 from pipelines.config import load_config
-from pipelines.data import build_datasets
+from pipelines.data import cache
+from pipelines.data.streaming import build_datasets
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -83,11 +83,38 @@ def test_override_without_equals_sign_says_the_expected_form():
 def test_overrides_change_the_resolved_config():
     cfg = load_config(None, ["method.name=dpo", "deepspeed.zero_stage=3", "run_name=x"])
     assert (cfg.method.name, cfg.deepspeed.zero_stage, cfg.run_name) == ("dpo", 3, "x")
-    assert cfg.method.resolved_beta == 0.1
+    assert cfg.method.beta == 0.1
 
 
 def test_orpo_beta_defaults_to_the_papers_value():
-    assert load_config(None, ["method.name=orpo"]).method.resolved_beta == 0.25
+    assert load_config(None, ["method.name=orpo"]).method.beta == 0.25
+
+
+def test_switching_method_drops_the_options_of_the_configs_method():
+    cfg = load_config(None, ["method.name=sft"])  # tiny.yaml sets IFT's lam and decay
+    assert cfg.method.name == "sft" and cfg.method.hyperparameters() == {}
+
+
+def test_method_name_applies_first_wherever_it_stands_among_the_overrides():
+    cfg = load_config(None, ["method.beta=0.3", "method.name=dpo"])
+    assert (cfg.method.name, cfg.method.beta) == ("dpo", 0.3)
+
+
+def test_an_option_of_another_method_is_an_error_naming_the_key_and_the_method():
+    with pytest.raises(ConfigError, match=r"method\.lam: unknown key for method 'sft'"):
+        load_config(None, ["method.name=sft", "method.lam=0.3"])
+
+
+def test_an_unknown_method_lists_the_methods():
+    with pytest.raises(ConfigError, match=r"method\.name: unknown method 'ppo' \(choose from ift, sft, dpo, orpo\)"):
+        load_config(None, ["method.name=ppo"])
+
+
+def test_a_method_section_without_a_name_is_ift(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  train: [{path: x.jsonl}]\nmethod:\n  lam: 0.3\n")
+    cfg = load_config(path)
+    assert (cfg.method.name, cfg.method.lam) == ("ift", 0.3)
 
 
 def test_missing_config_file_lists_the_packaged_ones():

@@ -1,4 +1,5 @@
-"""pipelines.data: the streamed splits of a config: JSONL/Parquet sources, mixture weights, max_rows, validation
+"""pipelines.data.streaming: the streamed splits of a config: JSONL/Parquet
+sources, mixture weights, max_rows, validation
 splits, fingerprints, and bad rows flowing with their error to the worker that owns them.
 
 Small files are written under tmp_path and go through ``build_datasets`` (fingerprints through ``plan_data``, which
@@ -21,7 +22,7 @@ from ift.data import DataError, tokenize_example
 from ift.models import load_tokenizer
 from ift.toydata import make_conversations, make_preference_pairs, write_jsonl
 from pipelines.config import load_config
-from pipelines.data import build_datasets, plan_data
+from pipelines.data.streaming import build_datasets, plan_data
 
 MAX_LENGTH = 128
 

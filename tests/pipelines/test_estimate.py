@@ -1,4 +1,4 @@
-"""pipelines.estimate: the memory a run needs per GPU, from the ZeRO paper's bytes per parameter."""
+"""pipelines.training.estimate: the memory a run needs per GPU, from the ZeRO paper's bytes per parameter."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from ift.models import load_model
 from pipelines.cli import main
 from pipelines.config import load_config, packaged_config_names
-from pipelines.estimate import ModelShape, estimate_memory, model_shape
+from pipelines.training.estimate import ModelShape, estimate_memory, model_shape
 
 GB = 1e9
 ONE_B = ModelShape(parameters=10**9, trainable=10**9, layers=16, hidden=2048, heads=16, vocab=32000)

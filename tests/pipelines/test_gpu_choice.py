@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipelines.config import load_config
-from pipelines.train import resolve_use_gpu
+from pipelines.orchestration.train import resolve_use_gpu
 
 
 @pytest.mark.parametrize(

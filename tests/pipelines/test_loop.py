@@ -1,4 +1,4 @@
-"""pipelines.loop, the training body shared by every method, driven without Ray
+"""pipelines.training.loop, the training body shared by every method, driven without Ray
 (as a GPU machine without Ray drives it): schedule, DeepSpeed config, resume."""
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ import torch.distributed as dist
 from ift.collate import pack_collate, pad_collate
 from ift.data import DataError, tokenize_rows
 from ift.toydata import make_conversations
-from pipelines.build import build_engine, build_model_and_tokenizer, deepspeed_config, lr_lambda, model_dtype
 from pipelines.config import load_config
-from pipelines.loop import DS_TAG, LoopState, ResumeError, Schedule, StreamDataError, run_training
-from pipelines.methods import build_objective
+from pipelines.training.build import build_engine, build_model_and_tokenizer, deepspeed_config, lr_lambda, model_dtype
+from pipelines.training.loop import StreamDataError, run_training
+from pipelines.training.methods import build_objective
+from pipelines.training.state import DS_TAG, LoopState, ResumeError, Schedule
 
 DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "CROSS_RANK", "CROSS_SIZE")
 

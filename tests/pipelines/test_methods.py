@@ -1,10 +1,9 @@
-"""pipelines.methods, the method table: the one place a method's name maps to its
-config fields and its objective call (training loop, validation, tags, benchmarks)."""
+"""pipelines.training.methods and the method config classes: one config class per method
+(its own options and defaults), one objective per config class."""
 
 from __future__ import annotations
 
 import math
-import typing
 
 import pytest
 import torch
@@ -13,10 +12,10 @@ from ift.collate import pad_collate
 from ift.data import tokenize_rows
 from ift.objectives import dpo_batch_loss, sft_loss
 from ift.toydata import make_preference_pairs
-from pipelines.build import build_model_and_tokenizer
-from pipelines.config import MethodConfig, load_config
-from pipelines.loop import attach_reference
-from pipelines.methods import METHODS, build_objective, method_of
+from pipelines.config import METHOD_CONFIGS, DPOConfig, IFTConfig, ORPOConfig, SFTConfig, load_config
+from pipelines.training.build import build_model_and_tokenizer
+from pipelines.training.loop import attach_reference
+from pipelines.training.methods import OBJECTIVES, build_objective
 from tests.conftest import build_llama
 
 CPU = torch.device("cpu")
@@ -34,55 +33,56 @@ def sft_batch(seed: int = 0) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": attention, "labels": labels}
 
 
-def test_the_config_schema_admits_exactly_the_methods_in_the_table():
-    assert set(typing.get_args(MethodConfig.model_fields["name"].annotation)) == set(METHODS)
-
-
-def test_every_method_option_belongs_to_a_method_in_the_table():
-    options = set(MethodConfig.model_fields) - {"name"}
-    claimed = {f for m in METHODS.values() for f in m.fields}
-    assert options - claimed == set(), "a MethodConfig field that no method reads"
-    assert claimed - options == set(), "a table row names a field MethodConfig does not have"
+def test_each_method_has_one_config_class_and_one_objective():
+    assert set(METHOD_CONFIGS) == {"ift", "sft", "dpo", "orpo"}
+    assert set(OBJECTIVES) == set(METHOD_CONFIGS.values())
 
 
 def test_pair_methods_are_exactly_dpo_and_orpo():
-    assert {name for name, m in METHODS.items() if m.paired} == {"dpo", "orpo"}
+    assert {name for name, cls in METHOD_CONFIGS.items() if cls.paired} == {"dpo", "orpo"}
+
+
+def test_only_dpo_trains_against_a_reference_policy():
+    assert {name for name, cls in METHOD_CONFIGS.items() if cls.uses_reference} == {"dpo"}
 
 
 def test_beta_defaults_to_the_papers_values_and_an_explicit_beta_wins():
-    assert method_of(MethodConfig(name="dpo")).beta(MethodConfig(name="dpo")) == 0.1
-    assert method_of(MethodConfig(name="orpo")).beta(MethodConfig(name="orpo")) == 0.25
-    assert MethodConfig(name="orpo", beta=0.5).resolved_beta == 0.5
-    assert MethodConfig(name="ift").resolved_beta is None
+    assert DPOConfig().beta == 0.1
+    assert ORPOConfig().beta == 0.25
+    assert ORPOConfig(beta=0.5).beta == 0.5
+    assert "beta" not in IFTConfig.model_fields and "beta" not in SFTConfig.model_fields
 
 
 def test_hyperparameters_are_the_methods_own_fields_only():
-    ift = MethodConfig(name="ift", lam=0.3, decay=0.9)
-    assert method_of(ift).hyperparameters(ift)["lam"] == 0.3 and "beta" not in method_of(ift).hyperparameters(ift)
-    assert method_of(MethodConfig(name="dpo")).hyperparameters(MethodConfig(name="dpo")) == {
-        "beta": 0.1,
-        "precompute_reference": False,
-    }
-    assert method_of(MethodConfig(name="sft")).hyperparameters(MethodConfig(name="sft")) == {}
+    ift = IFTConfig(lam=0.3, decay=0.9)
+    assert ift.hyperparameters()["lam"] == 0.3 and "beta" not in ift.hyperparameters()
+    assert DPOConfig().hyperparameters() == {"beta": 0.1, "precompute_reference": False}
+    assert SFTConfig().hyperparameters() == {}
+
+
+def test_only_dpo_with_precompute_reference_precomputes_it():
+    assert DPOConfig(precompute_reference=True).precomputed_reference
+    assert not DPOConfig().precomputed_reference
+    assert not any(cls().precomputed_reference for cls in (IFTConfig, SFTConfig, ORPOConfig))
 
 
 def test_the_sft_objective_is_sft_loss():
     model, batch = build_llama(), sft_batch()
-    objective = build_objective(MethodConfig(name="sft"), model, CPU, seed=0)
+    objective = build_objective(SFTConfig(), model, CPU, seed=0)
     expected = sft_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"]).loss
     assert objective(model, batch, step=0).loss.item() == expected.item()
 
 
 def test_the_ift_objective_with_lambda_zero_and_decay_zero_is_sft():
     model, batch = build_llama(), sft_batch(1)
-    objective = build_objective(MethodConfig(name="ift", lam=0.0, decay=0.0), model, CPU, seed=0)
+    objective = build_objective(IFTConfig(lam=0.0, decay=0.0), model, CPU, seed=0)
     expected = sft_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"]).loss
     assert objective(model, batch, step=0).loss.item() == expected.item()
 
 
 def test_ift_trains_with_jittered_lambda_and_validates_with_the_noiseless_one():
     model, batch = build_llama(), sft_batch(2)
-    cfg = MethodConfig(name="ift", lam=0.5, lam_jitter_std=0.1)
+    cfg = IFTConfig(lam=0.5, lam_jitter_std=0.1)
     objective = build_objective(cfg, model, CPU, seed=0)
     noisy = objective(model, batch, step=0).metrics["lam"].item()
     # The same draw as the objective's own generator, seeded with the run's seed.
@@ -93,14 +93,14 @@ def test_ift_trains_with_jittered_lambda_and_validates_with_the_noiseless_one():
 
 def test_ift_validation_lambda_follows_the_warmup_schedule():
     model, batch = build_llama(), sft_batch(3)
-    cfg = MethodConfig(name="ift", lam=0.4, lam_schedule="linear_warmup", lam_min=0.0, lam_warmup_steps=4)
+    cfg = IFTConfig(lam=0.4, lam_schedule="linear_warmup", lam_min=0.0, lam_warmup_steps=4)
     objective = build_objective(cfg, model, CPU, seed=0)
     assert objective(model, batch, step=1, validation=True).metrics["lam"].item() == pytest.approx(0.1)
 
 
 def test_dpo_scores_against_a_frozen_copy_of_the_start_model():
     model, _ = build_model_and_tokenizer(load_config(None, ["method.name=dpo"]))
-    objective = build_objective(MethodConfig(name="dpo"), model, CPU, seed=0)
+    objective = build_objective(DPOConfig(), model, CPU, seed=0)
     assert objective.reference is not model and not any(p.requires_grad for p in objective.reference.parameters())
     with torch.no_grad():
         next(model.parameters()).add_(1.0)  # training moves the policy; the reference stays put

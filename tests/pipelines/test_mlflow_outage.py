@@ -13,7 +13,7 @@ import mlflow
 import pytest
 import ray
 
-from pipelines.train import train
+from pipelines.orchestration.train import train
 from tests.pipelines.test_train import config
 from tests.test_cluster_integration import BIN, _base_env, _free_ports, _terminate_tree, _wait_http
 

@@ -21,8 +21,8 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from pipelines.train import init_ray, train
-from pipelines.worker import StallWorker
+from pipelines.orchestration.hooks import StallWorker
+from pipelines.orchestration.train import init_ray, train
 from tests.pipelines.conftest import BUCKET
 from tests.pipelines.test_train import config, loss_history
 from tests.tune.conftest import common_items
@@ -132,7 +132,7 @@ def spread_run_losing_a_node(cluster, one_node_run, tmp_path_factory, corpora):
     cfg = run_config(root, corpora, "SPREAD")
     before = set(train_workers())
     marker = root / "stalled"
-    finished = in_thread(lambda: train(cfg, show_progress=False, fault=StallWorker(6, rank=1, marker=str(marker))))
+    finished = in_thread(lambda: train(cfg, show_progress=False, hooks=StallWorker(6, rank=1, marker=str(marker))))
     lost = wait_for(lambda: marker.exists() and marker.read_text(), "rank 1 to stall")
     first_attempt = {a: node for a, (node, _) in train_workers().items() if a not in before}
     fresh = swap_node(cluster, lost)

@@ -8,7 +8,7 @@ import socket
 import pytest
 
 from pipelines.config import TrainConfig, load_config, packaged_config_names
-from pipelines.loop import Schedule
+from pipelines.training.state import Schedule
 from tune.config import load_sweep
 
 BASE = "mistralai/Mistral-7B-v0.1"
@@ -102,7 +102,7 @@ def test_dpo_and_orpo_train_on_ultrafeedback_preference_pairs(name):
     cfg = load_config(name)
     assert [(s.path, s.split, s.max_rows) for s in cfg.data.train] == [(ULTRAFEEDBACK, "train_prefs", None)]
     assert [(s.path, s.split) for s in cfg.data.validation] == [(ULTRAFEEDBACK, "test_prefs")]
-    assert cfg.method.needs_pairs
+    assert cfg.method.paired
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -120,7 +120,7 @@ def test_ift_uses_the_papers_lambda_and_decay(name):
 def test_dpo_and_orpo_use_the_papers_betas(name):
     method = load_config(name).method
     expected = {"dpo": 0.1, "orpo": 0.25}[method_of(name)]
-    assert method.beta == method.resolved_beta == expected
+    assert method.beta == expected
 
 
 @pytest.mark.parametrize("name", FULL)

@@ -1,4 +1,4 @@
-"""pipelines.provenance: the commit recorded on runs, models and benchmark results."""
+"""pipelines.tracking.provenance: the commit recorded on runs, models and benchmark results."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.provenance import COMMIT_ENV, git_commit
+from pipelines.tracking.provenance import COMMIT_ENV, git_commit
 
 
 @pytest.mark.skipif(not (Path(__file__).resolve().parents[2] / ".git").exists(), reason="not a git checkout")

@@ -12,10 +12,10 @@ import mlflow
 import pytest
 import ray
 
-from pipelines.loop import STATE_FILE
-from pipelines.tracking import FAILURE_TAG, load_model_components
-from pipelines.train import train
-from pipelines.worker import KillWorker
+from pipelines.orchestration.hooks import KillWorker
+from pipelines.orchestration.train import train
+from pipelines.tracking.runs import FAILURE_TAG, load_model_components
+from pipelines.training.state import STATE_FILE
 from tests.pipelines.conftest import BUCKET
 from tests.pipelines.test_train import config, loss_history
 
@@ -58,7 +58,7 @@ def test_a_worker_killed_while_saving_leaves_no_checkpoint_a_rerun_loads_and_the
     )  # fmt: skip
     # Rank 1 dies halfway through uploading the final checkpoint, once rank 0's part is in the bucket.
     with pytest.raises(ray.train.TrainingFailedError):
-        train(cfg, show_progress=False, fault=KillWorker(step=10, rank=1, marker=str(marker), while_saving=True))
+        train(cfg, show_progress=False, hooks=KillWorker(step=10, rank=1, marker=str(marker), while_saving=True))
     assert marker.exists(), "the fault was not injected"
     folders = checkpoint_folders(s3, cfg.run_name)
     by_step = {step_of(s3, cfg.run_name, f): f for f, files in folders.items() if STATE_FILE in files}
@@ -90,14 +90,14 @@ def test_a_worker_killed_while_saving_leaves_no_checkpoint_a_rerun_loads_and_the
 def test_a_failure_after_training_marks_the_run_failed_and_rerunning_finishes_it_without_training(
     tmp_path, corpora, monkeypatch
 ):
-    from pipelines import tracking
+    from pipelines.tracking import runs
 
     cfg = config(tmp_path, corpora, "optimization.max_steps=4", f"checkpointing.storage_path=s3://{BUCKET}/runs")
 
     def registry_down(*args, **kwargs):
         raise ConnectionError("the model registry is unreachable")
 
-    monkeypatch.setattr(tracking, "register_model", registry_down)
+    monkeypatch.setattr(runs, "register_model", registry_down)
     with pytest.raises(ConnectionError):
         train(cfg, show_progress=False)
     client = mlflow.MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)

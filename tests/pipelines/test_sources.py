@@ -1,4 +1,4 @@
-"""pipelines.sources: scanning a corpus once (rows, content hash, shard starts) and which rows each split keeps."""
+"""pipelines.data.sources: scanning a corpus once (rows, content hash, shard starts) and which rows each split keeps."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import sources
 from pipelines.config import DataSource
-from pipelines.sources import Shard, expected_rows, keeps, read_shard, scan_file, source_shards
+from pipelines.data import sources
+from pipelines.data.sources import Shard, expected_rows, keeps, read_shard, scan_file, source_shards
 
 
 def write_jsonl(path: Path, n: int, *, blank_after: int | None = None) -> Path:

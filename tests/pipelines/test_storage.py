@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.loop import LoopState
-from pipelines.storage import RAY_CHECKPOINT_RECORD, StoredCheckpoint, latest_checkpoint
+from pipelines.orchestration.storage import RAY_CHECKPOINT_RECORD, StoredCheckpoint, latest_checkpoint
+from pipelines.training.state import LoopState
 
 
 def checkpoint_folder(run_dir: Path, name: str, step: int) -> Path:

@@ -1,4 +1,4 @@
-"""pipelines.tracking: one process may train, register and evaluate against several MLflow
+"""pipelines.tracking.runs: one process may train, register and evaluate against several MLflow
 stores; registration and loading go through explicit URIs, never MLflow's process globals."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from mlflow.tracking import MlflowClient
 
 from ift.models import load_model, load_tokenizer
 from pipelines.config import load_config
-from pipelines.export import export_hf_model
-from pipelines.tracking import experiment_id, load_model_components, register_model, start_or_resume_run
+from pipelines.tracking.runs import experiment_id, load_model_components, register_model, start_or_resume_run
+from pipelines.training.export import export_hf_model
 
 GLOBALS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 

@@ -19,9 +19,9 @@ from safetensors.torch import load_file
 import pipelines
 from ift.data import DataError
 from pipelines.config import load_config
-from pipelines.tracking import load_model_components
-from pipelines.train import train
-from pipelines.worker import KillWorker
+from pipelines.orchestration.hooks import KillWorker, TraceBatches
+from pipelines.orchestration.train import train
+from pipelines.tracking.runs import load_model_components
 
 pytestmark = pytest.mark.slow
 
@@ -98,7 +98,7 @@ def test_each_method_trains_with_two_workers_and_the_loss_falls(tmp_path, corpor
     assert components["model"](ids).logits.shape[-1] == len(components["tokenizer"])
 
 
-BUNDLED_DATA = Path(pipelines.__file__).parent / "data"
+BUNDLED_DATA = Path(pipelines.__file__).parent / "demo_data"
 
 
 # One method per packed layout: IFT packs single sequences (as SFT does), DPO packs pairs side by side (as
@@ -182,7 +182,7 @@ def test_ift_with_lora_trains_and_registers_the_merged_model_with_its_adapters(t
         "optimization.lr=1e-2", "optimization.max_steps=16", *layout,
     )  # fmt: skip
     fault = KillWorker(step=6, rank=1, marker=str(marker)) if killed else None
-    result = train(cfg, show_progress=False, fault=fault)
+    result = train(cfg, show_progress=False, hooks=fault)
     assert marker.exists() == killed
     client = mlflow.MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
     run = client.get_run(result.mlflow_run_id)
@@ -213,7 +213,7 @@ def test_rerunning_the_same_command_resumes_instead_of_restarting(tmp_path, corp
         train(
             config(tmp_path, corpora, *overrides),
             show_progress=False,
-            fault=KillWorker(step=6, rank=0, marker=str(marker)),
+            hooks=KillWorker(step=6, rank=0, marker=str(marker)),
         )
     # It failed because the killed rank-0 process died (max_failures=0), not for any other reason.
     assert marker.exists(), "the fault was not injected"
@@ -230,9 +230,9 @@ def test_evaluation_at_end_scores_the_final_model_and_logs_on_the_run(tmp_path):
     import pyarrow.fs
 
     from ift.models import load_model, load_tokenizer
-    from pipelines.storage import StoredCheckpoint
-    from pipelines.tracking import start_or_resume_run
-    from pipelines.train import TrainResult, _evaluate_at_end
+    from pipelines.orchestration.storage import StoredCheckpoint
+    from pipelines.orchestration.train import TrainResult, _evaluate_at_end
+    from pipelines.tracking.runs import start_or_resume_run
 
     hf_dir = tmp_path / "hf_model"
     load_model("tiny", seed=0).save_pretrained(hf_dir, safe_serialization=True)
@@ -277,7 +277,7 @@ def streamed_run(tmp_path: Path, corpora: Path, workers: int, *extra: str):
         tmp_path, corpora, f"scaling.num_workers={workers}", f"scaling.cpus_per_worker={1.5 / workers}",
         "optimization.epochs=1", "mlflow.enabled=false", "data.validation=[]", *extra,
     )  # fmt: skip
-    train(cfg, show_progress=False, trace_dir=str(trace))
+    train(cfg, show_progress=False, hooks=TraceBatches(str(trace)))
     return traces(trace)
 
 
@@ -358,11 +358,11 @@ def test_use_gpu_auto_counts_the_gpu_nodes_an_autoscaler_can_start():
     from ray.core.generated import autoscaler_pb2
     from ray.experimental import internal_kv
 
-    from pipelines.train import _use_gpu
+    from pipelines.orchestration.train import use_gpu_on_cluster
 
     cfg = load_config(None, ["scaling.use_gpu=auto", "scaling.gpus_per_worker=1"])
     said: list[str] = []
-    assert _use_gpu(cfg, log=said.append) is False  # this cluster: 2 CPUs, no autoscaler
+    assert use_gpu_on_cluster(cfg, log=said.append) is False  # this cluster: 2 CPUs, no autoscaler
     assert "trains on CPU" in said[-1]
     cluster = autoscaler_pb2.ClusterConfig()
     group = cluster.node_group_configs.add(name="gpu-workers", max_count=2)
@@ -370,8 +370,8 @@ def test_use_gpu_auto_counts_the_gpu_nodes_an_autoscaler_can_start():
     key, namespace = ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE
     internal_kv._internal_kv_put(key, cluster.SerializeToString(), namespace=namespace)
     try:
-        assert _use_gpu(cfg, log=said.append) is True
+        assert use_gpu_on_cluster(cfg, log=said.append) is True
         assert "autoscaler can start nodes with 16 GPUs" in said[-1]
-        assert _use_gpu(load_config(None, ["scaling.gpus_per_worker=0"])) is False
+        assert use_gpu_on_cluster(load_config(None, ["scaling.gpus_per_worker=0"])) is False
     finally:
         internal_kv._internal_kv_del(key, namespace=namespace)

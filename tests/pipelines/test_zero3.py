@@ -19,11 +19,11 @@ from ift.collate import pad_collate
 from ift.data import tokenize_rows
 from ift.objectives import dpo_batch_loss
 from ift.toydata import make_preference_pairs
-from pipelines.build import build_engine, build_model_and_tokenizer, partitioned_reference
 from pipelines.config import load_config
-from pipelines.export import export_hf_model
-from pipelines.loop import precompute_reference_table
-from pipelines.methods import DPOObjective, build_objective
+from pipelines.training.build import build_engine, build_model_and_tokenizer, partitioned_reference
+from pipelines.training.export import export_hf_model
+from pipelines.training.loop import precompute_reference_table
+from pipelines.training.methods import DPOObjective, build_objective
 
 pytestmark = pytest.mark.slow  # real 2-process groups
 

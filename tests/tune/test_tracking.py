@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.tracking import load_model_components
+from pipelines.tracking.runs import load_model_components
 from tests.tune.conftest import MAX_STEPS, MODEL, client_for
 from tune.results import COMPLETED, STOPPED
 

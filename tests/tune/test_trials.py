@@ -104,7 +104,7 @@ def test_the_sweep_tokenizes_the_corpus_once_and_every_trial_reads_that_cache(sw
 @pytest.mark.slow
 def test_resubmitting_one_trial_reads_the_sweeps_cache_and_tokenizes_nothing(sweep4):
     from pipelines.config import apply_overrides
-    from pipelines.train import train
+    from pipelines.orchestration.train import train
 
     client = client_for(sweep4)
     child = child_runs(client, sweep4)[0]
@@ -149,3 +149,11 @@ def test_a_trial_that_raised_is_refused_on_retry_with_its_first_reason(tmp_path)
     with pytest.raises(TrialFailedBefore, match=r"raised before \(OSError: no model at /nonexistent/ift-model\)"):
         raise_if_failed_before(trials, "s-00000")
     raise_if_failed_before(trials, "s-00001")  # another trial of the sweep is not affected
+
+
+def test_a_trial_of_a_method_without_a_searched_option_does_not_take_it():
+    from tune.trials import trial_values
+
+    sampled = {"method.name": "sft", "method.lam": 0.3, "optimization.lr": 1e-3}
+    assert trial_values(sampled, "ift") == {"method.name": "sft", "optimization.lr": 1e-3}
+    assert trial_values({"method.lam": 0.3}, "ift") == {"method.lam": 0.3}

@@ -13,7 +13,7 @@ import pytest
 
 from ift.models import load_model, load_tokenizer
 from pipelines.config import load_config
-from pipelines.tracking import register_model, start_or_resume_run
+from pipelines.tracking.runs import register_model, start_or_resume_run
 
 MODEL_NAME = "ift-tiny-eval-test"
 SMALL = "4"  # --limit for tests that only check plumbing
@@ -52,7 +52,7 @@ def store(tmp_path_factory) -> dict:
     import mlflow
 
     root = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{root}/mlflow.db"  # the run artifacts land next to it (pipelines.tracking.artifact_location)
+    uri = f"sqlite:///{root}/mlflow.db"  # the run artifacts land next to it (pipelines.tracking.runs.artifact_location)
     run1, v1 = _register(uri, *untrained_tiny(0), method="sft", hf_dir=root / "sft")
     run2, v2 = _register(uri, *untrained_tiny(1), method="ift", hf_dir=root / "ift")
     mlflow.MlflowClient(uri, registry_uri=uri).set_registered_model_alias(MODEL_NAME, "champion", v2)

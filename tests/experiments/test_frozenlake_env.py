@@ -1,6 +1,6 @@
-"""Frozen Lake validation (paper §5.3), the library part ``ift.frozenlake``: environment, optimal policy,
+"""Frozen Lake validation (paper §5.3), the library part ``experiments.frozenlake.env``: environment, optimal policy,
 IFT fused states and what the methods must do.  The ``ift frozenlake`` command is tested in
-tests/pipelines/test_frozenlake.py."""
+tests/experiments/test_frozenlake_run.py."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from ift import frozenlake as fl
-from ift.frozenlake import DOWN, LEFT, RIGHT, UP
+from experiments.frozenlake import env as fl
+from experiments.frozenlake.env import DOWN, LEFT, RIGHT, UP
 
 OPTIMAL_STATES = (0, 1, 2, 3, 4, 9, 14)  # (0,0)→(0,4) along the top, then down to G=(2,4)
 OPTIMAL_ACTIONS = (RIGHT, RIGHT, RIGHT, RIGHT, DOWN, DOWN)
@@ -156,7 +156,7 @@ def test_grids_explored_in_training(small_run: dict) -> None:
 
 def test_library_module_imports_no_mlflow_or_matplotlib() -> None:
     code = (
-        "import sys, ift.frozenlake; "
+        "import sys, experiments.frozenlake.env; "
         "bad = [m for m in sys.modules if m.split('.')[0] in ('mlflow', 'ray', 'deepspeed', 'matplotlib')]; "
         "assert not bad, bad"
     )

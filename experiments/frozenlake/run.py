@@ -1,11 +1,11 @@
 """``ift frozenlake``: the paper's Frozen Lake validation (§5.3, B.2), reported and logged.
 
-Runs :func:`ift.frozenlake.run_experiment`, prints the table (mean ± std over
+Runs :func:`experiments.frozenlake.env.run_experiment`, prints the table (mean ± std over
 seeds), writes ``results.json`` / ``results.md`` / ``frozenlake.png`` under
 ``--out`` and logs params, metrics (aggregated, per seed, and seed 0's loss
 curves) and those files to the MLflow experiment ``frozenlake``.
 
-    python -m pipelines.frozenlake --out outputs/frozenlake --seeds 5
+    python -m experiments.frozenlake.run --out outputs/frozenlake --seeds 5
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ift import frozenlake as fl
+from experiments.frozenlake import env as fl
 from pipelines.config import DEFAULT_TRACKING_URI
 
 __all__ = ["main", "run", "markdown_table", "plot", "log_to_mlflow", "EXPERIMENT"]
@@ -80,7 +80,7 @@ def results_markdown(results: dict) -> str:
             f"- Measured order (MSE to θ*): {_order(results['order_mse'])}",
             f"- Measured order (KL from π*): {_order(results['order_kl'])}",
             "",
-            "Definitions are in `docs/frozenlake.md` and `ift/frozenlake.py`.",
+            "Definitions are in `docs/frozenlake.md` and `experiments/frozenlake/env.py`.",
             "",
         ]
     )
@@ -179,7 +179,7 @@ def log_to_mlflow(results: dict, out_dir: Path, tracking_uri: str, wall_s: float
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
 
-    from pipelines.tracking import experiment_id
+    from pipelines.tracking.runs import experiment_id
 
     client = MlflowClient(tracking_uri)
     exp_id = experiment_id(client, EXPERIMENT, tracking_uri)

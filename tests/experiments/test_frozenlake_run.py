@@ -1,4 +1,4 @@
-"""``ift frozenlake`` (pipelines.frozenlake): the command end to end, its result files and its MLflow run."""
+"""``ift frozenlake`` (experiments.frozenlake.run): the command end to end, its result files and its MLflow run."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from ift import frozenlake as fl
+from experiments.frozenlake import env as fl
 
 
 def test_cli_writes_results_and_logs_to_mlflow(tmp_path) -> None:
-    from pipelines.frozenlake import main
+    from experiments.frozenlake.run import main
 
     out = tmp_path / "out"
     uri = f"sqlite:///{tmp_path}/mlflow.db"

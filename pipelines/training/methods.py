@@ -1,13 +1,11 @@
-"""The method table: each training method's name, config fields and objective call, in one place.
-
-The training loop, validation, the model-version tags and the benchmarks all go
-through :data:`METHODS`; nothing else dispatches on a method's name.  Adding an
-option to a method is one field in :class:`pipelines.config.MethodConfig` and one
-line in that method's row (its ``fields``) and objective below.
+"""One objective per method, built from that method's config class (:mod:`pipelines.config`).
 
 An :class:`Objective` is built once per worker (it may hold state: IFT's λ
 schedule and RNGs, DPO's frozen reference) and called once per micro-batch with
-the model (a module or a DeepSpeed engine) and a collated batch.  No Ray here.
+the model (a module or a DeepSpeed engine) and a collated batch.  Adding an option
+to a method is one field in its config class and its use in its objective here;
+nothing dispatches on a method's name (:data:`OBJECTIVES` is keyed by config class).
+No Ray here.
 """
 
 from __future__ import annotations
@@ -15,8 +13,7 @@ from __future__ import annotations
 import abc
 import copy
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,9 +29,7 @@ from ift.objectives import (
     reference_pair_logps,
     sft_loss,
 )
-
-if TYPE_CHECKING:
-    from pipelines.config import MethodConfig
+from pipelines.config import DPOConfig, IFTConfig, MethodConfig, ORPOConfig, SFTConfig
 
 Batch = dict[str, Any]
 ReferenceTable = dict[tuple[str, int], tuple[float, float]]
@@ -80,7 +75,7 @@ class IFTObjective(Objective):
     schedule's noiseless λ, so validation losses are comparable across steps.
     """
 
-    def __init__(self, cfg: MethodConfig, model: nn.Module, device: torch.device, *, seed: int, rank: int = 0):
+    def __init__(self, cfg: IFTConfig, model: nn.Module, device: torch.device, *, seed: int, rank: int = 0):
         super().__init__(cfg, model, device, seed=seed, rank=rank)
         self.schedule = LambdaSchedule(
             lam_max=cfg.lam,
@@ -129,7 +124,7 @@ class DPOObjective(Objective):
 
     def __init__(
         self,
-        cfg: MethodConfig,
+        cfg: DPOConfig,
         model: nn.Module,
         device: torch.device,
         *,
@@ -138,9 +133,9 @@ class DPOObjective(Objective):
         reference: nn.Module | None = None,
     ):
         """``reference``: the frozen start policy when the caller built it (a ZeRO-3 engine:
-        ``pipelines.build.partitioned_reference``); otherwise a copy of ``model`` is made here."""
+        ``pipelines.training.build.partitioned_reference``); otherwise a copy of ``model`` is made here."""
         super().__init__(cfg, model, device, seed=seed, rank=rank)
-        self.beta = METHODS["dpo"].beta(cfg)
+        self.beta = cfg.beta
         self.lora_model = model if is_lora(model) else None
         self.reference: nn.Module | None = reference
         if self.lora_model is None and reference is None:
@@ -177,7 +172,7 @@ class DPOObjective(Objective):
 
     def precompute_reference(self, batches: Iterable[Batch]) -> ReferenceTable:
         """Reference log-probs of every pair in ``batches`` (one process), keyed by (source, row);
-        frees the reference model.  Across ranks: ``pipelines.loop.precompute_reference_table``."""
+        frees the reference model.  Across ranks: ``pipelines.training.loop.precompute_reference_table``."""
         table: ReferenceTable = {}
         for batch in batches:
             table.update(self.reference_rows(batch))
@@ -190,84 +185,24 @@ class ORPOObjective(Objective):
 
     response_prefix = "chosen_"
 
-    def __init__(self, cfg: MethodConfig, model: nn.Module, device: torch.device, *, seed: int, rank: int = 0):
+    def __init__(self, cfg: ORPOConfig, model: nn.Module, device: torch.device, *, seed: int, rank: int = 0):
         super().__init__(cfg, model, device, seed=seed, rank=rank)
-        self.beta = METHODS["orpo"].beta(cfg)
+        self.beta = cfg.beta
 
     def __call__(self, model: nn.Module, batch: Batch, step: int, *, validation: bool = False) -> ObjectiveOutput:
         return orpo_batch_loss(model, batch, beta=self.beta)
 
 
-@dataclass(frozen=True)
-class Method:
-    """One row of the method table."""
-
-    name: str
-    objective: type[Objective]
-    paired: bool  # trains on (chosen, rejected) pairs, so reads preference rows
-    fields: tuple[str, ...]  # the MethodConfig fields it reads besides `name` (logged as model-version tags)
-    default_beta: float | None = None  # β when `method.beta` is unset (the paper's §5.1 values)
-    reference: bool = False  # trains against a frozen reference policy (the objective takes `reference=`)
-
-    def beta(self, cfg: MethodConfig) -> float | None:
-        return cfg.beta if cfg.beta is not None else self.default_beta
-
-    def hyperparameters(self, cfg: MethodConfig) -> dict[str, Any]:
-        """The values of this method's fields in ``cfg`` (β resolved to its default)."""
-        return {f: (self.beta(cfg) if f == "beta" else getattr(cfg, f)) for f in self.fields}
-
-    def build(
-        self,
-        cfg: MethodConfig,
-        model: nn.Module,
-        device: torch.device,
-        *,
-        seed: int,
-        rank: int = 0,
-        reference: nn.Module | None = None,
-    ) -> Objective:
-        extra = {"reference": reference} if self.reference else {}
-        return self.objective(cfg, model, device, seed=seed, rank=rank, **extra)
-
-
-METHODS: dict[str, Method] = {
-    m.name: m
-    for m in (
-        Method(
-            "ift",
-            IFTObjective,
-            paired=False,
-            fields=(
-                "lam",
-                "decay",
-                "lam_schedule",
-                "lam_min",
-                "lam_warmup_steps",
-                "lam_jitter_std",
-                "detach_weights",
-                "prediction",
-                "temperature",
-                "top_k",
-                "top_p",
-                "frozen_fusion_embeddings",
-            ),
-        ),
-        Method("sft", SFTObjective, paired=False, fields=()),
-        Method(
-            "dpo", DPOObjective, paired=True, fields=("beta", "precompute_reference"), default_beta=0.1, reference=True
-        ),
-        Method("orpo", ORPOObjective, paired=True, fields=("beta",), default_beta=0.25),
-    )
+OBJECTIVES: dict[type, type[Objective]] = {
+    IFTConfig: IFTObjective,
+    SFTConfig: SFTObjective,
+    DPOConfig: DPOObjective,
+    ORPOConfig: ORPOObjective,
 }
 
 
-def method_of(cfg: MethodConfig) -> Method:
-    """The table row of ``cfg.name`` (the config schema only admits names in the table)."""
-    return METHODS[cfg.name]
-
-
 def build_objective(
-    cfg: MethodConfig,
+    cfg: ORPOConfig,
     model: nn.Module,
     device: torch.device,
     *,
@@ -275,6 +210,7 @@ def build_objective(
     rank: int = 0,
     reference: nn.Module | None = None,
 ) -> Objective:
-    """The objective of ``cfg.name`` for ``model``; ``reference`` is passed to methods that train
-    against a frozen reference policy (DPO) and ignored by the others."""
-    return method_of(cfg).build(cfg, model, device, seed=seed, rank=rank, reference=reference)
+    """The objective of ``cfg``'s method for ``model``; ``reference`` (the frozen start policy, when the
+    caller built it partitioned) goes to methods that train against one and is ignored by the others."""
+    extra = {"reference": reference} if cfg.uses_reference else {}
+    return OBJECTIVES[type(cfg)](cfg, model, device, seed=seed, rank=rank, **extra)

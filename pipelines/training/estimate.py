@@ -34,13 +34,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from pipelines.config import TrainConfig
 
 GIB = 2**30
 # config.json of the packaged paper configs' models, for a dry run without hub access (shapes only).
-BUNDLED_MODEL_CONFIGS = Path(__file__).parent / "configs" / "models"
+BUNDLED_MODEL_CONFIGS = Path(__file__).parent.parent / "configs" / "models"
 
 
 @dataclass
@@ -112,7 +111,7 @@ def model_shape(cfg: TrainConfig) -> ModelShape:
 
 def estimate_memory(cfg: TrainConfig, shape: ModelShape, *, use_gpu: bool) -> MemoryEstimate:
     """Bytes per GPU (and per host, for offloaded state) of one training worker: see the module docstring."""
-    from pipelines.build import trains_in_bf16
+    from pipelines.training.build import trains_in_bf16
 
     bf16 = trains_in_bf16(cfg, use_gpu)
     n = cfg.scaling.num_workers
@@ -133,12 +132,12 @@ def estimate_memory(cfg: TrainConfig, shape: ModelShape, *, use_gpu: bool) -> Me
         (est.per_host if cfg.deepspeed.offload_optimizer else est.per_gpu)["fp32 gradients"] = fp32_grads
     if stage == 3:
         est.per_gpu["largest layer, gathered"] = 4 * shape.largest_layer
-    live_reference = cfg.method.name == "dpo" and cfg.model.lora is None and not cfg.method.precompute_reference
-    if live_reference:  # under ZeRO-3 partitioned like the policy (pipelines.build.partitioned_reference)
+    live_reference = cfg.method.uses_reference and cfg.model.lora is None and not cfg.method.precomputed_reference
+    if live_reference:  # under ZeRO-3 partitioned like the policy (pipelines.training.build.partitioned_reference)
         est.per_gpu["DPO reference copy"] = shape.parameters * weight_bytes / (n if stage == 3 else 1)
 
     s, b, h, a, layers = cfg.data.max_length, cfg.optimization.micro_batch_size, shape.hidden, shape.heads, shape.layers
-    sequences = b * (2 if cfg.method.needs_pairs else 1)  # DPO/ORPO: chosen and rejected in one forward
+    sequences = b * (2 if cfg.method.paired else 1)  # DPO/ORPO: chosen and rejected in one forward
     full_layer = s * sequences * h * (34 + 5 * a * s / h)
     if cfg.model.gradient_checkpointing:
         est.per_gpu["activations"] = 2 * s * sequences * h * layers + full_layer
@@ -174,44 +173,3 @@ def render(cfg: TrainConfig, est: MemoryEstimate, *, use_gpu: bool) -> str:
     for k, v in est.per_host.items():
         lines.append(f"  host, {k:<16} {_size(v)} (offloaded)")
     return "\n".join(lines)
-
-
-def dry_run(cfg: TrainConfig, *, use_gpu: bool | None = None, log: Any = print) -> MemoryEstimate:
-    """Validate, count the data and the steps, estimate the memory; start nothing."""
-    from pipelines.data import plan_data
-
-    if use_gpu is None:
-        import torch
-
-        use_gpu = bool(cfg.scaling.use_gpu)
-        if cfg.scaling.use_gpu == "auto":
-            use_gpu = torch.cuda.is_available() and cfg.scaling.gpus_per_worker > 0
-            if not use_gpu:
-                log("scaling.use_gpu=auto and no GPU here: sized as a CPU run (scaling.use_gpu=true sizes GPUs)")
-    from ift.data import DataError
-    from pipelines.loop import Schedule
-
-    try:
-        plan = plan_data(cfg)
-        rows_per_micro = None
-        if cfg.data.packing:
-            from pipelines.data import estimate_rows_per_micro
-
-            rows_per_micro = estimate_rows_per_micro(cfg, plan.train, from_cache=plan.from_cache)
-        schedule = Schedule.from_config(cfg, plan.train.rows, cfg.scaling.num_workers, rows_per_micro)
-        log(
-            f"data: {plan.train.rows:,} training rows -> {schedule.steps_per_epoch:,} steps per epoch, "
-            f"{schedule.total_steps:,} in all"
-        )
-    except DataError as exc:  # the memory estimate does not need the data
-        log(f"data: not counted ({exc})")
-    try:
-        shape = model_shape(cfg)
-    except OSError as exc:
-        raise ValueError(
-            f"cannot read the configuration of model.name={cfg.model.name!r} ({exc}); the estimate needs its "
-            "config.json (a hub id with hub access, or a local directory)"
-        ) from None
-    est = estimate_memory(cfg, shape, use_gpu=use_gpu)
-    log(render(cfg, est, use_gpu=use_gpu))
-    return est

@@ -17,14 +17,14 @@ import ray
 from ray.data import ExecutionOptions
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm.auto import tqdm
 
 from pipelines.config import TrainConfig
-from pipelines.loop import ADAPTER_DIR, HF_MODEL_DIR, Schedule, data_position_fingerprint
-from pipelines.storage import StoredCheckpoint, latest_checkpoint, resolve_storage_path
-
-PROGRESS_ACTOR_PREFIX = "ift-progress-"
+from pipelines.orchestration.progress import ProgressTracker, on_driver_node, poll_progress
+from pipelines.orchestration.storage import StoredCheckpoint, latest_checkpoint, resolve_storage_path
+from pipelines.orchestration.worker import train_loop_per_worker
+from pipelines.training.recipe import RecipeHooks, RecipeSpec
+from pipelines.training.state import ADAPTER_DIR, HF_MODEL_DIR, Schedule, data_position_fingerprint
 
 
 @dataclass
@@ -39,36 +39,6 @@ class TrainResult:
     loss_curve: str | None = None
     data_report: dict[str, Any] = field(default_factory=dict)
     eval_scores: dict[str, float] = field(default_factory=dict)
-
-
-@ray.remote(num_cpus=0)
-class ProgressTracker:
-    """Rank 0 pushes (step, metrics) here; the driver polls it for the progress bar, and reads
-    the run's outcomes at the end (the bad row that stopped it, the skipped-rows report)."""
-
-    def __init__(self) -> None:
-        self.step = 0
-        self.metrics: dict[str, float] = {}
-        self.outcomes: dict[str, Any] = {}
-
-    def set_outcome(self, key: str, value: Any) -> None:
-        self.outcomes[key] = value
-
-    def outcome(self) -> dict[str, Any]:
-        return self.outcomes
-
-    def update(self, step: int, metrics: dict[str, float]) -> None:
-        self.step = step
-        self.metrics.update(metrics)
-
-    def get(self) -> tuple[int, dict[str, float]]:
-        return self.step, self.metrics
-
-
-def on_driver_node() -> NodeAffinitySchedulingStrategy:
-    """Where the driver's helper actors go: its own node, as Ray Train places its controller.  A
-    worker node may be lost mid-run; the driver's node outlives the run or ends it anyway."""
-    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 
 def init_ray(*, log_to_driver: bool = True) -> None:
@@ -115,28 +85,14 @@ def _autoscalable_gpus() -> float:
         return 0.0
 
 
-def _use_gpu(cfg: TrainConfig, log=None) -> bool:
+def use_gpu_on_cluster(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> bool:
+    """Whether this run trains on GPUs on the connected cluster (:func:`resolve_use_gpu`); says why to ``log``."""
     use, why = resolve_use_gpu(
         cfg, gpus_now=ray.cluster_resources().get("GPU", 0), gpus_autoscalable=_autoscalable_gpus()
     )
     if log is not None and cfg.scaling.use_gpu == "auto":
         log(why)
     return use
-
-
-def _progress_loop(tracker, bar: tqdm, done: threading.Event) -> None:
-    while not done.wait(0.5):
-        try:
-            step, metrics = ray.get(tracker.get.remote(), timeout=5)
-        except Exception:  # the tracker is best effort; training does not depend on it
-            continue
-        bar.n = step
-        post = {}
-        for key, fmt in (("loss", "{:.4f}"), ("val_nll", "{:.4f}"), ("tokens_per_s", "{:.0f}")):
-            if key in metrics:
-                post[key.replace("tokens_per_s", "tok/s")] = fmt.format(metrics[key])
-        bar.set_postfix(post, refresh=False)
-        bar.refresh()
 
 
 def train(
@@ -146,8 +102,7 @@ def train(
     show_progress: bool = True,
     extra_callbacks: list | None = None,
     register: bool = True,
-    fault: Callable[[int, int], None] | None = None,
-    trace_dir: str | None = None,
+    hooks: RecipeHooks | None = None,
     report_each_log_step: bool = False,
 ) -> TrainResult:
     """Run one training job end to end (also the body of every sweep trial).
@@ -156,17 +111,15 @@ def train(
     logged step, for callbacks that read training metrics (a sweep that ranks trials by ``loss``).
     Each report waits for the Ray Train controller's next poll (up to 2 s).
 
-    Two test hooks: ``fault`` is called by every rank after every optimizer step, to kill or stall
-    a worker there (:class:`pipelines.worker.KillWorker`, :class:`pipelines.worker.StallWorker`);
-    ``trace_dir`` makes each rank write the row ids of every micro-batch it takes
-    (:func:`pipelines.worker.traced`).
+    ``hooks`` are test hooks (:mod:`pipelines.orchestration.hooks`: kill or stall a worker after a
+    step or while it saves, trace the row ids of every micro-batch); production runs pass none.
     """
     from ift.data import DataError
-    from pipelines import tracking
-    from pipelines.data import build_datasets
+    from pipelines.data.streaming import build_datasets
+    from pipelines.tracking import runs
 
     init_ray()
-    use_gpu = _use_gpu(cfg, log=print if show_progress else None)
+    use_gpu = use_gpu_on_cluster(cfg, log=print if show_progress else None)
     if cfg.model.attn_implementation == "flash_attention_2" and not use_gpu:
         from pipelines.config import ConfigError
 
@@ -174,7 +127,7 @@ def train(
             "model.attn_implementation=flash_attention_2 needs CUDA GPUs, and this run trains on CPU "
             f"(scaling.use_gpu={cfg.scaling.use_gpu}, the cluster has no GPU); use sdpa"
         )
-    tracking_uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
+    tracking_uri = runs.resolve_tracking_uri(cfg.mlflow.tracking_uri)
 
     data = build_datasets(cfg)
     for ds in (data.train, data.validation):
@@ -194,10 +147,10 @@ def train(
 
     run_id = None
     if cfg.mlflow.enabled:
-        run_id, resumed = tracking.start_or_resume_run(cfg, tracking_uri, parent_run_id=parent_run_id)
-        client = tracking.MlflowClient(tracking_uri=tracking_uri)
+        run_id, resumed = runs.start_or_resume_run(cfg, tracking_uri, parent_run_id=parent_run_id)
+        client = runs.MlflowClient(tracking_uri=tracking_uri)
         if not resumed:
-            tracking.log_data_plan(client, run_id, data)
+            runs.log_data_plan(client, run_id, data)
     finished = previous is not None and previous[1].step >= schedule.total_steps and previous[0].has(HF_MODEL_DIR)
     if finished:
         # Trained to the end before, and something after training failed (registration, plot,
@@ -209,14 +162,14 @@ def train(
     else:
         final, metrics, outcomes = _fit(
             cfg, data, schedule, storage, use_gpu, position, tracking_uri, run_id,
-            show_progress=show_progress, fault=fault, trace_dir=trace_dir, extra_callbacks=extra_callbacks,
+            show_progress=show_progress, hooks=hooks, extra_callbacks=extra_callbacks,
             report_each_log_step=report_each_log_step,
         )  # fmt: skip
     if "data_error" in outcomes:
         bad = outcomes["data_error"]
         error = DataError(bad["source"], bad["row"], bad["reason"], kind=bad["kind"], line=bad["line"])
         if run_id is not None:
-            tracking.end_run(tracking_uri, run_id, ok=False, reason=f"bad training data: {error}")
+            runs.end_run(tracking_uri, run_id, ok=False, reason=f"bad training data: {error}")
         raise error
     report = outcomes.get("data_report", {})
     has_model = final is not None and final.has(HF_MODEL_DIR)
@@ -233,34 +186,30 @@ def train(
 
 
 def _fit(cfg: TrainConfig, data, schedule: Schedule, storage: str, use_gpu: bool, position: str, tracking_uri: str,
-         run_id: str | None, *, show_progress: bool, fault, trace_dir, extra_callbacks,
+         run_id: str | None, *, show_progress: bool, hooks: RecipeHooks | None, extra_callbacks,
          report_each_log_step: bool):  # fmt: skip
     """Train on the Ray cluster; (final checkpoint or None, last reported metrics, the workers' outcomes)."""
-    from pipelines import tracking
-    from pipelines.worker import train_loop_per_worker
+    from pipelines.tracking import runs
 
     # On a worker node that is lost, the tracker would take the run's outcome with it (and fail
     # every retry of the workers that report to it).
     tracker = ProgressTracker.options(scheduling_strategy=on_driver_node()).remote()
-    loop_config = {
-        "config": cfg.model_dump(mode="json"),
-        "schedule": schedule.__dict__,
-        "use_gpu": use_gpu,
-        "has_validation": data.validation is not None,
-        "data_fingerprint": position,
-        "tracking_uri": tracking_uri,
-        "mlflow_run_id": run_id,
-        "progress": tracker,
-        "fault": fault,
-        "trace_dir": trace_dir,
-        "report_each_log_step": report_each_log_step,
-    }
+    spec = RecipeSpec(
+        config=cfg,
+        schedule=schedule,
+        use_gpu=use_gpu,
+        data_fingerprint=position,
+        has_validation=data.validation is not None,
+        tracking_uri=tracking_uri,
+        mlflow_run_id=run_id,
+        report_each_log_step=report_each_log_step,
+    )
     datasets = {"train": data.train}
     if data.validation is not None:
         datasets["validation"] = data.validation
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config={"spec": spec, "progress": tracker, "hooks": hooks},
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=use_gpu,
@@ -292,7 +241,7 @@ def _fit(cfg: TrainConfig, data, schedule: Schedule, storage: str, use_gpu: bool
         dynamic_ncols=True,
     )
     done = threading.Event()
-    poller = threading.Thread(target=_progress_loop, args=(tracker, bar, done), daemon=True)
+    poller = threading.Thread(target=poll_progress, args=(tracker, bar, done), daemon=True)
     poller.start()
     ok = False
     try:
@@ -303,7 +252,7 @@ def _fit(cfg: TrainConfig, data, schedule: Schedule, storage: str, use_gpu: bool
         poller.join(timeout=2)
         bar.close()
         if run_id is not None and not ok:
-            tracking.end_run(tracking_uri, run_id, ok=False, reason="training failed (see the driver's log)")
+            runs.end_run(tracking_uri, run_id, ok=False, reason="training failed (see the driver's log)")
 
     final = StoredCheckpoint.from_ray(result.checkpoint, storage) if result.checkpoint is not None else None
     return final, dict(result.metrics or {}), ray.get(tracker.outcome.remote())
@@ -314,7 +263,7 @@ def _finish(cfg: TrainConfig, tracking_uri: str, out: TrainResult, final: Stored
     """Everything after training: plot, register, evaluate; then mark the run FINISHED.  If any of it
     fails the MLflow run is marked FAILED with the reason, and re-running the same command finishes
     it from the final checkpoint without training again."""
-    from pipelines import tracking
+    from pipelines.tracking import runs
 
     run_id = out.mlflow_run_id
     doing = "recording the run"
@@ -332,10 +281,10 @@ def _finish(cfg: TrainConfig, tracking_uri: str, out: TrainResult, final: Stored
                 f"{type(exc).__name__}: {exc}.  Re-run the same command to finish: training is not repeated."
             )
             with contextlib.suppress(Exception):  # MLflow itself may be what failed
-                tracking.end_run(tracking_uri, run_id, ok=False, reason=reason)
+                runs.end_run(tracking_uri, run_id, ok=False, reason=reason)
         raise
     if run_id is not None:
-        tracking.end_run(tracking_uri, run_id, ok=True)
+        runs.end_run(tracking_uri, run_id, ok=True)
 
 
 def _finish_tracking(
@@ -350,11 +299,11 @@ def _finish_tracking(
 ) -> None:
     """The loss-curve plot, the registered model and the LoRA adapters, each once per run (a re-run
     that finishes a failed ending skips what is already there)."""
-    from pipelines import tracking
+    from pipelines.tracking import runs
 
-    client = tracking.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client = runs.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     with tempfile.TemporaryDirectory(prefix="ift-plot-") as tmp:  # never beside a remote checkpoint
-        png = tracking.plot_loss_curve(
+        png = runs.plot_loss_curve(
             client, run_id, Path(tmp) / "loss_curve.png", f"{cfg.method.name} on {cfg.model.name} ({cfg.run_name})"
         )
         if png is not None:
@@ -365,21 +314,12 @@ def _finish_tracking(
     name = cfg.mlflow.registered_model_name
     registered = client.search_model_versions(f"name='{name}' and run_id='{run_id}'") if name else []
     if registered:
-        out.model_uri = f"runs:/{run_id}/{tracking.MODEL_ARTIFACT}"
+        out.model_uri = f"runs:/{run_id}/{runs.MODEL_ARTIFACT}"
         out.registered_version = str(max(int(v.version) for v in registered))
     elif register:
-        from pipelines.methods import method_of
-        from pipelines.provenance import git_commit
-
-        tags = {
-            "method": cfg.method.name,
-            **{k: str(v) for k, v in method_of(cfg.method).hyperparameters(cfg.method).items()},
-            "data_fingerprint": fingerprints.get("train", ""),
-            "git_commit": git_commit(),
-            "run_name": cfg.run_name,
-        }
+        tags = runs.model_version_tags(cfg, fingerprints.get("train", ""))
         with final.local(HF_MODEL_DIR) as hf_local:
-            out.model_uri, out.registered_version = tracking.register_model(cfg, tracking_uri, run_id, hf_local, tags)
+            out.model_uri, out.registered_version = runs.register_model(cfg, tracking_uri, run_id, hf_local, tags)
     if final.has(ADAPTER_DIR) and ADAPTER_DIR not in [a.path for a in client.list_artifacts(run_id)]:
         # The model is registered merged; the LoRA adapters alone are kept beside it.
         with final.local(ADAPTER_DIR) as adapter:

@@ -19,7 +19,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from pipelines.loop import STATE_FILE, LoopState
+from pipelines.training.state import STATE_FILE, LoopState
 
 
 def resolve_storage_path(storage_path: str) -> str:
@@ -109,4 +109,4 @@ def latest_checkpoint(storage_path: str, run_name: str) -> tuple[StoredCheckpoin
         return None
     checkpoint = StoredCheckpoint.of(fs, f"{run_dir}/{name}", storage_path)
     with fs.open_input_stream(f"{checkpoint.path}/{STATE_FILE}") as f:
-        return checkpoint, LoopState(**json.loads(f.read()))
+        return checkpoint, LoopState.from_json(f.read())

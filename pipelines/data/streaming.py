@@ -2,11 +2,11 @@
 
 Per epoch, for each split::
 
-    shards (pipelines.sources, seeded order) -> read_shard (one task per shard)
+    shards (pipelines.data.sources, seeded order) -> read_shard (one task per shard)
         -> TokenizeRows (map_batches, an actor pool: the tokenizer loads once per actor)
         -> streaming_split across the workers (Ray Train's DataConfig, equal rows per rank)
 
-or, with ``data.cache=true``, the prepared Parquet shards of ``pipelines.cache``
+or, with ``data.cache=true``, the prepared Parquet shards of ``pipelines.data.cache``
 (already tokenized) instead of the first two stages.  Nothing is materialized:
 the first optimizer step waits for the first micro-batch, not for the corpus;
 each rank reads only its own rows; and everything a retried worker needs is
@@ -17,136 +17,34 @@ local shuffle (``seed + epoch``) are the same in every run with the same seed.
 Bad rows are not dropped here: they flow with an ``error`` column to the worker
 that owns them, which stops the run naming the file and line
 (``on_bad_row=error``) or skips and counts them (``skip``); see
-:mod:`pipelines.batching`.  ``ift data check`` reports every bad row of a corpus.
+:mod:`pipelines.data.batching`.  ``ift data check`` reports every bad row of a corpus.
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import ray
 
-from ift.data import DataError, parse_json_row, tokenize_example
-from ift.models import load_tokenizer
+from ift.data import DataError
 from pipelines.config import DataSource, TrainConfig
-from pipelines.sources import Shard, expected_rows, read_shard, scan_source, shuffled, source_fingerprint, source_shards
-
-# Bump when tokenization changes what a row becomes: it is part of every cache key.
-TOKENIZATION_VERSION = 1
-SFT_KEYS = ("input_ids", "labels")
-PAIR_KEYS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
-META_KEYS = ("source", "row", "line", "error", "error_kind", "num_tokens")
-
-
-def token_keys(mode: str) -> tuple[str, ...]:
-    return SFT_KEYS if mode == "sft" else PAIR_KEYS
-
-
-def data_mode(cfg: TrainConfig) -> str:
-    """``"preference"`` for methods that train on pairs, else ``"sft"``."""
-    return "preference" if cfg.method.needs_pairs else "sft"
-
-
-# --------------------------------------------------------------------------- tokenization
-
-
-class TokenizeRows:
-    """``map_batches`` callable: JSON payloads -> token ids, or the row's error.
-
-    The tokenizer is loaded once per actor, in ``__init__``.  A bad row keeps its
-    place in the stream with ``error``/``error_kind`` set and empty token columns.
-    """
-
-    def __init__(self, tokenizer_name: str, mode: str, max_length: int, truncation: str, trust_remote_code: bool):
-        self.tokenizer = load_tokenizer(tokenizer_name, trust_remote_code=trust_remote_code)
-        self.mode = mode
-        self.max_length = max_length
-        self.truncation = truncation
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        keys = token_keys(self.mode)
-        out: dict[str, list] = {k: [] for k in (*keys, *META_KEYS)}
-        lines = batch["line"] if "line" in batch else [0] * len(batch["row"])
-        for source, row, line, payload in zip(batch["source"], batch["row"], lines, batch["payload"], strict=True):
-            source, row, line = str(source), int(row), int(line)
-            error = kind = ""
-            try:
-                obj = parse_json_row(payload, source, row, line=line or None)
-                tokens = tokenize_example(
-                    self.tokenizer, obj, mode=self.mode, max_length=self.max_length,
-                    truncation=self.truncation, source=source, index=row,
-                )  # fmt: skip
-            except DataError as exc:
-                error, kind = exc.reason, exc.kind
-                tokens = {k: [] for k in keys}
-            for k in keys:
-                out[k].append(np.asarray(tokens[k], dtype=np.int32))
-            out["source"].append(source)
-            out["row"].append(row)
-            out["line"].append(line)
-            out["error"].append(error)
-            out["error_kind"].append(kind)
-            out["num_tokens"].append(len(tokens[keys[0]]))
-        return out
-
-
-def tokenizer_id(cfg: TrainConfig) -> str:
-    """The tokenizer's name and revision, as the cache key sees it."""
-    return f"{cfg.model.tokenizer or cfg.model.name}@{cfg.model.revision or 'default'}"
-
-
-def tokenize(ds: ray.data.Dataset, cfg: TrainConfig, *, concurrency: int, num_cpus: float) -> ray.data.Dataset:
-    return ds.map_batches(
-        TokenizeRows,
-        fn_constructor_args=(
-            cfg.model.tokenizer or cfg.model.name,
-            data_mode(cfg),
-            cfg.data.max_length,
-            cfg.data.truncation,
-            cfg.model.trust_remote_code,
-        ),  # fmt: skip
-        batch_size=cfg.data.tokenize_batch_size,
-        compute=ray.data.ActorPoolStrategy(size=concurrency),
-        num_cpus=num_cpus,
-        batch_format="numpy",
-    )
-
+from pipelines.data.batching import data_mode, estimate_examples_per_pack, packing_of, token_keys
+from pipelines.data.cache import cached_plan, read_cached_shard
+from pipelines.data.plan import DataPlan, SplitPlan, examples_fingerprint
+from pipelines.data.sources import (
+    expected_rows,
+    read_shard,
+    scan_source,
+    shuffled,
+    source_fingerprint,
+    source_shards,
+)
+from pipelines.data.tokenize import TokenizeRows, tokenize, tokenizer_resources
 
 # --------------------------------------------------------------------------- plans
-
-
-@dataclass
-class SplitPlan:
-    """What one split reads: its shards in order, the rows they hold, and the content fingerprint."""
-
-    shards: list[Shard]
-    rows: int
-    fingerprint: str
-
-
-@dataclass
-class DataPlan:
-    train: SplitPlan
-    validation: SplitPlan | None
-    from_cache: bool = False
-    cache_paths: list[str] = field(default_factory=list)
-
-
-def examples_fingerprint(source_fps: list[str], cfg: TrainConfig, extra: str = "") -> str:
-    """A split's identity: its sources' content, how they are mixed, and how rows become examples."""
-    h = hashlib.sha256()
-    for fp in source_fps:
-        h.update(fp.encode())
-    h.update(
-        f"{tokenizer_id(cfg)}:{cfg.data.max_length}:{cfg.data.truncation}:{data_mode(cfg)}:"
-        f"{TOKENIZATION_VERSION}:{cfg.optimization.seed}:{extra}".encode()
-    )
-    return h.hexdigest()[:16]
 
 
 def _source_key(src: DataSource) -> str:
@@ -157,12 +55,10 @@ def plan_data(cfg: TrainConfig) -> DataPlan:
     """Scan the sources (row counts, content hashes) and lay out each split's shards.
 
     With ``data.cache=true`` the shards are the prepared cache's (prepared first
-    if missing, see :func:`pipelines.cache.ensure_prepared`).
+    if missing, see :func:`pipelines.data.cache.ensure_prepared`).
     """
     seed = cfg.optimization.seed
     if cfg.data.cache:
-        from pipelines.cache import cached_plan
-
         return cached_plan(cfg)
     holdout = cfg.data.validation_fraction if not cfg.data.validation else 0.0
 
@@ -200,36 +96,9 @@ def stream(plan: SplitPlan, cfg: TrainConfig, *, from_cache: bool, concurrency: 
     # starve the tokenizer and the training workers for tens of seconds before the first step.
     readers = max(2, concurrency)
     if from_cache:
-        from pipelines.cache import read_cached_shard
-
         return ds.map_batches(read_cached_shard, batch_size=1, batch_format="numpy", num_cpus=0, concurrency=readers)
     rows = ds.flat_map(read_shard, num_cpus=0, concurrency=readers)
     return tokenize(rows, cfg, concurrency=concurrency, num_cpus=num_cpus)
-
-
-# --------------------------------------------------------------------------- resources
-
-
-def tokenizer_resources(
-    cfg: TrainConfig, cluster_cpus: float, *, training_cpus: float | None = None
-) -> tuple[int, float]:
-    """``(actors, CPUs per actor)`` for the tokenizer pool.
-
-    ``data.tokenize_concurrency`` wins when set.  Otherwise one actor per CPU the
-    training workers (``training_cpus``, default: the config's workers) leave free,
-    at most 16 and at least one.  When the workers take every CPU (a laptop) the
-    actors ask for a share of what is left so they can run at all; they then
-    compete with training for CPU, which the driver says.
-    """
-    if training_cpus is None:
-        training_cpus = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-    free = cluster_cpus - training_cpus
-    if cfg.data.tokenize_concurrency is not None:
-        actors = cfg.data.tokenize_concurrency
-    else:
-        actors = int(max(1, min(16, free)))
-    per_actor = 1.0 if free >= actors else max(free, 0.0) / actors
-    return actors, math.floor(per_actor * 1000) / 1000
 
 
 # --------------------------------------------------------------------------- packing estimate
@@ -241,23 +110,21 @@ def sample_examples(plan: SplitPlan, cfg: TrainConfig, *, from_cache: bool, rows
     """Up to ``rows`` good tokenized examples of a split, read on the driver from its first shards in
     plan order (which is seeded-shuffled, so a mixture's sources all appear): what packing is estimated on."""
     keys = token_keys(data_mode(cfg))
-    tokenize = None
+    tokenize_rows = None
     out: list[dict[str, list[int]]] = []
     for shard in plan.shards:
         if from_cache:
-            from pipelines.cache import read_cached_shard
-
             batch = read_cached_shard({"shard": [shard.to_item()["shard"]]}).to_pydict()
         else:
             raw = list(itertools.islice(read_shard(shard.to_item()), rows - len(out)))
             if not raw:
                 continue
-            if tokenize is None:
-                tokenize = TokenizeRows(
+            if tokenize_rows is None:
+                tokenize_rows = TokenizeRows(
                     cfg.model.tokenizer or cfg.model.name, data_mode(cfg), cfg.data.max_length,
                     cfg.data.truncation, cfg.model.trust_remote_code,
                 )  # fmt: skip
-            batch = tokenize({k: np.asarray([r[k] for r in raw], dtype=object) for k in raw[0]})
+            batch = tokenize_rows({k: np.asarray([r[k] for r in raw], dtype=object) for k in raw[0]})
         for i, error in enumerate(batch["error"]):
             if not error:
                 out.append({k: list(batch[k][i]) for k in keys})
@@ -269,30 +136,14 @@ def sample_examples(plan: SplitPlan, cfg: TrainConfig, *, from_cache: bool, rows
 def estimate_rows_per_micro(cfg: TrainConfig, plan: SplitPlan, *, from_cache: bool) -> float:
     """Examples one micro-batch holds: ``micro_batch_size`` padded; packed, ``micro_batch_size`` rows
     times the mean examples per row of a packed sample of the corpus
-    (:func:`pipelines.batching.estimate_examples_per_pack`)."""
+    (:func:`pipelines.data.batching.estimate_examples_per_pack`)."""
     if not cfg.data.packing:
         return float(cfg.optimization.micro_batch_size)
-    from pipelines.batching import estimate_examples_per_pack
-
     rows = max(PACKING_SAMPLE_ROWS, 2 * cfg.data.packing_window)
     sample = sample_examples(plan, cfg, from_cache=from_cache, rows=rows)
     if not sample:
         raise DataError(plan.shards[0].path if plan.shards else "train", 0, "no good row to estimate packing from")
     return cfg.optimization.micro_batch_size * estimate_examples_per_pack(sample, packing_of(cfg))
-
-
-def packing_of(cfg: TrainConfig):
-    """The config's :class:`pipelines.batching.Packing`, or None for padded micro-batches."""
-    if not cfg.data.packing:
-        return None
-    from pipelines.batching import Packing
-
-    return Packing(
-        length=cfg.data.resolved_pack_length(cfg.method.needs_pairs),
-        rows=cfg.optimization.micro_batch_size,
-        strategy=cfg.data.packing_strategy,
-        window=cfg.data.packing_window,
-    )
 
 
 @dataclass

@@ -90,7 +90,7 @@ Metrics (per seed; aggregated as mean ± sample std over seeds)
     * ``p_optimal_traj``: the probability the final policy assigns to the whole
       optimal trajectory.
 
-No mlflow, ray or matplotlib here; ``pipelines/frozenlake.py`` reports and logs.
+No mlflow, ray or matplotlib here; ``experiments/frozenlake/run.py`` reports and logs.
 
 One module on purpose: the lake, value iteration, the policy network and the four
 fine-tuning methods are one experiment (§5.3), read top to bottom; split, each piece

@@ -7,18 +7,19 @@ import contextlib
 import os
 import re
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import RunStatus
+from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 
 from pipelines.config import TrainConfig, flatten
-from pipelines.provenance import git_commit
+from pipelines.tracking.provenance import git_commit
 
 RUN_NAME_TAG = "ift.run_name"
 MODEL_ARTIFACT = "model"  # the run artifact holding the registered transformers model
@@ -94,7 +95,7 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> Non
 
 
 def log_data_plan(client: MlflowClient, run_id: str, data: Any) -> None:
-    """What the run reads (a :class:`pipelines.data.StreamingData`): fingerprints as tags, the planned
+    """What the run reads (a :class:`pipelines.data.streaming.StreamingData`): fingerprints as tags, the planned
     rows as metrics and ``data_plan.json``.  Bad rows are counted while streaming (``bad_rows_skipped.json``)."""
     for split, fp in data.fingerprints.items():
         client.set_tag(run_id, f"data_fingerprint.{split}", fp)
@@ -210,6 +211,35 @@ def register_model(
     source = f"{client.get_run(run_id).info.artifact_uri}/{MODEL_ARTIFACT}"
     version = client.create_model_version(name, source=source, run_id=run_id, tags=tags)
     return model_uri, str(version.version)
+
+
+class RunLogger:
+    """Rank 0's writer into a run the driver started: params, metrics at a step, and a JSON artifact."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.client, self.run_id = MlflowClient(tracking_uri=tracking_uri), run_id
+
+    def params(self, params: dict[str, Any]) -> None:
+        self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+
+    def metrics(self, metrics: dict[str, float], *, step: int) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def dict(self, value: dict[str, Any], artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, value, artifact_file)
+
+
+def model_version_tags(cfg: TrainConfig, data_fingerprint: str) -> dict[str, str]:
+    """The tags of a registered model version, the same from ``ift train`` and a sweep's champion: the
+    method and every option of it (β with its default), the training data, the code and the run."""
+    return {
+        "method": cfg.method.name,
+        **{k: str(v) for k, v in cfg.method.hyperparameters().items()},
+        "data_fingerprint": data_fingerprint,
+        "git_commit": git_commit(),
+        "run_name": cfg.run_name,
+    }
 
 
 def load_model_components(model_uri: str, tracking_uri: str) -> dict[str, Any]:

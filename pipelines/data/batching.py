@@ -16,7 +16,7 @@ stops the epoch with a :class:`ift.data.DataError` naming its file and line
   micro-batch has the shape of a padded one at full length, filled with real
   tokens.  The number of rows is not known before the pass, so the schedule
   uses :func:`estimate_examples_per_pack` and the epoch ends when the first
-  rank's stream runs out (``pipelines.loop``).
+  rank's stream runs out (``pipelines.training.loop``).
 
 Every micro-batch carries ``num_examples`` and ``num_tokens`` (real tokens of
 the main sequences: ``input_ids``, or ``chosen_input_ids`` for pairs) for the
@@ -36,6 +36,19 @@ import torch
 
 from ift.collate import collate_packs, join_pack, pack_examples, pad_collate
 from ift.data import BadRowReport, DataError
+from pipelines.config import TrainConfig
+
+SFT_KEYS = ("input_ids", "labels")
+PAIR_KEYS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
+
+
+def token_keys(mode: str) -> tuple[str, ...]:
+    return SFT_KEYS if mode == "sft" else PAIR_KEYS
+
+
+def data_mode(cfg: TrainConfig) -> str:
+    """``"preference"`` for methods that train on pairs, else ``"sft"``."""
+    return "preference" if cfg.method.paired else "sft"
 
 
 @dataclass
@@ -68,6 +81,18 @@ class Packing:
     rows: int = 1
     strategy: str = "best_fit_decreasing"
     window: int = 1024
+
+
+def packing_of(cfg: TrainConfig):
+    """The config's :class:`pipelines.data.batching.Packing`, or None for padded micro-batches."""
+    if not cfg.data.packing:
+        return None
+    return Packing(
+        length=cfg.data.resolved_pack_length(cfg.method.paired),
+        rows=cfg.optimization.micro_batch_size,
+        strategy=cfg.data.packing_strategy,
+        window=cfg.data.packing_window,
+    )
 
 
 def estimate_examples_per_pack(examples: list[dict[str, Any]], packing: Packing) -> float:

@@ -1,12 +1,12 @@
 """The tokenized cache: each source tokenized once, as Parquet shards, reused by every run and sweep trial.
 
 ``ift data prepare`` reads every row of every source of a config, tokenizes it
-(the same :class:`pipelines.data.TokenizeRows` as streaming) and writes
+(the same :class:`pipelines.data.tokenize.TokenizeRows` as streaming) and writes
 ``<cache_dir>/<key>/part-*.parquet`` plus ``manifest.json``, written last: a
 directory without a manifest is an unfinished write and is redone.  The key
 hashes what decides the tokens: the source files' content, the tokenizer (name
 and revision), ``max_length``, ``truncation``, the data mode (SFT rows or
-preference pairs) and :data:`pipelines.data.TOKENIZATION_VERSION`.  A second
+preference pairs) and :data:`pipelines.data.streaming.TOKENIZATION_VERSION`.  A second
 ``prepare`` with unchanged inputs tokenizes nothing and says so; any change gives
 a new key.  ``cache_dir`` may be a local path or any pyarrow filesystem URI
 (``s3://bucket/prefix`` on a cluster, so every node reads the same cache).
@@ -37,7 +37,9 @@ import pyarrow.parquet as pq
 
 from ift.data import BadRowReport, DataError
 from pipelines.config import DataSource, TrainConfig
-from pipelines.sources import (
+from pipelines.data.batching import data_mode
+from pipelines.data.plan import DataPlan, SplitPlan, examples_fingerprint
+from pipelines.data.sources import (
     SHARD_ROWS,
     FileScan,
     Shard,
@@ -50,6 +52,7 @@ from pipelines.sources import (
     shuffled,
     source_fingerprint,
 )
+from pipelines.data.tokenize import TOKENIZATION_VERSION, tokenize, tokenizer_id, tokenizer_resources
 
 MANIFEST = "manifest.json"
 
@@ -79,7 +82,6 @@ class CacheEntry:
 
 
 def cache_key(src: DataSource, scans: list[FileScan], cfg: TrainConfig) -> str:
-    from pipelines.data import TOKENIZATION_VERSION, data_mode, tokenizer_id
 
     h = hashlib.sha256(source_fingerprint(src, scans).encode())
     h.update(
@@ -163,8 +165,6 @@ def _as_error(b: dict[str, Any]) -> DataError:
 def _tokenized_stream(entry: CacheEntry, cfg: TrainConfig, *, concurrency: int, num_cpus: float):
     import ray
 
-    from pipelines.data import tokenize
-
     shards = [s for scan in entry.scans for s in file_shards(scan)]
     items = [s.to_item() for s in shards]
     rows = ray.data.from_items(items, override_num_blocks=max(1, len(items))).flat_map(read_shard, num_cpus=0)
@@ -179,8 +179,6 @@ def prepare(cfg: TrainConfig, *, log=print) -> list[CacheEntry]:
     is raised (``ift data check`` lists them all).
     """
     import ray
-
-    from pipelines.data import data_mode, tokenizer_id, tokenizer_resources
 
     result = entries(cfg)
     actors, cpus = tokenizer_resources(cfg, ray.cluster_resources().get("CPU", 1.0), training_cpus=0.0)
@@ -232,8 +230,7 @@ def describe(entry: CacheEntry) -> str:
 
 
 def cached_plan(cfg: TrainConfig):
-    """The :class:`pipelines.data.DataPlan` of a config read from its cache (prepared first if missing)."""
-    from pipelines.data import DataPlan, SplitPlan, examples_fingerprint
+    """The :class:`pipelines.data.plan.DataPlan` of a config read from its cache (prepared first if missing)."""
 
     by_key = {e.key: e for e in prepare(cfg)}
     seed = cfg.optimization.seed
@@ -313,8 +310,6 @@ class CheckResult:
 def check(cfg: TrainConfig) -> CheckResult:
     """Validate every row of every source (tokenizing it), without training or writing a cache."""
     import ray
-
-    from pipelines.data import tokenizer_resources
 
     actors, cpus = tokenizer_resources(cfg, ray.cluster_resources().get("CPU", 1.0), training_cpus=0.0)
     out = CheckResult()

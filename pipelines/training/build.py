@@ -1,7 +1,7 @@
 """Building what a worker trains: the model (under ZeRO-3 straight into partitions), its tokenizer,
 DPO's partitioned reference, the DeepSpeed config and engine.
 
-No Ray here, as in :mod:`pipelines.loop`.  DeepSpeed gets a torch optimizer object, because an
+No Ray here, as in :mod:`pipelines.training.loop`.  DeepSpeed gets a torch optimizer object, because an
 optimizer declared in the DeepSpeed config JIT-compiles a kernel.
 """
 
@@ -16,7 +16,6 @@ import torch
 from ift.lora import add_lora
 from ift.models import load_model, load_tokenizer
 from pipelines.config import TrainConfig
-from pipelines.methods import method_of
 
 
 def trains_in_bf16(cfg: TrainConfig, use_gpu: bool) -> bool:
@@ -175,7 +174,7 @@ def partitioned_reference(cfg: TrainConfig, tokenizer, use_gpu: bool):
     each rank holds 1/world of it, and each forward gathers layer by layer like the policy's.
     Every rank must call it, before a resume changes the policy.
     """
-    if not (method_of(cfg.method).reference and cfg.model.lora is None and cfg.deepspeed.zero_stage == 3):
+    if not (cfg.method.uses_reference and cfg.model.lora is None and cfg.deepspeed.zero_stage == 3):
         return None
     import deepspeed
 

@@ -1,0 +1,1 @@
+"""Experiments outside the training pipeline (optional extras)."""

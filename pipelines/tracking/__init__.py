@@ -1,0 +1,1 @@
+"""MLflow: runs, the model registry, loss-curve plots, and provenance tags."""
