@@ -5,6 +5,18 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipelines.config import (
+    ConfigError,
+    describe_schema,
+    load_config,
+    packaged_config_names,
+    packaged_config_path,
+    split_config_argument,
+)
+
+# Each command imports what it runs when it runs: `ift --help` and `ift configs` answer at once,
+# without loading torch, Ray, DeepSpeed or MLflow.
+
 USAGE = """ift <command> [args]
 
 commands:
@@ -21,8 +33,6 @@ commands:
 
 def _load_config(items: list[str]):
     """``[CONFIG] key=value ...`` -> the validated config, or None after printing what is wrong."""
-    from pipelines.config import ConfigError, load_config, split_config_argument
-
     config_path, overrides = split_config_argument(items)
     try:
         return load_config(config_path, overrides)
@@ -40,7 +50,6 @@ def _train(argv: list[str]) -> int:
         "--dry-run", action="store_true", help="validate, count rows and steps, estimate memory per GPU; train nothing"
     )
     args = parser.parse_args(argv)
-    from pipelines.config import describe_schema
 
     if args.help_config:
         print(describe_schema())
@@ -110,8 +119,6 @@ def _data(argv: list[str]) -> int:
 
 
 def _configs(argv: list[str]) -> int:
-    from pipelines.config import packaged_config_names, packaged_config_path
-
     for name in packaged_config_names():
         print(f"{name:24s} {packaged_config_path(name)}")
     return 0
@@ -142,8 +149,13 @@ def main(argv: list[str] | None = None) -> int:
 
         return main_compare(rest)
     if command == "frozenlake":
-        from experiments.frozenlake.run import main as frozenlake_main
-
+        try:
+            from experiments.frozenlake.run import main as frozenlake_main
+        except ModuleNotFoundError as exc:
+            if exc.name != "gymnasium":
+                raise
+            print("error: the Frozen Lake experiment needs gymnasium: pip install -e '.[frozenlake]'", file=sys.stderr)
+            return 2
         return frozenlake_main(rest)
     print(f"unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
     return 2

@@ -86,7 +86,7 @@ class DataConfig(_Section):
         "error", description="'error' stops at the first bad row naming file and row; 'skip' counts and reports."
     )
     shuffle_buffer_size: int = Field(
-        10_000, ge=0, description="Per-epoch local shuffle buffer (rows), seeded with seed+epoch; 0 = fixed order."
+        10_000, ge=0, description="Per-epoch local shuffle buffer (rows), seeded per epoch and rank; 0 = fixed order."
     )
     tokenize_batch_size: int = Field(256, gt=0, description="Rows per Ray Data map_batches call.")
     tokenize_concurrency: int | None = Field(
@@ -482,7 +482,7 @@ def read_yaml_mapping(file: Path) -> dict[str, Any]:
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Load a YAML config (default: the packaged ``tiny``), apply overrides, validate.
 
-    ``path`` may also name a packaged config (``tiny``, ``tiny-zero3`` ...).
+    ``path`` may also name a packaged config (``tiny``, ``mistral-7b-ift`` ...; ``ift configs`` lists them).
     """
     if path is None:
         file = packaged_config_path(DEFAULT_CONFIG)

@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     # Imported here: Ray, Tune and MLflow are not needed to list sweeps or report a config error.
+    # Ray, Tune and MLflow load once the sweep is validated and runs.
     from tune.results import summary
     from tune.trials import run_sweep
 

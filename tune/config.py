@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -73,8 +74,6 @@ class ParamSpec(_Strict):
 
     def grid_values(self) -> list[Any]:
         """The values this dimension takes under ``algorithm: grid``."""
-        import numpy as np
-
         if self.type in ("choice", "grid"):
             return list(self.values or [])
         n = self.grid_points
@@ -85,7 +84,7 @@ class ParamSpec(_Strict):
 
     def tune_domain(self, algorithm: str) -> Any:
         """This dimension as a Ray Tune search domain (or grid) for ``algorithm``."""
-        from ray import tune as rtune
+        from ray import tune as rtune  # Ray Tune loads when a sweep runs, not when a sweep file is read
 
         if algorithm == "grid":
             return rtune.grid_search(self.grid_values())

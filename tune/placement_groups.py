@@ -23,10 +23,16 @@ module once Ray's own cleaner works without the dashboard.
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
+
+import ray
+from ray.util.placement_group import placement_group_table, remove_placement_group
+
+from pipelines.orchestration.progress import on_driver_node
 
 
 def placement_group_recorder(registry: Any, trial_id: str) -> Any:
@@ -37,9 +43,9 @@ def placement_group_recorder(registry: Any, trial_id: str) -> Any:
     ``registry`` is :attr:`PlacementGroupJanitor.registry`; ``None`` when this Ray has no
     Train V2 internals to hook into.
     """
-    try:
+    try:  # Ray Train V2's internal callback API: a Ray without it gets no janitor
         from ray.train.v2._internal.execution.callback import WorkerGroupCallback
-    except ImportError:  # a Ray without Train V2 internals: no janitor
+    except ImportError:
         return None
 
     class _RecordPlacementGroup(WorkerGroupCallback):
@@ -48,7 +54,6 @@ def placement_group_recorder(registry: Any, trial_id: str) -> Any:
             self._trial_id = trial_id
 
         def after_worker_group_start(self, worker_group) -> None:
-            import ray
 
             try:
                 pg = worker_group.get_worker_group_state().placement_group_handle.placement_group
@@ -69,7 +74,6 @@ def _ray_cleaner_actor():
     and logs a warning every second for the life of the cluster.  The janitor
     stops it once it has released the placement group in its stead.
     """
-    import gc
 
     for obj in gc.get_objects():
         if type(obj).__name__ == "PlacementGroupCleanerCallback":
@@ -78,7 +82,6 @@ def _ray_cleaner_actor():
 
 
 def _registry_cls() -> Any:
-    import ray
 
     @ray.remote(num_cpus=0)
     class TrialPlacementGroups:
@@ -106,7 +109,6 @@ class PlacementGroupJanitor:
     """
 
     def __init__(self, interval_s: float = 1.0, log: Callable[[str], None] | None = None):
-        from pipelines.orchestration.progress import on_driver_node
 
         # Trials get this actor's handle (it pickles; the janitor's thread does not).  On the driver's
         # node: on a worker node that is lost it would take the sweep's records with it.
@@ -132,8 +134,6 @@ class PlacementGroupJanitor:
 
     def check(self) -> int:
         """One pass; returns how many recorded placement groups are still held."""
-        import ray
-        from ray.util.placement_group import placement_group_table, remove_placement_group
 
         pending = 0
         for trial_id, controller, pg, ray_cleaner in ray.get(self.registry.entries.remote(), timeout=30):
@@ -175,7 +175,6 @@ class PlacementGroupJanitor:
     def stop(self, timeout_s: float = 60.0) -> None:
         """Stop polling after a last pass that waits for every recorded controller to end,
         then end the registry actor."""
-        import ray
 
         self._stop.set()
         self._thread.join(timeout=10)

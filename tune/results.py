@@ -14,6 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from pipelines.orchestration.storage import StoredCheckpoint, filesystem
+from pipelines.training.state import HF_MODEL_DIR
 from tune.config import plain
 
 HEATMAP_X, HEATMAP_Y = "method.lam", "method.decay"
@@ -57,8 +61,6 @@ def collect_rows(grid: Any, sweep_id: str, keys: list[str], metric: str, sweep_d
     path without its scheme; it is looked up in the filesystem of ``sweep_dir`` (a local
     folder or a URI such as ``s3://bucket/sweeps/<id>``), and the row keeps the full URI.
     """
-    from pipelines.orchestration.storage import StoredCheckpoint, filesystem
-    from pipelines.training.state import HF_MODEL_DIR
 
     fs = filesystem(sweep_dir)[0]
     rows = []
@@ -146,11 +148,11 @@ def plot_heatmap(
     point shows its value; trials stopped by ASHA are hatched/marked with the
     step they stopped at, failed trials are crossed out, the champion starred.
     """
-    import matplotlib
+    import matplotlib  # its headless backend must be chosen before pyplot loads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
+    from matplotlib.lines import Line2D
 
     numeric = [
         k
@@ -233,8 +235,6 @@ def plot_heatmap(
             ax.annotate(label(r), (x, y), textcoords="offset points", xytext=(6, 6), fontsize=8)
         im = matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap)
         ax.margins(0.15)
-        from matplotlib.lines import Line2D
-
         ax.legend(
             handles=[
                 Line2D([], [], marker=m, ls="", color="0.5", label=lab)

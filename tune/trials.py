@@ -31,16 +31,27 @@ from __future__ import annotations
 
 import os
 import secrets
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
+import ray
+import ray.data
+import ray.exceptions
 from mlflow.tracking import MlflowClient
+from ray import tune as rtune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
+from ray.tune.search.optuna import OptunaSearch
 
 from pipelines.config import METHOD_CONFIGS, TrainConfig, apply_overrides
+from pipelines.data import cache
 from pipelines.orchestration.storage import filesystem
+from pipelines.orchestration.train import init_ray, train, use_gpu_on_cluster
 from pipelines.tracking import runs as mlflow_runs
 from tune import tracking
 from tune.config import SweepConfig, check_sweep, plain
@@ -58,7 +69,6 @@ def trial_values(sampled: dict[str, Any], base_method: str) -> dict[str, Any]:
 
 
 def _report_callback_cls() -> type:
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     class _ReportEvaluations(TuneReportCallback):
         """TuneReportCallback that forwards only the reports carrying the sweep metric.
@@ -92,11 +102,6 @@ def trial_driver(
 
     ``registry`` is the placement-group janitor's registry actor (``None``: no janitor).
     """
-    import ray.data
-    import ray.exceptions
-    from ray import tune as rtune
-
-    from pipelines.orchestration.train import train
 
     # Several trials prepare data at once: their Ray Data bars would interleave on the console.
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -152,7 +157,6 @@ def raise_if_failed_before(trials_dir: str, run_name: str) -> None:
 
 
 def _progress_callback_cls() -> type:
-    from ray import tune as rtune
 
     class _SweepProgress(rtune.Callback):
         """One line per trial event (start, evaluation, end), on the driver's stdout."""
@@ -192,9 +196,6 @@ def _default_concurrency(base: TrainConfig, driver_cpus: float) -> int:
     """As many trials as worker groups fit, while every trial's data preparation
     (tokenizer actors; none when the trials read the prepared cache) still leaves one
     CPU for Ray Data's read tasks."""
-    import ray
-
-    from pipelines.orchestration.train import use_gpu_on_cluster
 
     total = ray.cluster_resources()
     cpus = total.get("CPU", 1)
@@ -214,11 +215,9 @@ def _search(sweep: SweepConfig, max_concurrent: int) -> tuple[dict[str, Any], An
     space = sweep.space()
     param_space = {k: spec.tune_domain(sweep.algorithm) for k, spec in space.items()}
     if sweep.algorithm == "optuna":
-        import optuna
-        from ray.tune.search.optuna import OptunaSearch
+        import optuna  # only the optuna algorithm needs it
 
         return param_space, OptunaSearch(sampler=optuna.samplers.TPESampler(seed=sweep.seed))
-    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     # A search algorithm passed in is not wrapped by TuneConfig.max_concurrent_trials
     # (only Searchers are): the generator limits itself.
@@ -229,7 +228,6 @@ def _scheduler(sweep: SweepConfig, base: TrainConfig) -> Any:
     """ASHA on the sweep metric, its clock defaulting to the training config's eval steps."""
     if sweep.scheduler.type == "none":
         return None
-    from ray.tune.schedulers import ASHAScheduler
 
     sc = sweep.scheduler
     if sc.time_attr == "step":
@@ -261,7 +259,6 @@ def _tuner(
     verbose: int,
 ) -> Any:
     """The Tuner: :func:`trial_driver` per sampled config, each driver reserving only its own bundle."""
-    from ray import tune as rtune
 
     metric, mode = sweep.metric, sweep.mode
     param_space, search_alg = _search(sweep, max_concurrent)
@@ -324,7 +321,6 @@ def _prepare_data_once(base: TrainConfig, sweep: SweepConfig, log: Callable[[str
     if any(k.startswith(_TOKENIZATION_KEYS) for k in sweep.space()):
         log("[sweep] the search space changes tokenization: each trial streams and tokenizes its own data")
         return base
-    from pipelines.data import cache
 
     for entry in cache.prepare(base, log=lambda msg: log(f"[sweep] data: {msg}")):
         log(f"[sweep] data: {entry.manifest['good_rows']:,} rows, {entry.manifest['tokens']:,} tokens")
@@ -336,7 +332,6 @@ def run_sweep(
 ) -> SweepResult:
     """Run the sweep end to end; see the module docstring."""
     log = log or say
-    from pipelines.orchestration.train import init_ray
 
     check_sweep(sweep, base)
     t0 = time.time()
@@ -414,6 +409,5 @@ def run_sweep(
 
 def tempfile_dir(name: str) -> str:
     """A local folder for a sweep whose storage is remote."""
-    import tempfile
 
     return os.path.join(tempfile.gettempdir(), "ift-sweeps", name)

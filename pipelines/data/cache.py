@@ -34,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+import ray
 
 from ift.data import BadRowReport, DataError
 from pipelines.config import DataSource, TrainConfig
@@ -163,7 +164,6 @@ def _as_error(b: dict[str, Any]) -> DataError:
 
 
 def _tokenized_stream(entry: CacheEntry, cfg: TrainConfig, *, concurrency: int, num_cpus: float):
-    import ray
 
     shards = [s for scan in entry.scans for s in file_shards(scan)]
     items = [s.to_item() for s in shards]
@@ -178,7 +178,6 @@ def prepare(cfg: TrainConfig, *, log=print) -> list[CacheEntry]:
     ``on_bad_row=error`` a source with a bad row is not cached and the first bad row
     is raised (``ift data check`` lists them all).
     """
-    import ray
 
     result = entries(cfg)
     actors, cpus = tokenizer_resources(cfg, ray.cluster_resources().get("CPU", 1.0), training_cpus=0.0)
@@ -309,7 +308,6 @@ class CheckResult:
 
 def check(cfg: TrainConfig) -> CheckResult:
     """Validate every row of every source (tokenizing it), without training or writing a cache."""
-    import ray
 
     actors, cpus = tokenizer_resources(cfg, ray.cluster_resources().get("CPU", 1.0), training_cpus=0.0)
     out = CheckResult()

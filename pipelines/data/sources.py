@@ -35,6 +35,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
+
 from ift.data import DataError
 from pipelines.config import DataSource
 
@@ -119,8 +121,6 @@ def scan_file(path: str) -> FileScan:
     fmt = FORMATS[Path(path).suffix]
     h = hashlib.sha256()
     if fmt == "parquet":
-        import pyarrow.parquet as pq
-
         with open(path, "rb") as fh:
             for chunk in iter(lambda: fh.read(_HASH_CHUNK), b""):
                 h.update(chunk)
@@ -148,7 +148,7 @@ def scan_file(path: str) -> FileScan:
 
 def load_hub_dataset(path: str):
     """``hf:<id>:<split>`` -> the Hugging Face dataset (memory-mapped from the local hub cache)."""
-    import datasets
+    import datasets  # Hugging Face datasets loads only for hf: sources
 
     name, split = path[len("hf:") :].rsplit(":", 1)
     try:
@@ -286,27 +286,31 @@ def read_shard(item: dict[str, Any]) -> Iterator[dict[str, Any]]:
     ``line`` is the JSONL line, 0 for Parquet).  Parsing happens at tokenization, so a malformed
     line is a bad row like any other, named by file and line."""
     shard = Shard.from_item(item)
-    if shard.format == "jsonl":
-        row, end = shard.first_row, shard.first_row + shard.num_rows
-        with open(shard.path, "rb") as fh:
-            fh.seek(shard.offset)
-            for lineno, line in enumerate(fh, start=shard.first_line):
-                if row >= end:
-                    break
-                if not line.strip():
-                    continue
-                if keeps(shard, row):
-                    yield {"source": shard.path, "row": row, "line": lineno, "payload": line.decode("utf-8", "replace")}
-                row += 1
-        return
-    if shard.format == "hf":
-        ds = load_hub_dataset(shard.path)
-        for row in range(shard.first_row, shard.first_row + shard.num_rows):
-            if keeps(shard, row):
-                yield {"source": shard.path, "row": row, "line": 0, "payload": json.dumps(ds[row], default=str)}
-        return
-    import pyarrow.parquet as pq
+    return _SHARD_READERS[shard.format](shard)
 
+
+def _read_jsonl_shard(shard: Shard) -> Iterator[dict[str, Any]]:
+    row, end = shard.first_row, shard.first_row + shard.num_rows
+    with open(shard.path, "rb") as fh:
+        fh.seek(shard.offset)
+        for lineno, line in enumerate(fh, start=shard.first_line):
+            if row >= end:
+                break
+            if not line.strip():
+                continue
+            if keeps(shard, row):
+                yield {"source": shard.path, "row": row, "line": lineno, "payload": line.decode("utf-8", "replace")}
+            row += 1
+
+
+def _read_hub_shard(shard: Shard) -> Iterator[dict[str, Any]]:
+    ds = load_hub_dataset(shard.path)
+    for row in range(shard.first_row, shard.first_row + shard.num_rows):
+        if keeps(shard, row):
+            yield {"source": shard.path, "row": row, "line": 0, "payload": json.dumps(ds[row], default=str)}
+
+
+def _read_parquet_shard(shard: Shard) -> Iterator[dict[str, Any]]:
     pf = pq.ParquetFile(shard.path)
     row, end, group = shard.first_row, shard.first_row + shard.num_rows, shard.offset
     while row < end and group < pf.metadata.num_row_groups:
@@ -317,3 +321,6 @@ def read_shard(item: dict[str, Any]) -> Iterator[dict[str, Any]]:
                 yield {"source": shard.path, "row": row, "line": 0, "payload": json.dumps(record, default=str)}
             row += 1
         group += 1
+
+
+_SHARD_READERS = {"jsonl": _read_jsonl_shard, "hf": _read_hub_shard, "parquet": _read_parquet_shard}

@@ -12,7 +12,8 @@ the first optimizer step waits for the first micro-batch, not for the corpus;
 each rank reads only its own rows; and everything a retried worker needs is
 re-read from the source files or the cache (no block lives only in one node's
 object store).  With ``preserve_order`` the stream, the split and the per-epoch
-local shuffle (``seed + epoch``) are the same in every run with the same seed.
+local shuffle (seeded from ``seed``, the epoch and the rank:
+:func:`pipelines.training.recipe.shuffle_seed`) are the same in every run with the same seed.
 
 Bad rows are not dropped here: they flow with an ``error`` column to the worker
 that owns them, which stops the run naming the file and line

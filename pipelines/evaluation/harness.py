@@ -17,6 +17,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import torch
+
+from ift.models import ensure_pad_and_template
 from pipelines.evaluation.errors import EvalError
 from pipelines.evaluation.tasks import TaskSpec, check_tasks, resolve_tasks, task_manager
 
@@ -39,9 +43,6 @@ class EvalResult:
 @contextlib.contextmanager
 def _preserved_rng(device: Any) -> Iterator[None]:
     """simple_evaluate reseeds python/numpy/torch globally; keep the caller's RNG streams."""
-    import numpy as np
-    import torch
-
     py_state, np_state = random.getstate(), np.random.get_state()
     devices = [device] if getattr(device, "type", None) == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -102,10 +103,8 @@ def run_evaluation(
     if check:
         check_tasks(specs)
 
-    from lm_eval import simple_evaluate
+    from lm_eval import simple_evaluate  # the eval extra (pip install -e '.[eval]')
     from lm_eval.models.huggingface import HFLM
-
-    from ift.models import ensure_pad_and_template
 
     ensure_pad_and_template(tokenizer)
     needs_hub_tasks = any(not s.offline for s in specs)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ift import models as ift_models
 from pipelines.config import DEFAULT_TRACKING_URI
 from pipelines.evaluation.errors import EvalError
 from pipelines.evaluation.tasks import hub_status
@@ -61,7 +62,7 @@ def store_client(tracking_uri: str, *, must_exist: bool = True) -> Any:
 
     ``must_exist``: an absent sqlite store is an :class:`EvalError` (MLflow would create an empty one).
     """
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # MLflow loads only for models:/ and runs:/ references
 
     if must_exist:
         _check_store(tracking_uri)
@@ -92,7 +93,7 @@ def registered_version_of(client: Any, model_uri: str, tracking_uri: str) -> Any
 
     One that does not exist is an :class:`EvalError` listing the versions and aliases there are.
     """
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # see store_client
 
     m = _parse_models_uri(model_uri)
     name, alias, version = m["name"], m["alias"], m["version"]
@@ -160,9 +161,9 @@ def _method_of_run(client: Any, run_id: str | None) -> str | None:
 
 def _load_mlflow_components(uri: str, tracking_uri: str | None) -> tuple[Any, Any]:
     """An MLflow transformers model: ``models:/`` / ``runs:/`` from the store at ``tracking_uri``, else a local path."""
-    import mlflow
+    import mlflow  # see store_client
 
-    from pipelines.tracking.runs import load_model_components
+    from pipelines.tracking.runs import load_model_components  # brings MLflow too
 
     try:
         if tracking_uri:
@@ -177,9 +178,7 @@ def _load_mlflow_components(uri: str, tracking_uri: str | None) -> tuple[Any, An
 
 
 def _prepare(model: Any, tokenizer: Any) -> tuple[Any, Any]:
-    from ift.models import ensure_pad_and_template
-
-    ensure_pad_and_template(tokenizer)
+    ift_models.ensure_pad_and_template(tokenizer)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer
@@ -200,61 +199,71 @@ def resolve_model(
     it holds an ``MLmodel`` file, else a saved Hugging Face model); a preset of
     :mod:`ift.models` (``tiny``: random init with ``seed``); otherwise a Hub id.
     """
-    from ift import models as ift_models
-
     if ref.startswith("models:/"):
-        _parse_models_uri(ref)  # a malformed URI is reported before the store is opened
-        client = store_client(tracking_uri)
-        mv = registered_version_of(client, ref, tracking_uri)
-        uri = f"models:/{mv.name}/{mv.version}"
-        model, tok = _load_mlflow_components(uri, tracking_uri)
-        method = (mv.tags or {}).get("method") or _method_of_run(client, mv.run_id)
-        src = ModelSource(ref, "registered", uri, mv.run_id, mv.name, str(mv.version), method, tracking_uri)
-        return (*_prepare(model, tok), src)
-
+        return _resolve_registered(ref, tracking_uri)
     if ref.startswith("runs:/"):
-        r = _RUNS_URI.match(ref)
-        if not r:
-            raise EvalError(f"cannot parse run URI {ref!r}; expected runs:/RUN_ID/ARTIFACT_PATH")
-        from mlflow.exceptions import MlflowException
-
-        client = store_client(tracking_uri)
-        try:
-            client.get_run(r["run_id"])
-        except MlflowException as e:
-            if not _not_found(e):
-                raise
-            raise EvalError(f"no run {r['run_id']!r} in tracking store {tracking_uri}") from None
-        uri = ref if r["path"] else f"runs:/{r['run_id']}/model"
-        model, tok = _load_mlflow_components(uri, tracking_uri)
-        method = _method_of_run(client, r["run_id"])
-        src = ModelSource(ref, "run", uri, r["run_id"], method=method, tracking_uri=tracking_uri)
-        return (*_prepare(model, tok), src)
-
-    path = Path(ref).expanduser()
-    if path.exists():
-        if (path / "MLmodel").is_file():
-            model, tok = _load_mlflow_components(str(path.resolve()), None)
-            return (*_prepare(model, tok), ModelSource(ref, "mlflow_path", str(path.resolve())))
-        if not path.is_dir():
-            raise EvalError(f"{ref!r} is a file; expected a model directory")
-        try:
-            tok = ift_models.load_tokenizer(str(path))
-            model = ift_models.load_model(str(path), dtype=dtype, tokenizer=tok)
-        except (OSError, ValueError) as e:
-            raise EvalError(f"could not load a causal LM from directory {ref!r}: {e}") from e
-        return (*_prepare(model, tok), ModelSource(ref, "path", str(path.resolve())))
-
+        return _resolve_run(ref, tracking_uri)
+    if Path(ref).expanduser().exists():
+        return _resolve_path(ref, dtype)
     if ift_models.is_preset(ref):
         tok = ift_models.load_tokenizer(ref)
         model = ift_models.load_model(ref, dtype=dtype, seed=seed, tokenizer=tok)
         return (*_prepare(model, tok), ModelSource(ref, "preset", ref))
-
     if "://" in ref or ref.startswith(("/", ".", "~")):
         raise EvalError(
             f"{ref!r} is neither an MLflow URI (models:/..., runs:/...), an existing local path, "
             f"a preset ({', '.join(ift_models.MODEL_PRESETS)}) nor a Hugging Face Hub id"
         )
+    return _resolve_hub(ref, dtype)
+
+
+def _resolve_registered(ref: str, tracking_uri: str) -> tuple[Any, Any, ModelSource]:
+    _parse_models_uri(ref)  # a malformed URI is reported before the store is opened
+    client = store_client(tracking_uri)
+    mv = registered_version_of(client, ref, tracking_uri)
+    uri = f"models:/{mv.name}/{mv.version}"
+    model, tok = _load_mlflow_components(uri, tracking_uri)
+    method = (mv.tags or {}).get("method") or _method_of_run(client, mv.run_id)
+    src = ModelSource(ref, "registered", uri, mv.run_id, mv.name, str(mv.version), method, tracking_uri)
+    return (*_prepare(model, tok), src)
+
+
+def _resolve_run(ref: str, tracking_uri: str) -> tuple[Any, Any, ModelSource]:
+    r = _RUNS_URI.match(ref)
+    if not r:
+        raise EvalError(f"cannot parse run URI {ref!r}; expected runs:/RUN_ID/ARTIFACT_PATH")
+    from mlflow.exceptions import MlflowException  # see store_client
+
+    client = store_client(tracking_uri)
+    try:
+        client.get_run(r["run_id"])
+    except MlflowException as e:
+        if not _not_found(e):
+            raise
+        raise EvalError(f"no run {r['run_id']!r} in tracking store {tracking_uri}") from None
+    uri = ref if r["path"] else f"runs:/{r['run_id']}/model"
+    model, tok = _load_mlflow_components(uri, tracking_uri)
+    method = _method_of_run(client, r["run_id"])
+    src = ModelSource(ref, "run", uri, r["run_id"], method=method, tracking_uri=tracking_uri)
+    return (*_prepare(model, tok), src)
+
+
+def _resolve_path(ref: str, dtype: str) -> tuple[Any, Any, ModelSource]:
+    path = Path(ref).expanduser()
+    if (path / "MLmodel").is_file():
+        model, tok = _load_mlflow_components(str(path.resolve()), None)
+        return (*_prepare(model, tok), ModelSource(ref, "mlflow_path", str(path.resolve())))
+    if not path.is_dir():
+        raise EvalError(f"{ref!r} is a file; expected a model directory")
+    try:
+        tok = ift_models.load_tokenizer(str(path))
+        model = ift_models.load_model(str(path), dtype=dtype, tokenizer=tok)
+    except (OSError, ValueError) as e:
+        raise EvalError(f"could not load a causal LM from directory {ref!r}: {e}") from e
+    return (*_prepare(model, tok), ModelSource(ref, "path", str(path.resolve())))
+
+
+def _resolve_hub(ref: str, dtype: str) -> tuple[Any, Any, ModelSource]:
     try:
         tok = ift_models.load_tokenizer(ref)
         model = ift_models.load_model(ref, dtype=dtype, tokenizer=tok)

@@ -17,8 +17,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mlflow.entities import Metric, RunTag
+
 from pipelines.config import DEFAULT_TRACKING_URI
 from pipelines.evaluation.models import registered_version_of, run_id_of, store_client
+from pipelines.tracking.runs import experiment_id
 
 EVAL_EXPERIMENT = "ift-eval"
 METRIC_PREFIX = "eval/"
@@ -76,7 +79,6 @@ def log_scores(
     - Tags ``eval.<task>`` (the score, 4 decimals) plus ``eval.limit`` go on
       the registered model version (given, or resolved from a ``models:/`` URI).
     """
-    from mlflow.entities import Metric, RunTag
 
     refers_to_store = (
         run_id is not None
@@ -97,8 +99,6 @@ def log_scores(
 
     created = False
     if run_id is None:
-        from pipelines.tracking.runs import experiment_id
-
         exp_id = experiment_id(client, EVAL_EXPERIMENT, tracking_uri)
         ref = model_uri or "<in-memory model>"
         run = client.create_run(exp_id, run_name=f"eval {ref}"[:250], tags={"ift.model_ref": ref})

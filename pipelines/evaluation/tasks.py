@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ift import toydata
 from pipelines.evaluation.errors import EvalError
 
 TASKS_DIR = Path(__file__).resolve().parent / "task_configs"
@@ -152,7 +153,7 @@ _TASK_MANAGERS: dict[bool, Any] = {}
 def task_manager(include_defaults: bool) -> Any:
     """lm-eval TaskManager over the shipped tasks (+ lm-eval's own when asked); cached, indexing them takes seconds."""
     if include_defaults not in _TASK_MANAGERS:
-        from lm_eval.tasks import TaskManager
+        from lm_eval.tasks import TaskManager  # the eval extra
 
         _TASK_MANAGERS[include_defaults] = TaskManager(include_path=str(TASKS_DIR), include_defaults=include_defaults)
     return _TASK_MANAGERS[include_defaults]
@@ -192,8 +193,6 @@ def build_offline_tasks(out_dir: str | Path = TASKS_DIR) -> list[Path]:
 
     The rows come from :func:`ift.toydata.offline_task_rows`; the task YAMLs next to them are hand-written.
     """
-    from ift import toydata
-
     paths = []
     for name, rows in toydata.offline_task_rows().items():
         path = Path(out_dir) / f"{name}.jsonl"

@@ -14,15 +14,21 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray._private.state import state
 from ray.data import ExecutionOptions
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from tqdm.auto import tqdm
 
-from pipelines.config import TrainConfig
+from ift.data import DataError
+from ift.models import load_model, load_tokenizer
+from pipelines import evaluation
+from pipelines.config import ConfigError, TrainConfig
+from pipelines.data.streaming import build_datasets
 from pipelines.orchestration.progress import ProgressTracker, on_driver_node, poll_progress
 from pipelines.orchestration.storage import StoredCheckpoint, latest_checkpoint, resolve_storage_path
 from pipelines.orchestration.worker import train_loop_per_worker
+from pipelines.tracking import runs
 from pipelines.training.recipe import RecipeHooks, RecipeSpec
 from pipelines.training.state import ADAPTER_DIR, HF_MODEL_DIR, Schedule, data_position_fingerprint
 
@@ -77,7 +83,6 @@ def resolve_use_gpu(cfg: TrainConfig, *, gpus_now: float, gpus_autoscalable: flo
 def _autoscalable_gpus() -> float:
     """GPUs the cluster's autoscaler could bring up (its node types x max nodes), 0 without one;
     the same view Ray Train uses to tell a request that can never fit."""
-    from ray._private.state import state
 
     try:
         return float((state.get_max_resources_from_cluster_config() or {}).get("GPU", 0))
@@ -114,15 +119,10 @@ def train(
     ``hooks`` are test hooks (:mod:`pipelines.orchestration.hooks`: kill or stall a worker after a
     step or while it saves, trace the row ids of every micro-batch); production runs pass none.
     """
-    from ift.data import DataError
-    from pipelines.data.streaming import build_datasets
-    from pipelines.tracking import runs
 
     init_ray()
     use_gpu = use_gpu_on_cluster(cfg, log=print if show_progress else None)
     if cfg.model.attn_implementation == "flash_attention_2" and not use_gpu:
-        from pipelines.config import ConfigError
-
         raise ConfigError(
             "model.attn_implementation=flash_attention_2 needs CUDA GPUs, and this run trains on CPU "
             f"(scaling.use_gpu={cfg.scaling.use_gpu}, the cluster has no GPU); use sdpa"
@@ -189,7 +189,6 @@ def _fit(cfg: TrainConfig, data, schedule: Schedule, storage: str, use_gpu: bool
          run_id: str | None, *, show_progress: bool, hooks: RecipeHooks | None, extra_callbacks,
          report_each_log_step: bool):  # fmt: skip
     """Train on the Ray cluster; (final checkpoint or None, last reported metrics, the workers' outcomes)."""
-    from pipelines.tracking import runs
 
     # On a worker node that is lost, the tracker would take the run's outcome with it (and fail
     # every retry of the workers that report to it).
@@ -263,7 +262,6 @@ def _finish(cfg: TrainConfig, tracking_uri: str, out: TrainResult, final: Stored
     """Everything after training: plot, register, evaluate; then mark the run FINISHED.  If any of it
     fails the MLflow run is marked FAILED with the reason, and re-running the same command finishes
     it from the final checkpoint without training again."""
-    from pipelines.tracking import runs
 
     run_id = out.mlflow_run_id
     doing = "recording the run"
@@ -299,7 +297,6 @@ def _finish_tracking(
 ) -> None:
     """The loss-curve plot, the registered model and the LoRA adapters, each once per run (a re-run
     that finishes a failed ending skips what is already there)."""
-    from pipelines.tracking import runs
 
     client = runs.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     with tempfile.TemporaryDirectory(prefix="ift-plot-") as tmp:  # never beside a remote checkpoint
@@ -329,8 +326,6 @@ def _finish_tracking(
 def _evaluate_at_end(
     cfg: TrainConfig, tracking_uri: str, out: TrainResult, final: StoredCheckpoint
 ) -> dict[str, float]:
-    from ift.models import load_model, load_tokenizer
-    from pipelines import evaluation
 
     with final.local(HF_MODEL_DIR) as hf_local:
         model = load_model(hf_local)

@@ -4,6 +4,7 @@ registered model with its version tags, and the loss-curve plot."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import re
 import tempfile
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.artifacts import download_artifacts
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
@@ -87,7 +89,6 @@ def start_or_resume_run(cfg: TrainConfig, tracking_uri: str, *, parent_run_id: s
 
 def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
     """Params in batches of 100 (MLflow's limit per call), values cut to MLflow's 6000 characters."""
-    from mlflow.entities import Param
 
     items = [Param(k, ("" if v is None else str(v))[:6000]) for k, v in params.items()]
     for i in range(0, len(items), 100):
@@ -105,7 +106,6 @@ def log_data_plan(client: MlflowClient, run_id: str, data: Any) -> None:
         "tokenizer_cpus": data.tokenizer_cpus,
     }  # fmt: skip
     client.log_dict(run_id, plan, "data_plan.json")
-    from mlflow.entities import Metric
 
     client.log_batch(
         run_id,
@@ -122,7 +122,7 @@ def metric_history(client: MlflowClient, run_id: str, key: str) -> list[tuple[in
 
 def plot_loss_curve(client: MlflowClient, run_id: str, out_path: str | os.PathLike, title: str) -> Path | None:
     """Training loss (and validation NLL) against step, as a PNG."""
-    import matplotlib
+    import matplotlib  # its headless backend must be chosen before pyplot loads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -153,9 +153,7 @@ def _pipeline_classes_by_object() -> Iterator[None]:
     """MLflow 3.17 saves a checkpoint directory reading ``transformers.pipelines.check_task(task)[1]
     ["impl"].__name__``; transformers 5 gives ``impl`` as a dotted path string, so the call fails.
     Inside, ``check_task`` answers with the class itself (nothing changes where it already does)."""
-    import importlib
-
-    from transformers import pipelines
+    from transformers import pipelines  # local: the name is this project's package too
 
     original = pipelines.check_task
 
@@ -246,7 +244,6 @@ def load_model_components(model_uri: str, tracking_uri: str) -> dict[str, Any]:
     """``{"model": ..., "tokenizer": ...}`` of an MLflow transformers model (``models:/name/N``,
     ``models:/name@alias``, ``runs:/id/path``) from the given store, without touching
     MLflow's process-global URIs."""
-    from mlflow.artifacts import download_artifacts
 
     with tempfile.TemporaryDirectory() as tmp:
         local = download_artifacts(

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from transformers.integrations import HfDeepSpeedConfig
 
 from ift.lora import add_lora
 from ift.models import load_model, load_tokenizer
@@ -103,8 +104,6 @@ def partitioned_construction(cfg: TrainConfig, use_gpu: bool) -> None:
     global _zero3_construction
     _zero3_construction = None  # dropping the last reference switches transformers' check off
     if cfg.deepspeed.zero_stage == 3:
-        from transformers.integrations import HfDeepSpeedConfig
-
         _zero3_construction = HfDeepSpeedConfig(deepspeed_config(cfg, use_gpu))
 
 
@@ -144,7 +143,7 @@ def _hidden_size(model: torch.nn.Module) -> int | None:
 
 def build_engine(cfg: TrainConfig, model: torch.nn.Module, total_steps: int, use_gpu: bool):
     """``deepspeed.initialize`` with a torch AdamW and a LambdaLR schedule."""
-    import deepspeed
+    import deepspeed  # imported where an engine is built: seconds to import, and it logs its accelerator choice
 
     o = cfg.optimization
     decay, no_decay = [], []
@@ -176,12 +175,13 @@ def partitioned_reference(cfg: TrainConfig, tokenizer, use_gpu: bool):
     """
     if not (cfg.method.uses_reference and cfg.model.lora is None and cfg.deepspeed.zero_stage == 3):
         return None
-    import deepspeed
 
     reference = _load_policy(cfg, tokenizer, use_gpu).requires_grad_(False)
     ds = deepspeed_config(cfg, use_gpu, _hidden_size(reference))
     ds["zero_optimization"].pop("offload_optimizer", None)
     ds.pop("zero_force_ds_cpu_optimizer", None)
+    import deepspeed  # see build_engine
+
     engine, *_ = deepspeed.initialize(model=reference, config=ds)
     engine.eval()  # DeepSpeedEngine.eval returns None
     return engine

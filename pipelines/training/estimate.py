@@ -35,7 +35,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from ift.lora import add_lora
+from ift.models import build_preset_config, is_preset, load_tokenizer
 from pipelines.config import TrainConfig
+from pipelines.training.build import trains_in_bf16
 
 GIB = 2**30
 # config.json of the packaged paper configs' models, for a dry run without hub access (shapes only).
@@ -69,10 +75,6 @@ class MemoryEstimate:
 
 def model_shape(cfg: TrainConfig) -> ModelShape:
     """Parameter counts and dimensions, from a model built on the meta device."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from ift.models import build_preset_config, is_preset, load_tokenizer
 
     if is_preset(cfg.model.name):
         config = build_preset_config(cfg.model.name, load_tokenizer(cfg.model.name))
@@ -91,8 +93,6 @@ def model_shape(cfg: TrainConfig) -> ModelShape:
     total = sum(p.numel() for p in model.parameters())
     trainable = total
     if cfg.model.lora is not None:
-        from ift.lora import add_lora
-
         lora = cfg.model.lora
         model = add_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -111,7 +111,6 @@ def model_shape(cfg: TrainConfig) -> ModelShape:
 
 def estimate_memory(cfg: TrainConfig, shape: ModelShape, *, use_gpu: bool) -> MemoryEstimate:
     """Bytes per GPU (and per host, for offloaded state) of one training worker: see the module docstring."""
-    from pipelines.training.build import trains_in_bf16
 
     bf16 = trains_in_bf16(cfg, use_gpu)
     n = cfg.scaling.num_workers

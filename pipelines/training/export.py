@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
 from torch import nn
 
 from ift.lora import ADAPTER, is_lora, lora_scalings, merged_weight
@@ -109,7 +110,6 @@ class ShardWriter:
         self.total_bytes += size
 
     def _flush(self) -> None:
-        from safetensors.torch import save_file
 
         save_file(self.shard, str(self.out_dir / f"shard-{len(self.files):05d}.tmp"), metadata={"format": "pt"})
         self.files.append(list(self.shard))

@@ -1,10 +1,10 @@
 """The training loop shared by every method, by `ift train` and by every sweep trial.
 
-Nothing here imports Ray: the Ray worker (``pipelines.orchestration.worker``) feeds batches in
-and passes callbacks to report and checkpoint, and a GPU machine without Ray can
-drive the same body (``benchmarks/``).  DeepSpeed runs the step (ZeRO 0–3); we
-hand it a torch optimizer object, because an optimizer declared in the DeepSpeed
-config JIT-compiles a kernel.
+Nothing here imports Ray: the recipe (:class:`pipelines.training.recipe.TrainingRecipe`) feeds
+batches in and passes its step and epoch-end callbacks, which log, report and checkpoint.  The
+ranks keep in step through small collectives (:func:`next_batch_on_every_rank`).  DeepSpeed runs
+the step (ZeRO 0–3; :mod:`pipelines.training.build` hands it a torch optimizer object, because an
+optimizer declared in the DeepSpeed config JIT-compiles a kernel).
 """
 
 from __future__ import annotations
@@ -258,12 +258,7 @@ def run_training(
     """
     o = cfg.optimization
     engine.train()
-    window: dict[str, float] = {}
-    window_n = 0
-    tokens_step = 0  # this rank's tokens in the current optimizer step
-    tokens_window = 0  # all ranks' tokens since the last log
-    t0 = time.perf_counter()
-    zero_stage = engine.zero_optimization_stage()
+    window = LogWindow()
 
     while state.step < schedule.total_steps and state.epoch < o.epochs:
         epoch = state.epoch
@@ -274,53 +269,20 @@ def run_training(
             batch = next_batch_on_every_rank(iterator, device)
             if batch is None:  # a rank's stream ended (bad rows skipped, sampling): the epoch ends for all
                 break
-            batch = to_device(batch, device)
-            if reference_table is not None:
-                attach_reference(batch, reference_table, device)
-            out = objective(engine, batch, state.step)
-            engine.backward(out.loss)
-            # DeepSpeed's own count decides; an epoch cut short leaves its partial accumulation to the next.
-            boundary = engine.is_gradient_accumulation_boundary()
-            norm0 = _stage0_grad_norm(engine.module) if boundary and zero_stage == 0 else None
-            engine.step()
+            boundary, norm0 = _train_micro_batch(engine, objective, batch, state, window, reference_table, device)
             state.micro_in_epoch += 1
-            tokens_step += batch_tokens(batch)
-            window["loss"] = window.get("loss", 0.0) + float(out.loss.detach())
-            for k, v in out.metrics.items():
-                if not k.startswith("num_"):
-                    window[k] = window.get(k, 0.0) + float(v)
-            window_n += 1
             if not boundary:
                 continue
-
             state.step += 1
-            rank_tokens = all_gather_int(tokens_step, device)
-            step_tokens = sum(rank_tokens)
-            state.tokens_seen += step_tokens
-            tokens_window += step_tokens
-            tokens_step = 0
             is_last = state.step >= schedule.total_steps
-            log_now = state.step % o.log_every_n_steps == 0 or is_last
-            eval_now = validation_batches is not None and (
-                is_last or (o.eval_every_n_steps and state.step % o.eval_every_n_steps == 0)
-            )
+            window.step_done(state, device)
             metrics: dict[str, float] = {}
-            if log_now:
-                elapsed = time.perf_counter() - t0
-                local = {k: v / window_n for k, v in window.items()}
-                metrics = all_reduce_mean(local, device)
-                metrics["tokens_per_s"] = tokens_window / max(elapsed, 1e-9)  # all ranks together
-                # This step's tokens per rank: packing should keep min and max close (no rank waits long).
-                metrics["tokens_per_step_rank_mean"] = step_tokens / len(rank_tokens)
-                metrics["tokens_per_step_rank_min"] = min(rank_tokens)
-                metrics["tokens_per_step_rank_max"] = max(rank_tokens)
+            if state.step % o.log_every_n_steps == 0 or is_last:
                 norm = norm0 if norm0 is not None else grad_norm(engine)
-                if norm is not None:
-                    metrics["grad_norm"] = norm
-                metrics["lr"] = engine.get_lr()[0]
-                metrics["epoch"] = state.epoch + state.micro_in_epoch / schedule.micro_per_epoch
-                window, window_n, tokens_window, t0 = {}, 0, 0, time.perf_counter()
-            if eval_now:
+                metrics = window.flush(device, grad_norm=norm, lr=engine.get_lr()[0], state=state, schedule=schedule)
+            if validation_batches is not None and (
+                is_last or (o.eval_every_n_steps and state.step % o.eval_every_n_steps == 0)
+            ):
                 metrics.update(validation_metrics(engine, objective, validation_batches(), device, state.step))
             if state.micro_in_epoch >= schedule.micro_per_epoch:
                 state.epoch += 1
@@ -335,3 +297,70 @@ def run_training(
     if 0 < state.step < schedule.total_steps:  # the streams ran out first: end as the schedule would have
         on_step(state, {}, True)
     return state
+
+
+def _train_micro_batch(
+    engine, objective: Objective, batch: dict[str, Any], state: LoopState, window: LogWindow,
+    reference_table: ReferenceTable | None, device: torch.device,
+) -> tuple[bool, float | None]:  # fmt: skip
+    """Forward, backward and DeepSpeed's step on one micro-batch; (an optimizer step was taken, the
+    ZeRO-0 gradient norm of that step).  DeepSpeed's own count decides the boundary; an epoch cut
+    short leaves its partial accumulation to the next."""
+    batch = to_device(batch, device)
+    if reference_table is not None:
+        attach_reference(batch, reference_table, device)
+    out = objective(engine, batch, state.step)
+    engine.backward(out.loss)
+    boundary = engine.is_gradient_accumulation_boundary()
+    # ZeRO >= 1 keeps the norm of the step it took; stage 0 has none, so it is taken before the step clears it.
+    norm0 = _stage0_grad_norm(engine.module) if boundary and engine.zero_optimization_stage() == 0 else None
+    engine.step()
+    window.add(out, batch_tokens(batch))
+    return boundary, norm0
+
+
+class LogWindow:
+    """The micro-batches since the last logged step: their mean loss and metrics, and the tokens
+    and time behind the throughput figures."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.micro_batches = 0
+        self.tokens_step = 0  # this rank's tokens in the current optimizer step
+        self.tokens = 0  # all ranks' tokens since the last log
+        self.started = time.perf_counter()
+        self.rank_tokens: list[int] = []
+
+    def add(self, out: Any, tokens: int) -> None:
+        self.tokens_step += tokens
+        self.sums["loss"] = self.sums.get("loss", 0.0) + float(out.loss.detach())
+        for k, v in out.metrics.items():
+            if not k.startswith("num_"):
+                self.sums[k] = self.sums.get(k, 0.0) + float(v)
+        self.micro_batches += 1
+
+    def step_done(self, state: LoopState, device: torch.device) -> None:
+        """Count the step's tokens over all ranks (a collective every step)."""
+        self.rank_tokens = all_gather_int(self.tokens_step, device)
+        step_tokens = sum(self.rank_tokens)
+        state.tokens_seen += step_tokens
+        self.tokens += step_tokens
+        self.tokens_step = 0
+
+    def flush(
+        self, device: torch.device, *, grad_norm: float | None, lr: float, state: LoopState, schedule: Schedule
+    ) -> dict[str, float]:
+        """The logged step's metrics, averaged over ranks; starts a new window."""
+        elapsed = time.perf_counter() - self.started
+        metrics = all_reduce_mean({k: v / self.micro_batches for k, v in self.sums.items()}, device)
+        metrics["tokens_per_s"] = self.tokens / max(elapsed, 1e-9)  # all ranks together
+        # This step's tokens per rank: packing should keep min and max close (no rank waits long).
+        metrics["tokens_per_step_rank_mean"] = sum(self.rank_tokens) / len(self.rank_tokens)
+        metrics["tokens_per_step_rank_min"] = min(self.rank_tokens)
+        metrics["tokens_per_step_rank_max"] = max(self.rank_tokens)
+        if grad_norm is not None:
+            metrics["grad_norm"] = grad_norm
+        metrics["lr"] = lr
+        metrics["epoch"] = state.epoch + state.micro_in_epoch / schedule.micro_per_epoch
+        self.sums, self.micro_batches, self.tokens, self.started = {}, 0, 0, time.perf_counter()
+        return metrics

@@ -41,3 +41,15 @@ def test_cli_writes_results_and_logs_to_mlflow(tmp_path) -> None:
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"results.json", "results.md", "frozenlake.png"} <= artifacts
     assert str(tmp_path) in exp.artifact_location  # artifacts stay next to the store
+
+
+def test_without_gymnasium_the_command_names_the_extra_to_install(monkeypatch, capsys) -> None:
+    import sys
+
+    from pipelines.cli import main
+
+    for name in [n for n in sys.modules if n.startswith(("experiments.frozenlake", "gymnasium"))]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "gymnasium", None)  # an import of it raises ModuleNotFoundError
+    assert main(["frozenlake"]) == 2
+    assert "pip install -e '.[frozenlake]'" in capsys.readouterr().err

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 import pipelines
 from ift.data import DataError
-from pipelines.config import load_config
+from pipelines.config import METHOD_CONFIGS, load_config
 from pipelines.orchestration.hooks import KillWorker, TraceBatches
 from pipelines.orchestration.train import train
 from pipelines.tracking.runs import load_model_components
@@ -105,7 +105,7 @@ BUNDLED_DATA = Path(pipelines.__file__).parent / "demo_data"
 # ORPO does).  Every method's packed loss and gradients equal its padded ones in float64 (tests/ift/test_packing.py).
 @pytest.mark.parametrize("method", ["ift", "dpo"])
 def test_packed_training_with_two_workers_has_almost_no_padding(tmp_path, corpora, method):
-    pairs = method in ("dpo", "orpo")
+    pairs = METHOD_CONFIGS[method].paired
     source = BUNDLED_DATA / ("demo_pref.jsonl" if pairs else "demo_chat.jsonl")
     cfg = config(
         tmp_path, corpora, f"method.name={method}", f"deepspeed.zero_stage={METHOD_RUNS[method]}",
@@ -170,40 +170,64 @@ def test_training_changed_the_weights_so_the_equivalences_are_not_vacuous(equiva
 PACKED = ("data.packing=true", "optimization.micro_batch_size=1")
 
 
-@pytest.mark.parametrize(
-    "zero, layout, killed", [(2, (), False), (3, PACKED, True)], ids=["zero2", "zero3-packed-killed-and-resumed"]
-)
-def test_ift_with_lora_trains_and_registers_the_merged_model_with_its_adapters(tmp_path, corpora, zero, layout, killed):
-    """The ZeRO-3 run is also the packed resume test: a worker killed at step 6 resumes from the
-    step-4 checkpoint at the same row (the repeated step's loss is the same)."""
-    marker = tmp_path / "failed-once"
-    cfg = config(
-        tmp_path, corpora, f"deepspeed.zero_stage={zero}", "model.lora={r: 8, alpha: 16, dropout: 0.0}",
-        "optimization.lr=1e-2", "optimization.max_steps=16", *layout,
-    )  # fmt: skip
-    fault = KillWorker(step=6, rank=1, marker=str(marker)) if killed else None
-    result = train(cfg, show_progress=False, hooks=fault)
-    assert marker.exists() == killed
-    client = mlflow.MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
-    run = client.get_run(result.mlflow_run_id)
+LORA_RUNS = {"zero2": (2, (), False), "zero3-packed-killed": (3, PACKED, True)}
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tmp_path_factory, corpora):
+    """Two LoRA IFT runs of 16 steps: ZeRO-2 padded, and ZeRO-3 packed with rank 1 killed after step 6
+    (the packed resume test).  Each value: (config, result, marker of the injected fault)."""
+    out = {}
+    for name, (zero, layout, killed) in LORA_RUNS.items():
+        tmp_path = tmp_path_factory.mktemp(f"lora-{name}")
+        marker = tmp_path / "failed-once"
+        cfg = config(
+            tmp_path, corpora, f"deepspeed.zero_stage={zero}", "model.lora={r: 8, alpha: 16, dropout: 0.0}",
+            "optimization.lr=1e-2", "optimization.max_steps=16", *layout,
+        )  # fmt: skip
+        hooks = KillWorker(step=6, rank=1, marker=str(marker)) if killed else None
+        out[name] = (cfg, train(cfg, show_progress=False, hooks=hooks), marker)
+    return out
+
+
+@pytest.mark.parametrize("name", LORA_RUNS)
+def test_lora_trains_only_the_adapters_and_its_loss_falls(lora_runs, name):
+    cfg, result, _ = lora_runs[name]
+    run = mlflow.MlflowClient(tracking_uri=cfg.mlflow.tracking_uri).get_run(result.mlflow_run_id)
     trainable, total = (int(run.data.params[f"model.{k}_parameters"]) for k in ("trainable", "total"))
     assert 0 < trainable < total
     history = loss_history(cfg, result.mlflow_run_id)
-    by_step: dict[int, list[float]] = {}
-    for s, v in history:
-        by_step.setdefault(s, []).append(v)
-    assert sorted(by_step) == list(range(1, 17))
-    if killed:
-        assert [m.value for m in client.get_metric_history(result.mlflow_run_id, "resumed_from_step")] == [4.0]
-        assert len(by_step[5]) == 2 and by_step[5][0] == pytest.approx(by_step[5][1], rel=1e-4)
+    assert sorted({s for s, _ in history}) == list(range(1, 17))
     # The adapters learn slowly on a random-init model whose embeddings and head stay frozen
     # (7.50 -> 7.25 nats in 16 steps, measured): falling is the point, not how far.
     first, last = sum(v for _, v in history[:3]) / 3, sum(v for _, v in history[-3:]) / 3
-    assert last < first - 0.1, f"LoRA ZeRO-{zero}: loss {first:.3f} -> {last:.3f}"
-    # Registered merged (a plain model), with the adapters kept as an artifact of the run.
+    assert last < first - 0.1, f"LoRA {name}: loss {first:.3f} -> {last:.3f}"
+
+
+@pytest.mark.parametrize("name", LORA_RUNS)
+def test_lora_registers_the_merged_model_and_keeps_its_adapters_as_an_artifact(lora_runs, name):
+    cfg, result, _ = lora_runs[name]
+    client = mlflow.MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
     assert "lora_adapter" in [a.path for a in client.list_artifacts(result.mlflow_run_id)]
     components = load_model_components(f"models:/tiny-test/{result.registered_version}", cfg.mlflow.tracking_uri)
     assert not any("lora" in n for n, _ in components["model"].named_parameters())
+
+
+def test_a_packed_run_killed_after_step_6_resumes_from_step_4_at_the_same_row(lora_runs):
+    cfg, result, marker = lora_runs["zero3-packed-killed"]
+    assert marker.exists(), "the fault was not injected"
+    client = mlflow.MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
+    assert [m.value for m in client.get_metric_history(result.mlflow_run_id, "resumed_from_step")] == [4.0]
+    by_step: dict[int, list[float]] = {}
+    for s, v in loss_history(cfg, result.mlflow_run_id):
+        by_step.setdefault(s, []).append(v)
+    assert len(by_step[5]) == 2 and by_step[5][0] == pytest.approx(by_step[5][1], rel=1e-4)
+
+
+def test_the_unkilled_lora_run_was_not_resumed(lora_runs):
+    cfg, result, marker = lora_runs["zero2"]
+    client = mlflow.MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
+    assert not marker.exists() and client.get_metric_history(result.mlflow_run_id, "resumed_from_step") == []
 
 
 def test_rerunning_the_same_command_resumes_instead_of_restarting(tmp_path, corpora):
