@@ -1,8 +1,10 @@
 """Boundaries: `ift/` is a library anyone can use in their own loop (no Ray, DeepSpeed or MLflow), and
 the training core `pipelines.training` runs without Ray."""
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
 
 def test_ift_imports_without_ray_deepspeed_or_mlflow():
@@ -40,3 +42,42 @@ def test_the_training_core_imports_no_ray():
 def test_the_algorithm_library_does_not_need_gymnasium():
     """The Frozen Lake experiment's dependency stays with the experiment (the `frozenlake` extra)."""
     assert _imported_by("ift", ("gymnasium",)) == []
+
+
+def _project_imports(root: Path, packages: tuple[str, ...]) -> dict[str, set[str]]:
+    """Module -> the project modules it imports, at module level or inside a function (a local import
+    must not be a way round a cycle)."""
+    graph: dict[str, set[str]] = {}
+    for package in packages:
+        for path in (root / package).rglob("*.py"):
+            module = ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+            deps = set()
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    deps.add(node.module)
+                    deps.update(f"{node.module}.{alias.name}" for alias in node.names)
+                elif isinstance(node, ast.Import):
+                    deps.update(alias.name for alias in node.names)
+            graph[module] = deps
+    return {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
+
+
+def test_no_import_cycles_among_the_projects_modules():
+    graph = _project_imports(Path(__file__).resolve().parents[1], ("ift", "pipelines", "tune", "experiments"))
+    visiting, done, cycles = [], set(), []
+
+    def visit(module: str) -> None:
+        if module in done:
+            return
+        if module in visiting:
+            cycles.append(visiting[visiting.index(module) :] + [module])
+            return
+        visiting.append(module)
+        for dep in sorted(graph[module]):
+            visit(dep)
+        visiting.pop()
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module)
+    assert cycles == [], "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)

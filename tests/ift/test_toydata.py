@@ -110,7 +110,7 @@ def test_every_generated_row_is_valid_for_the_data_loader() -> None:
 def test_committed_bundled_file_matches_the_generator(tmp_path: Path, name: str) -> None:
     toydata.write_bundled_data(tmp_path)
     assert (DATA_DIR / name).read_bytes() == (tmp_path / name).read_bytes(), (
-        f"pipelines/data/{name} is stale; regenerate with `python -m ift.toydata pipelines/data`"
+        f"pipelines/demo_data/{name} is stale; regenerate with `python -m ift.toydata pipelines/demo_data`"
     )
 
 

@@ -17,7 +17,7 @@ from pipelines.evaluation.harness import evaluate_model, run_evaluation
 from tests.pipelines.evaluation.conftest import untrained_tiny
 
 REPO = Path(__file__).resolve().parents[3]
-DEMO_CHAT = REPO / "pipelines" / "data" / "demo_chat.jsonl"
+DEMO_CHAT = REPO / "pipelines" / "demo_data" / "demo_chat.jsonl"
 
 
 def _train_tiny_sft(steps: int = 600, lr: float = 3e-3, batch_size: int = 16, seed: int = 0):
