@@ -268,8 +268,11 @@ def build_packs(
 ) -> list[dict[str, list[Any]]]:
     """:func:`pack_examples` then :func:`join_pack`: a window of tokenized examples -> packed rows.
 
-    This is the step a data pipeline maps over windows of examples; the rows it returns are batched
-    later with :func:`collate_packs`.
+    Used by :func:`pack_collate` (one batch of examples in, one packed batch out), for a loop of your
+    own; the rows it returns are batched with :func:`collate_packs`.  The training pipeline does not
+    call it: ``pipelines.data.batching.MicroBatches`` calls :func:`pack_examples` on each window,
+    keeps each row's examples (with their ``source``/``row``) and, ``micro_batch_size`` rows at a
+    time, calls :func:`join_pack` on each row and :func:`collate_packs` on the rows.
     """
     groups = pack_examples(examples, pack_length, strategy=strategy)
     return [join_pack([examples[i] for i in group]) for group in groups]

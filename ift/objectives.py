@@ -1,7 +1,7 @@
 """Training objectives: IFT and the paper's baselines (SFT, DPO, ORPO).
 
 Equation numbers refer to Hua et al., "Intuitive Fine-Tuning: Towards
-Simplifying Alignment into a Single Process" (``shared/paper``).
+Simplifying Alignment into a Single Process" (arXiv:2405.11870).
 
 Every objective comes in two layers:
 
@@ -37,7 +37,6 @@ from ift.logps import (
     packed_token_logps,
     response_logps,
     token_logps,
-    unpack_sequences,
 )
 from ift.scan import discounted_cumsum
 
@@ -46,7 +45,6 @@ __all__ = [
     "ObjectiveOutput",
     "LambdaSchedule",
     "EmptyTargetError",
-    "token_logps",
     "sft_loss_from_logps",
     "ift_weights",
     "ift_loss_from_logps",
@@ -57,8 +55,6 @@ __all__ = [
     "dpo_loss",
     "orpo_loss",
     "sequence_logps",
-    "unpack_sequences",
-    "packed_token_logps",
     "concat_pair",
     "pair_sequence_logps",
     "reference_pair_logps",

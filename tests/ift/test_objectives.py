@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import copy
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from ift.logps import token_logps
 from ift.objectives import (
     EmptyTargetError,
     LambdaSchedule,
@@ -20,9 +22,9 @@ from ift.objectives import (
     orpo_batch_loss,
     orpo_loss,
     predict_next_tokens,
+    sequence_logps,
     sft_loss,
     sft_loss_from_logps,
-    token_logps,
 )
 from tests.conftest import build_llama
 
@@ -144,12 +146,58 @@ def test_hand_worked_weights_and_loss():
     assert sft.item() == pytest.approx(2.0)
 
 
-def test_prompt_and_padding_do_not_change_the_loss(llama64):
+def test_right_padding_does_not_change_the_loss(llama64):
     ids, att, lab = make_batch()
-    row = slice(2, 3)
+    row = slice(2, 3)  # 9 real tokens, then 3 of padding
     alone = ift_loss(llama64, ids[row, :9], att[row, :9], lab[row, :9]).loss
     padded = ift_loss(llama64, ids[row], att[row], lab[row]).loss
     torch.testing.assert_close(alone, padded, rtol=1e-10, atol=0)
+
+
+class LogitsReplacedAt(torch.nn.Module):
+    """``model`` whose logits are replaced by large noise at the (row, position)s of ``where``, in every pass."""
+
+    def __init__(self, model: torch.nn.Module, where: torch.Tensor) -> None:
+        super().__init__()
+        self.model, self.where = model, where
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.model.get_input_embeddings()
+
+    def forward(self, **inputs):
+        logits = self.model(**inputs).logits
+        noise = 10 * torch.randn(logits.shape, dtype=logits.dtype, generator=torch.Generator().manual_seed(1))
+        return SimpleNamespace(logits=torch.where(self.where[..., None], noise, logits))
+
+
+def test_prompt_positions_carry_no_loss_and_no_weight(llama64, monkeypatch):
+    ids, att, lab = make_batch()
+    # The prompt: labels -100 before the first response token (rows' prompts are 4, 2 and 5 tokens).
+    prompt = (lab == -100) & (torch.arange(12) < torch.tensor([[4], [2], [5]]))
+    # The logits at position t predict token t+1: those predicting a prompt token.
+    predicts_prompt = torch.zeros_like(prompt)
+    predicts_prompt[:, :-1] = prompt[:, 1:]
+    used = []  # the token weights the loss applies, (B, T-1): weight t on the token at t+1
+
+    def spy(*args, **kwargs):
+        used.append(ift_weights(*args, **kwargs))
+        return used[-1]
+
+    monkeypatch.setattr("ift.objectives.ift_weights", spy)
+    with torch.no_grad():
+        loss = ift_loss(llama64, ids, att, lab, lam=0.2, decay=0.95).loss
+        scrambled = ift_loss(LogitsReplacedAt(llama64, predicts_prompt), ids, att, lab, lam=0.2, decay=0.95).loss
+    assert torch.equal(scrambled, loss)
+    # Eq. (22)'s scan runs backwards from the response: none of its weight may land on the prompt.
+    weights = used[0]
+    assert (weights[prompt[:, 1:]] == 0).all()
+    assert (weights[lab[:, 1:] != -100] > 0).all()
+    # Not vacuous: the same noise on the logits predicting each row's first response token moves the loss.
+    first_response = torch.zeros_like(prompt)
+    first_response[[0, 1, 2], [3, 1, 4]] = True
+    with torch.no_grad():
+        moved = ift_loss(LogitsReplacedAt(llama64, first_response), ids, att, lab, lam=0.2, decay=0.95).loss
+    assert not torch.isclose(moved, loss)
 
 
 def test_weights_carry_gradient_unless_detached():
@@ -370,14 +418,18 @@ def test_dpo_against_itself_as_reference_is_log2(llama64):
     assert out.loss.item() == pytest.approx(math.log(2))
 
 
-def test_dpo_with_precomputed_reference_equals_dpo_with_the_reference_model(llama64):
-    batch = preference_batch()
-    ref = copy.deepcopy(llama64)
+def test_dpo_with_precomputed_reference_equals_dpo_with_the_reference_model():
+    """The same loss, gradients and metrics.  (Precomputed references in a packed batch:
+    tests/ift/test_packing.py; the training pipeline's table of them: tests/pipelines/test_methods.py.)"""
+    policy, batch = build_llama(), preference_batch()
+    ref = copy.deepcopy(policy)
     with torch.no_grad():
         for p in ref.parameters():
             p.add_(0.01)
-    live = dpo_batch_loss(llama64, batch, reference_model=ref).loss
-    from ift.objectives import sequence_logps
+    live = dpo_batch_loss(policy, batch, reference_model=ref)
+    live.loss.backward()
+    live_grads = grads(policy)
+    policy.zero_grad(set_to_none=True)
 
     ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
     att = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
@@ -385,8 +437,17 @@ def test_dpo_with_precomputed_reference_equals_dpo_with_the_reference_model(llam
     with torch.no_grad():
         ref_logps, _ = sequence_logps(ref, ids, att, lab)
     precomputed = {"reference_chosen_logps": ref_logps[:3], "reference_rejected_logps": ref_logps[3:]}
-    pre = dpo_batch_loss(llama64, batch | precomputed)
-    torch.testing.assert_close(live, pre.loss)
+    pre = dpo_batch_loss(policy, batch | precomputed)
+    pre.loss.backward()
+
+    torch.testing.assert_close(pre.loss, live.loss)
+    pre_grads = grads(policy)
+    assert pre_grads.keys() == live_grads.keys() and len(live_grads) > 0
+    for name, g in live_grads.items():
+        torch.testing.assert_close(pre_grads[name], g, msg=name)
+    assert pre.metrics.keys() == live.metrics.keys()
+    for key, value in live.metrics.items():
+        torch.testing.assert_close(pre.metrics[key], value, msg=key)
 
 
 def test_dpo_without_a_reference_says_what_is_missing(llama64):
@@ -397,8 +458,6 @@ def test_dpo_without_a_reference_says_what_is_missing(llama64):
 def test_orpo_batch_loss_matches_formula_on_model_logps(llama64):
     batch = preference_batch()
     out = orpo_batch_loss(llama64, batch)
-    from ift.objectives import sequence_logps
-
     c, nc = sequence_logps(llama64, *(batch[f"chosen_{k}"] for k in ("input_ids", "attention_mask", "labels")))
     r, nr = sequence_logps(llama64, *(batch[f"rejected_{k}"] for k in ("input_ids", "attention_mask", "labels")))
     expected, _ = orpo_loss(c / nc, r / nr, -c / nc)

@@ -1,9 +1,10 @@
-"""Padding-free packing (issue 14): ift.data's packer and collate, and every objective on packed batches.
+"""Padding-free packing (issue 14): ift.collate's packer and collate, and every objective on packed batches.
 
 The contract: a packed batch gives exactly (float64, 1e-6) the loss, every parameter gradient and the
 metrics of the same sequences in an ordinary padded batch, for IFT (eqs. 17 and 22), SFT, DPO and ORPO,
 with ``sdpa`` and ``eager`` attention on the tiny preset's architecture; and a sequence never sees its
-neighbours in the pack.
+neighbours in the pack.  The packed batches of these proofs are built the way training builds them
+(:func:`packed_batch`: the calls of ``pipelines.data.batching.MicroBatches``).
 """
 
 from __future__ import annotations
@@ -19,17 +20,16 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import ift.objectives as objectives
 from ift.collate import build_packs, collate_packs, join_pack, pack_collate, pack_examples, pad_collate
 from ift.data import IGNORE_INDEX, tokenize_rows
+from ift.logps import packed_token_logps, token_logps
 from ift.models import TINY_CONFIG, load_model, load_tokenizer
 from ift.objectives import (
     dpo_batch_loss,
     ift_loss,
     ift_weights,
     orpo_batch_loss,
-    packed_token_logps,
     reference_pair_logps,
     sequence_logps,
     sft_loss,
-    token_logps,
 )
 
 VOCAB = 512
@@ -95,13 +95,28 @@ def preference_examples(seed: int = 1) -> list[dict[str, list[int]]]:
     return out
 
 
+def packed_rows(examples: list[dict], pack_length: int, strategy: str = "best_fit_decreasing") -> list[dict[str, list]]:
+    """The packed rows training builds from ``examples`` (pipelines.data.batching.MicroBatches):
+    pack_examples groups them into rows, join_pack lays out each row."""
+    groups = pack_examples(examples, pack_length, strategy=strategy)
+    return [join_pack([examples[i] for i in group]) for group in groups]
+
+
+def packed_batch(
+    examples: list[dict], pack_length: int, *, strategy: str = "best_fit_decreasing", pad_token_id: int = PAD
+) -> dict:
+    """The packed micro-batch training builds from ``examples`` (MicroBatches, every row in one
+    micro-batch): :func:`packed_rows`, then collate_packs."""
+    return collate_packs(packed_rows(examples, pack_length, strategy), pad_token_id)
+
+
 def padded_call(fn, model, batch, *args, **kwargs):
     """``fn`` (sft_loss / ift_loss / sequence_logps) on a padded batch."""
     return fn(model, batch["input_ids"], batch["attention_mask"], batch["labels"], *args, **kwargs)
 
 
 def packed_call(fn, model, batch, *args, **kwargs):
-    """``fn`` on a packed batch: no attention mask, the position_ids of ift.collate.pack_collate."""
+    """``fn`` on a packed batch: no attention mask, the position_ids of ift.collate.collate_packs."""
     return fn(model, batch["input_ids"], None, batch["labels"], *args, position_ids=batch["position_ids"], **kwargs)
 
 
@@ -224,13 +239,17 @@ def test_pack_collate_puts_each_pairs_chosen_then_rejected_side_by_side_in_one_r
     assert sorted(int((row != PAD).sum()) for row in ids) == [9, 11, 12, 12]
 
 
-def test_build_packs_gives_rows_a_pipeline_can_batch_later():
+def test_build_packs_gives_rows_of_at_most_pack_length_holding_every_token_that_collate_into_one_batch():
     examples = sft_examples()
     rows = build_packs(examples, 24)
     assert all(len(r["input_ids"]) <= 24 and r["position_ids"][0] == 0 for r in rows)
     assert sum(len(r["input_ids"]) for r in rows) == sum(len(e["input_ids"]) for e in examples)
     assert collate_packs(rows, PAD)["input_ids"].shape[0] == len(rows)
-    # Ray Data hands over numpy arrays and numpy scalars: the same batch comes out.
+
+
+def test_pack_collate_gives_the_same_batch_from_numpy_arrays_and_scalars_as_from_lists_and_ints():
+    # Ray Data hands over numpy arrays and numpy scalars.
+    examples = sft_examples()
     as_numpy = [
         {"input_ids": np.asarray(e["input_ids"]), "labels": np.asarray(e["labels"]), "row": np.int64(i)}
         for i, e in enumerate(examples)
@@ -278,7 +297,7 @@ def ift_examples(policy) -> list[dict]:
 def test_ift_packed_equals_padded_loss_gradients_and_metrics(policy, ift_examples, lam, decay):
     examples = ift_examples
     padded = pad_collate(examples, PAD)
-    packed = pack_collate(examples, PAD, pack_length=28)
+    packed = packed_batch(examples, 28)
     check_packed_batch(packed)
     a = loss_and_grads(policy, lambda: padded_call(ift_loss, policy, padded, lam, decay))
     b = loss_and_grads(
@@ -291,7 +310,7 @@ def test_ift_packed_equals_padded_loss_gradients_and_metrics(policy, ift_example
 
 def test_ift_packed_with_frozen_fusion_embeddings_and_detached_weights(policy):
     examples = sft_examples(seed=3)
-    padded, packed = pad_collate(examples, PAD), pack_collate(examples, PAD, pack_length=30, strategy="greedy")
+    padded, packed = pad_collate(examples, PAD), packed_batch(examples, 30, strategy="greedy")
     check_packed_batch(packed)
     fusion = objectives.frozen_embedding_copy(policy)
     kw = dict(lam=0.3, decay=0.9, detach_weights=True, fusion_embeddings=fusion)
@@ -302,7 +321,7 @@ def test_ift_packed_with_frozen_fusion_embeddings_and_detached_weights(policy):
 
 def test_sft_packed_equals_padded(policy):
     examples = sft_examples()
-    padded, packed = pad_collate(examples, PAD), pack_collate(examples, PAD, pack_length=28)
+    padded, packed = pad_collate(examples, PAD), packed_batch(examples, 28)
     check_packed_batch(packed)
     a = loss_and_grads(policy, lambda: padded_call(sft_loss, policy, padded))
     b = loss_and_grads(policy, lambda: packed_call(sft_loss, policy, packed))
@@ -312,7 +331,7 @@ def test_sft_packed_equals_padded(policy):
 def test_packed_sequences_without_targets_are_skipped_and_counted_like_padded_rows(policy):
     examples = sft_examples()
     examples[2] = {"input_ids": examples[2]["input_ids"], "labels": [IGNORE_INDEX] * len(examples[2]["labels"])}
-    padded, packed = pad_collate(examples, PAD), pack_collate(examples, PAD, pack_length=28)
+    padded, packed = pad_collate(examples, PAD), packed_batch(examples, 28)
     a = loss_and_grads(policy, lambda: padded_call(ift_loss, policy, padded, on_empty="skip"))
     b = loss_and_grads(
         policy,
@@ -331,7 +350,7 @@ def reference(policy) -> LlamaForCausalLM:
 
 def test_dpo_packed_equals_padded_with_a_reference_model(policy, reference):
     examples = preference_examples()
-    padded, packed = pad_collate(examples, PAD), pack_collate(examples, PAD, pack_length=40)
+    padded, packed = pad_collate(examples, PAD), packed_batch(examples, 40)
     check_packed_batch(packed, prefix="pair_")
     a = loss_and_grads(policy, lambda: dpo_batch_loss(policy, padded, beta=0.5, reference_model=reference))
     b = loss_and_grads(policy, lambda: dpo_batch_loss(policy, packed, beta=0.5, reference_model=reference))
@@ -339,24 +358,29 @@ def test_dpo_packed_equals_padded_with_a_reference_model(policy, reference):
     assert float(a[2]["reward_accuracy"]) not in (0.0, 1.0)  # the margins are not all one sign
 
 
-def test_dpo_packed_with_precomputed_references_carried_in_sequence_order(policy, reference):
+def test_dpo_packed_carries_each_pairs_precomputed_references_with_the_pair(policy, reference):
+    """Packing reorders the pairs; each pair's precomputed reference log-probs move with it, so the
+    packed batch gives the padded one's loss, gradients and metrics.  (That precomputed references
+    give the live reference model's DPO: tests/ift/test_objectives.py.)"""
     examples = preference_examples()
     ref_c, ref_r = reference_pair_logps(reference, pad_collate(examples, PAD))
     with_ref = [
         e | {"reference_chosen_logps": float(c), "reference_rejected_logps": float(r)}
         for e, c, r in zip(examples, ref_c, ref_r, strict=True)
     ]
-    packed = pack_collate(with_ref, PAD, pack_length=40)
-    a = loss_and_grads(
-        policy, lambda: dpo_batch_loss(policy, pad_collate(examples, PAD), beta=0.5, reference_model=reference)
-    )
+    # Rows of 44 tokens: best fit decreasing packs pairs 0 and 3, 1 and 4, then 2 (sizes 21 19 14 20 19).
+    padded, packed = pad_collate(with_ref, PAD), packed_batch(with_ref, 44)
+    check_packed_batch(packed, prefix="pair_")
+    # Not vacuous: the pairs (and so their references) are in another order once packed.
+    assert not torch.equal(packed["reference_chosen_logps"], padded["reference_chosen_logps"])
+    a = loss_and_grads(policy, lambda: dpo_batch_loss(policy, padded, beta=0.5))
     b = loss_and_grads(policy, lambda: dpo_batch_loss(policy, packed, beta=0.5))
     assert_same(a, b)
 
 
 def test_orpo_packed_equals_padded(policy):
     examples = preference_examples()
-    padded, packed = pad_collate(examples, PAD), pack_collate(examples, PAD, pack_length=40)
+    padded, packed = pad_collate(examples, PAD), packed_batch(examples, 40)
     check_packed_batch(packed, prefix="pair_")
     a = loss_and_grads(policy, lambda: orpo_batch_loss(policy, padded, beta=0.25))
     b = loss_and_grads(policy, lambda: orpo_batch_loss(policy, packed, beta=0.25))
@@ -366,7 +390,7 @@ def test_orpo_packed_equals_padded(policy):
 def test_sequence_logps_packed_gives_one_entry_per_sequence_in_row_major_order(policy):
     examples = sft_examples()
     padded = pad_collate(examples, PAD)
-    rows = build_packs(examples, 28)
+    rows = packed_rows(examples, 28)
     packed = collate_packs(rows, PAD)
     # Each packed sequence's example, found by its tokens (best fit decreasing reorders them).
     order = [
@@ -419,14 +443,14 @@ def test_the_tiny_preset_on_tokenized_rows_packed_equals_padded_for_ift_and_dpo(
     pad_id = tokenizer.pad_token_id
     sft, _ = tokenize_rows(tokenizer, rows, source="rows", mode="sft", max_length=64)
     pairs, _ = tokenize_rows(tokenizer, rows, source="rows", mode="preference", max_length=64)
-    padded, packed = pad_collate(sft, pad_id), pack_collate(sft, pad_id, pack_length=48)
+    padded, packed = pad_collate(sft, pad_id), packed_batch(sft, 48, pad_token_id=pad_id)
     check_packed_batch(packed)
     assert_same(
         loss_and_grads(model, lambda: padded_call(ift_loss, model, padded, 0.2, 0.95)),
         loss_and_grads(model, lambda: packed_call(ift_loss, model, packed, 0.2, 0.95)),
     )
     reference = load_model("tiny", dtype=torch.float64, seed=1, tokenizer=tokenizer).eval()
-    padded, packed = pad_collate(pairs, pad_id), pack_collate(pairs, pad_id, pack_length=128)
+    padded, packed = pad_collate(pairs, pad_id), packed_batch(pairs, 128, pad_token_id=pad_id)
     check_packed_batch(packed, prefix="pair_")
     assert_same(
         loss_and_grads(model, lambda: dpo_batch_loss(model, padded, reference_model=reference)),
@@ -495,7 +519,7 @@ def test_a_sequence_whose_neighbour_changes_keeps_its_loss_and_weights(attn, pos
 
 
 def test_packed_position_ids_that_do_not_restart_at_zero_or_skip_are_refused(llama_sdpa):
-    batch = pack_collate(sft_examples(), PAD, pack_length=28)
+    batch = packed_batch(sft_examples(), 28)
     bad = batch["position_ids"].clone()
     bad[0, 0] = 1
     with pytest.raises(ValueError, match="start each row at 0"):
@@ -548,7 +572,7 @@ class FlashLabelled(torch.nn.Module):
 
 def test_flash_path_flattens_the_rows_into_one_and_gives_the_padded_result(llama_sdpa):
     examples = sft_examples()
-    padded, packed = pad_collate(examples, PAD), pack_collate(examples, PAD, pack_length=28)
+    padded, packed = pad_collate(examples, PAD), packed_batch(examples, 28)
     rows, length = packed["input_ids"].shape
     check_packed_batch(packed)
     flash = FlashLabelled(llama_sdpa)
@@ -575,7 +599,7 @@ def test_flash_attention_2_packed_matches_padded_sdpa(objective):
     sdpa = tiny_llama("sdpa", dtype=torch.bfloat16).cuda()
     examples = sft_examples()
     padded = {k: v.cuda() for k, v in pad_collate(examples, PAD).items()}
-    packed = {k: v.cuda() for k, v in pack_collate(examples, PAD, pack_length=28).items()}
+    packed = {k: v.cuda() for k, v in packed_batch(examples, 28).items()}
     check_packed_batch(packed)
     fn = ift_loss if objective == "ift" else sft_loss
     with torch.no_grad():

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 
+import pipelines.training.state as state_module
 from ift.collate import pack_collate, pad_collate
 from ift.data import DataError, tokenize_rows
 from ift.toydata import make_conversations
@@ -102,9 +104,25 @@ def test_model_dtype_auto_loads_in_the_training_precision():
     assert model_dtype(tiny_cfg("model.dtype=float16"), use_gpu=True) == "float16"  # an explicit dtype wins
 
 
-def test_loop_state_is_written_atomically(tmp_path):
-    LoopState(step=3, epoch=1, micro_in_epoch=2).save(tmp_path)
-    assert LoopState.load(tmp_path) == LoopState(step=3, epoch=1, micro_in_epoch=2)
+def test_loop_state_is_written_atomically(tmp_path, monkeypatch):
+    """A reader sees the whole old state or the whole new one: the new state is written to another
+    file, then renamed over the old one (os.replace, atomic); the state file is never written into."""
+    old, new = LoopState(step=3, epoch=1, micro_in_epoch=2), LoopState(step=4, epoch=1, micro_in_epoch=3)
+    old.save(tmp_path)
+    destination = tmp_path / "trainer_state.json"
+    real_replace, renamed_onto = os.replace, []
+
+    def replace_checking_both_files(src, dst):
+        renamed_onto.append(Path(dst))
+        assert Path(src) != Path(dst)
+        assert LoopState.from_json(Path(dst).read_text()) == old  # up to the rename: the whole old state
+        assert LoopState.from_json(Path(src).read_text()) == new  # ... and the whole new one beside it
+        real_replace(src, dst)
+
+    monkeypatch.setattr(state_module.os, "replace", replace_checking_both_files)
+    new.save(tmp_path)
+    assert renamed_onto == [destination]
+    assert LoopState.load(tmp_path) == new
     assert sorted(p.name for p in tmp_path.iterdir()) == ["trainer_state.json"]
 
 

@@ -10,7 +10,7 @@ import torch
 
 from ift.collate import pad_collate
 from ift.data import tokenize_rows
-from ift.objectives import dpo_batch_loss, sft_loss
+from ift.objectives import dpo_batch_loss, reference_pair_logps, sft_loss
 from ift.toydata import make_preference_pairs
 from pipelines.config import METHOD_CONFIGS, DPOConfig, IFTConfig, ORPOConfig, SFTConfig, load_config
 from pipelines.training.build import build_model_and_tokenizer
@@ -107,7 +107,10 @@ def test_dpo_scores_against_a_frozen_copy_of_the_start_model():
     assert not torch.equal(next(model.parameters()), next(objective.reference.parameters()))
 
 
-def test_dpo_precomputed_reference_matches_the_live_reference_model():
+def test_the_precomputed_reference_table_gives_each_pair_its_reference_logps_by_source_and_row():
+    """What the reference model scores, keyed by (source, row), and attached to any batch of those pairs
+    in that batch's order.  (That precomputed references give the live reference's DPO loss:
+    tests/ift/test_objectives.py.)"""
     cfg = load_config(None, ["method.name=dpo", "data.max_length=96"])
     model, tokenizer = build_model_and_tokenizer(cfg)
     examples, _ = tokenize_rows(
@@ -115,13 +118,24 @@ def test_dpo_precomputed_reference_matches_the_live_reference_model():
     )
     batch = pad_collate(examples, tokenizer.pad_token_id)
     batch["source"], batch["row"] = ["p"] * 4, torch.arange(4)
+    objective = build_objective(cfg.method, model, CPU, seed=0)
+    chosen, rejected = reference_pair_logps(objective.reference, batch)
+    table = objective.precompute_reference([batch])
+    assert table == {("p", i): (c, r) for i, (c, r) in enumerate(zip(chosen.tolist(), rejected.tolist(), strict=True))}
+    reversed_batch = pad_collate(examples[::-1], tokenizer.pad_token_id)
+    reversed_batch["source"], reversed_batch["row"] = ["p"] * 4, torch.arange(3, -1, -1)
+    attach_reference(reversed_batch, table, CPU)
+    assert torch.equal(reversed_batch["reference_chosen_logps"], chosen.flip(0))
+    assert torch.equal(reversed_batch["reference_rejected_logps"], rejected.flip(0))
+
+
+def test_precomputing_the_dpo_reference_frees_the_copy_so_unseen_pairs_cannot_be_validated():
+    cfg = load_config(None, ["method.name=dpo", "data.max_length=96"])
+    model, tokenizer = build_model_and_tokenizer(cfg)
     live = build_objective(cfg.method, model, CPU, seed=0)
-    expected = live(model, batch, 0).loss
     pre = build_objective(cfg.method, model, CPU, seed=0)
-    table = pre.precompute_reference([batch])
-    assert pre.reference is None  # freed after precomputing
-    attach_reference(batch, table, CPU)
-    torch.testing.assert_close(pre(model, batch, 0).loss, expected)
+    pre.precompute_reference([_pair_batch(cfg, tokenizer)])
+    assert pre.reference is None
     assert not pre.can_validate and live.can_validate
 
 

@@ -76,6 +76,7 @@ def test_a_ten_second_mlflow_outage_mid_run_loses_and_repeats_no_metric(tmp_path
             time.sleep(0.5)
         outage["down"] = time.monotonic()
         server.stop()
+        outage["gone_at"] = time.time()  # wall clock, as MLflow's metric timestamps: the server is gone
         time.sleep(OUTAGE_S)
         server.start()
         outage["up"] = time.monotonic()
@@ -89,5 +90,9 @@ def test_a_ten_second_mlflow_outage_mid_run_loses_and_repeats_no_metric(tmp_path
     assert run.info.status == "FINISHED" and result.registered_version == "1"
     losses = client.get_metric_history(result.mlflow_run_id, "loss")
     assert sorted(m.step for m in losses) == list(range(1, 15))  # every step once: none lost, none twice
+    # The outage hit training: the first step was logged before the server went, the last one after
+    # (a metric's timestamp is taken when the step logs it, before the call that waits for the server).
+    logged_at = sorted(m.timestamp / 1000 for m in losses)
+    assert logged_at[0] < outage["gone_at"] < logged_at[-1], "the outage did not overlap training"
     tokens = client.get_metric_history(result.mlflow_run_id, "tokens_per_s")
     assert sorted(m.step for m in tokens) == list(range(1, 15))
