@@ -49,7 +49,7 @@ def _train(argv: list[str]) -> int:
     parser.add_argument(
         "--dry-run", action="store_true", help="validate, count rows and steps, estimate memory per GPU; train nothing"
     )
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may follow a flag
 
     if args.help_config:
         print(describe_schema())
@@ -88,7 +88,7 @@ def _data(argv: list[str]) -> int:
     )
     parser.add_argument("action", choices=["prepare", "check"])
     parser.add_argument("items", nargs="*", help="an optional CONFIG.yaml (or packaged name), then key=value overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may follow a flag
     cfg = _load_config(args.items)
     if cfg is None:
         return 2

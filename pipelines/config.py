@@ -213,8 +213,19 @@ class OptimizationConfig(_Section):
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps of linear LR warm-up.")
     epochs: int = Field(1, gt=0, description="Passes over the training data (unless max_steps stops first).")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
-    micro_batch_size: int = Field(8, gt=0, description="Sequences per worker per forward/backward.")
-    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    micro_batch_size: int = Field(
+        8, gt=0, description="Sequences (packed rows, with data.packing) per worker per forward/backward."
+    )
+    global_batch_size: int | None = Field(
+        None,
+        gt=0,
+        description="Sequences per optimizer step over all workers (the paper's 512): the recipe's invariant. "
+        "Accumulation follows as global / (micro_batch_size x scaling.num_workers), so more GPUs keep the same "
+        "optimizer steps and LR schedule; unset = micro_batch_size x accumulation x workers.",
+    )
+    gradient_accumulation_steps: int | None = Field(
+        None, gt=0, description="Micro-batches per optimizer step; unset = from global_batch_size, else 1."
+    )
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping (0 = off).")
     seed: int = Field(42, description="Seeds model init, data order and sampling.")
     eval_every_n_steps: int = Field(0, ge=0, description="Validation loss every N steps (0 = only at the end).")
@@ -296,6 +307,7 @@ class TrainConfig(_Section):
                 "model.attn_implementation=flash_attention_2 needs CUDA GPUs but scaling.use_gpu is false; "
                 "use sdpa on CPU"
             )
+        self._check_global_batch()
         paired = self.method.paired
         longest = self.data.max_length * (2 if paired else 1)
         if self.data.packing and self.data.resolved_pack_length(paired) < longest:
@@ -306,6 +318,38 @@ class TrainConfig(_Section):
             )
         self.method.check(self)
         return self
+
+    def _check_global_batch(self) -> None:
+        o, workers = self.optimization, self.scaling.num_workers
+        if o.global_batch_size is None:
+            return
+        per_step = o.micro_batch_size * workers
+        if o.global_batch_size % per_step:
+            raise ValueError(
+                f"optimization.global_batch_size={o.global_batch_size} is not a multiple of "
+                f"optimization.micro_batch_size={o.micro_batch_size} x scaling.num_workers={workers} = {per_step}; "
+                "change one of the three"
+            )
+        derived = o.global_batch_size // per_step
+        if o.gradient_accumulation_steps not in (None, derived):
+            raise ValueError(
+                f"optimization.gradient_accumulation_steps={o.gradient_accumulation_steps} disagrees with "
+                f"optimization.global_batch_size={o.global_batch_size} = micro_batch_size {o.micro_batch_size} x "
+                f"{workers} workers x accumulation {derived}; set only global_batch_size"
+            )
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Micro-batches per optimizer step: from ``global_batch_size`` when set, else the configured count."""
+        o = self.optimization
+        if o.global_batch_size is not None:
+            return o.global_batch_size // (o.micro_batch_size * self.scaling.num_workers)
+        return o.gradient_accumulation_steps or 1
+
+    @property
+    def global_batch(self) -> int:
+        """Sequences (packed rows, with packing) per optimizer step over all workers."""
+        return self.optimization.micro_batch_size * self.accumulation_steps * self.scaling.num_workers
 
     def fingerprint(self) -> str:
         """A short hash of the resolved config, for tags and run identity."""
@@ -337,7 +381,10 @@ def _format_validation_error(err: ValidationError, source: str, allowed: dict[tu
         elif e["type"] == "missing":
             lines.append(f"  {key}: required key is missing")
         else:
-            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+            if not loc:  # a check across sections: its message names the keys
+                lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
+            else:
+                lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)
 
 

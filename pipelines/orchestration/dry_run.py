@@ -22,6 +22,12 @@ def dry_run(cfg: TrainConfig, *, use_gpu: bool | None = None, log: Any = print) 
             use_gpu = torch.cuda.is_available() and cfg.scaling.gpus_per_worker > 0
             if not use_gpu:
                 log("scaling.use_gpu=auto and no GPU here: sized as a CPU run (scaling.use_gpu=true sizes GPUs)")
+    o = cfg.optimization
+    unit = "packed rows" if cfg.data.packing else "sequences"
+    log(
+        f"global batch {cfg.global_batch} {unit} = micro {o.micro_batch_size} x accumulation "
+        f"{cfg.accumulation_steps} x {cfg.scaling.num_workers} workers"
+    )
     try:
         plan = plan_data(cfg)
         rows_per_micro = None

@@ -53,13 +53,17 @@ def deepspeed_config(cfg: TrainConfig, use_gpu: bool, hidden_size: int | None = 
         zero["offload_param"] = {"device": "cpu", "pin_memory": use_gpu}
     conf: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.optimization.micro_batch_size,
-        "gradient_accumulation_steps": cfg.optimization.gradient_accumulation_steps,
+        "gradient_accumulation_steps": cfg.accumulation_steps,
         "gradient_clipping": cfg.optimization.max_grad_norm,
         "zero_optimization": zero,
         "bf16": {"enabled": bf16},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if bf16:
+        # Gradients of 16-32 micro-batches summed in bf16 lose the small ones (8 bits of mantissa);
+        # DeepSpeed otherwise accumulates in the model's dtype.
+        conf["data_types"] = {"grad_accum_dtype": "fp32"}
     if ds.offload_optimizer:
         # The offloaded optimizer must be DeepSpeed's CPU Adam; allow the torch object anyway.
         conf["zero_force_ds_cpu_optimizer"] = False

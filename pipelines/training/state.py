@@ -92,9 +92,9 @@ class Schedule:
         """
         o = cfg.optimization
         per_micro = float(rows_per_micro if rows_per_micro is not None else o.micro_batch_size)
-        micro = int(train_rows // (per_micro * world_size)) // o.gradient_accumulation_steps
-        micro *= o.gradient_accumulation_steps
-        steps = micro // o.gradient_accumulation_steps
+        micro = int(train_rows // (per_micro * world_size)) // cfg.accumulation_steps
+        micro *= cfg.accumulation_steps
+        steps = micro // cfg.accumulation_steps
         if steps == 0:
             batch = (
                 f"{o.micro_batch_size} packed rows of {cfg.data.resolved_pack_length(cfg.method.paired)} tokens "
@@ -105,7 +105,7 @@ class Schedule:
             )
             raise ValueError(
                 f"{train_rows} training rows are fewer than one optimizer step needs "
-                f"({batch} x workers {world_size} x accumulation {o.gradient_accumulation_steps}); "
+                f"({batch} x workers {world_size} x accumulation {cfg.accumulation_steps}); "
                 "add data or shrink the batch"
             )
         total = steps * o.epochs

@@ -204,3 +204,31 @@ def test_sweep_overrides_resolve_data_paths_against_the_working_directory(tmp_pa
     monkeypatch.chdir(tmp_path)
     cfg = apply_overrides(load_config(None), {"data.train": [{"path": "other.jsonl"}]})
     assert cfg.data.train[0].path == str(tmp_path / "other.jsonl")
+
+
+def test_global_batch_size_sets_the_accumulation_steps():
+    cfg = load_config(
+        None, ["optimization.global_batch_size=64", "optimization.micro_batch_size=4", "scaling.num_workers=2"]
+    )
+    assert (cfg.accumulation_steps, cfg.global_batch) == (8, 64)
+
+
+def test_without_global_batch_size_the_accumulation_is_as_configured_or_one():
+    assert load_config(None, ["optimization.gradient_accumulation_steps=3"]).accumulation_steps == 3
+    assert load_config(None, ["optimization.gradient_accumulation_steps="]).accumulation_steps == 1
+
+
+def test_a_global_batch_that_does_not_divide_names_all_three_keys():
+    with pytest.raises(ConfigError) as err:
+        load_config(
+            None, ["optimization.global_batch_size=60", "optimization.micro_batch_size=4", "scaling.num_workers=4"]
+        )
+    for key in ("optimization.global_batch_size=60", "optimization.micro_batch_size=4", "scaling.num_workers=4"):
+        assert key in str(err.value)
+
+
+def test_an_accumulation_that_disagrees_with_the_global_batch_is_an_error():
+    overrides = ["optimization.global_batch_size=64", "optimization.micro_batch_size=4", "scaling.num_workers=2"]
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps=2 disagrees"):
+        load_config(None, [*overrides, "optimization.gradient_accumulation_steps=2"])
+    assert load_config(None, [*overrides, "optimization.gradient_accumulation_steps=8"]).accumulation_steps == 8

@@ -104,6 +104,18 @@ def test_model_dtype_auto_loads_in_the_training_precision():
     assert model_dtype(tiny_cfg("model.dtype=float16"), use_gpu=True) == "float16"  # an explicit dtype wins
 
 
+def test_bf16_training_accumulates_gradients_in_fp32(process_group):
+    cfg = tiny_cfg("deepspeed.precision=bf16", "deepspeed.zero_stage=2", "optimization.gradient_accumulation_steps=4")
+    model, _ = build_model_and_tokenizer(cfg)
+    engine = build_engine(cfg, model, total_steps=2, use_gpu=False)
+    assert engine.bfloat16_enabled()
+    assert engine.get_data_types() == (torch.bfloat16, torch.float32)  # (weights, gradient accumulation)
+
+
+def test_fp32_training_sets_no_accumulation_dtype():
+    assert "data_types" not in deepspeed_config(tiny_cfg("deepspeed.precision=fp32"), use_gpu=False)
+
+
 def test_loop_state_is_written_atomically(tmp_path, monkeypatch):
     """A reader sees the whole old state or the whole new one: the new state is written to another
     file, then renamed over the old one (os.replace, atomic); the state file is never written into."""

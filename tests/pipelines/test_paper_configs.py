@@ -149,7 +149,23 @@ def test_the_schedule_is_cosine_for_single_target_methods_and_linear_for_pairs(n
 def test_global_batch_is_the_authors_512(name):
     cfg = load_config(name)
     o = cfg.optimization
-    assert o.micro_batch_size * o.gradient_accumulation_steps * cfg.scaling.num_workers == AUTHORS_GLOBAL_BATCH
+    assert o.global_batch_size == cfg.global_batch == AUTHORS_GLOBAL_BATCH
+    assert o.micro_batch_size * cfg.accumulation_steps * cfg.scaling.num_workers == AUTHORS_GLOBAL_BATCH
+
+
+@pytest.mark.parametrize("name", ["mistral-7b-ift", "mistral-7b-dpo"])
+@pytest.mark.parametrize("workers", [16, 32])
+def test_more_gpus_keep_the_global_batch_and_the_optimizer_steps(name, workers):
+    on_8 = load_config(name)
+    wider = load_config(name, [f"scaling.num_workers={workers}"])
+    assert wider.global_batch == on_8.global_batch == AUTHORS_GLOBAL_BATCH
+    assert wider.accumulation_steps == on_8.accumulation_steps * 8 // workers
+    rows = 120_000
+    steps_on_8, steps_wider = Schedule.from_config(on_8, rows, 8), Schedule.from_config(wider, rows, workers)
+    assert (steps_wider.steps_per_epoch, steps_wider.total_steps) == (
+        steps_on_8.steps_per_epoch,
+        steps_on_8.total_steps,
+    )
 
 
 @pytest.mark.parametrize("name", ALL)
