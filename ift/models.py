@@ -384,6 +384,13 @@ def whole_parameters(params: list[torch.nn.Parameter], *, keep_changes: bool = F
     return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if keep_changes else None)
 
 
+def embedding_rows(model: torch.nn.Module) -> int:
+    """Rows of the input embedding table.  Under ZeRO-3 the local parameter is an empty partition;
+    DeepSpeed keeps the real shape in ``ds_shape`` (reading 0 would resize on every GPU, whole)."""
+    weight = model.get_input_embeddings().weight
+    return int(getattr(weight, "ds_shape", weight.shape)[0])
+
+
 def load_model(
     name_or_path: str,
     *,
@@ -436,7 +443,7 @@ def load_model(
         **_from_pretrained_dtype_kwargs(torch_dtype),
     )
     if tokenizer is not None:
-        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        if len(tokenizer) > embedding_rows(model):
             # The tokenizer gained tokens the checkpoint has no rows for.
             logger.info("resizing embeddings of %s to %d tokens", name_or_path, len(tokenizer))
             model.resize_token_embeddings(len(tokenizer))

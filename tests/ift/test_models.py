@@ -225,3 +225,15 @@ def test_flash_attention_where_it_cannot_run_is_an_error_naming_the_key(monkeypa
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real(name, *a))
     with pytest.raises(ValueError, match="model.attn_implementation=flash_attention_2 needs the flash-attn package"):
         load_model("tiny", attn_implementation="flash_attention_2")
+
+
+def test_embedding_rows_read_a_zero3_partitions_real_shape():
+    from ift.models import embedding_rows
+    from tests.conftest import build_llama
+
+    model = build_llama(vocab=32)
+    assert embedding_rows(model) == 32
+    partition = torch.nn.Parameter(torch.empty(0))  # what a rank holds of a ZeRO-3 parameter
+    partition.ds_shape = torch.Size([32, 16])
+    model.get_input_embeddings().weight = partition
+    assert embedding_rows(model) == 32
