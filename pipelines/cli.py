@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from importlib.metadata import version
 
 from pipelines.config import (
     ConfigError,
@@ -28,6 +30,8 @@ commands:
   compare MODEL MODEL ...               side-by-side benchmark table
   frozenlake [--out DIR] [--seeds N]    the paper's Frozen Lake experiment (section 5.3)
   configs                               list the packaged configs
+
+ift --version prints the version; ift COMMAND --help, a command's options.
 """
 
 
@@ -119,16 +123,30 @@ def _data(argv: list[str]) -> int:
 
 
 def _configs(argv: list[str]) -> int:
+    argparse.ArgumentParser(prog="ift configs", description="List the packaged training configs.").parse_args(argv)
     for name in packaged_config_names():
         print(f"{name:24s} {packaged_config_path(name)}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        code = _dispatch(list(sys.argv[1:] if argv is None else argv))
+        sys.stdout.flush()  # here, so a closed pipe is met inside the try
+        return code
+    except BrokenPipeError:  # `ift configs | head -2`: the reader has all it wanted
+        # Python would report the broken pipe again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        print(f"ift {version('intuitive-fine-tuning')}")
+        return 0
     command, rest = argv[0], argv[1:]
     if command == "train":
         return _train(rest)
