@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from importlib.metadata import version
@@ -129,6 +130,22 @@ def _configs(argv: list[str]) -> int:
     return 0
 
 
+# The optional extra each command needs: (the module it imports, the extra that installs it).
+EXTRAS = {"eval": ("lm_eval", "eval"), "compare": ("lm_eval", "eval"), "frozenlake": ("gymnasium", "frozenlake")}
+
+
+def _missing_extra(command: str) -> str | None:
+    """What to install when ``command``'s optional extra is missing, else None."""
+    module, extra = EXTRAS[command]
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return (
+            f"error: ift {command} needs the '{extra}' extra ({module} is not installed): pip install -e '.[{extra}]'"
+        )
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         code = _dispatch(list(sys.argv[1:] if argv is None else argv))
@@ -158,6 +175,9 @@ def _dispatch(argv: list[str]) -> int:
         from tune.cli import main as sweep_main
 
         return sweep_main(rest)
+    if command in ("eval", "compare", "frozenlake") and (missing := _missing_extra(command)):
+        print(missing, file=sys.stderr)
+        return 2
     if command == "eval":
         from pipelines.evaluation.cli import main_eval
 
@@ -167,13 +187,8 @@ def _dispatch(argv: list[str]) -> int:
 
         return main_compare(rest)
     if command == "frozenlake":
-        try:
-            from experiments.frozenlake.run import main as frozenlake_main
-        except ModuleNotFoundError as exc:
-            if exc.name != "gymnasium":
-                raise
-            print("error: the Frozen Lake experiment needs gymnasium: pip install -e '.[frozenlake]'", file=sys.stderr)
-            return 2
+        from experiments.frozenlake.run import main as frozenlake_main
+
         return frozenlake_main(rest)
     print(f"unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
     return 2

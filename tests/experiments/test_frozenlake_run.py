@@ -52,4 +52,4 @@ def test_without_gymnasium_the_command_names_the_extra_to_install(monkeypatch, c
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "gymnasium", None)  # an import of it raises ModuleNotFoundError
     assert main(["frozenlake"]) == 2
-    assert "pip install -e '.[frozenlake]'" in capsys.readouterr().err
+    assert "ift frozenlake needs the 'frozenlake' extra" in capsys.readouterr().err

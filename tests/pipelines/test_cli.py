@@ -32,3 +32,10 @@ def test_a_reader_that_closes_the_pipe_early_gets_no_traceback():
     stderr = proc.stderr.read().decode()
     assert proc.wait(60) == 0
     assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+
+
+@pytest.mark.parametrize("command, module, extra", [("eval", "lm_eval", "eval"), ("compare", "lm_eval", "eval")])
+def test_a_command_whose_extra_is_missing_names_the_extra_to_install(command, module, extra, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, module, None)  # an import of it raises ImportError
+    assert main([command, "tiny"]) == 2
+    assert f"pip install -e '.[{extra}]'" in capsys.readouterr().err
