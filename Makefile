@@ -27,11 +27,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/ift train
 
-## test: the whole suite (30 minutes on 2 cores); the slowest tests are listed at the end
+## test: the whole suite (about 37 minutes on 2 cores); the slowest tests are listed at the end
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15
 
-## test-fast: everything not marked slow (no multi-process Ray/DeepSpeed runs), under 4 minutes on 2 cores
+## test-fast: everything not marked slow (no multi-process Ray/DeepSpeed runs), about 4.5 minutes on 2 cores
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" --durations=10
 
