@@ -26,7 +26,7 @@ def run(steps: int = 30, log: Callable[[str], None] = print) -> dict[str, Any]:
     import mlflow
 
     from benchmarks.data_path import init_ray
-    from pipelines.config import load_config
+    from pipelines.config_loading import load_config
     from pipelines.orchestration.train import train
 
     if steps <= MEASURED_FROM:

@@ -34,7 +34,7 @@ def run(
     extra_overrides: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     from benchmarks.data_path import init_ray
-    from pipelines.config import load_config
+    from pipelines.config_loading import load_config
     from pipelines.orchestration.train import train
 
     if steps < 2 or steps % 2:

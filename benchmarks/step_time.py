@@ -204,7 +204,7 @@ def _init_single_process_dist() -> None:
 
 
 def _deepspeed_train_config(cfg: StepConfig):
-    from pipelines.config import load_config
+    from pipelines.config_loading import load_config
 
     precision = "bf16" if cfg.dtype in ("bf16", "bfloat16") else "fp32"
     return load_config(

@@ -39,7 +39,7 @@ def _corpus(path: Path, rows: int, seed: int) -> Path:
 
 
 def _config(root: Path, corpus: Path, name: str, *overrides: str):
-    from pipelines.config import load_config
+    from pipelines.config_loading import load_config
 
     return load_config(
         None,

@@ -99,7 +99,7 @@ def run(
 ) -> dict[str, Any]:
     import ray
 
-    from pipelines.config import load_config
+    from pipelines.config_loading import load_config
     from pipelines.orchestration.train import train
     from pipelines.training.build import deepspeed_config
     from pipelines.training.estimate import estimate_memory, model_shape

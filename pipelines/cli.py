@@ -8,8 +8,8 @@ import os
 import sys
 from importlib.metadata import version
 
-from pipelines.config import (
-    ConfigError,
+from pipelines.config import ConfigError
+from pipelines.config_loading import (
     describe_schema,
     load_config,
     packaged_config_names,

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipelines.config import ConfigError, split_config_argument
+from pipelines.config import ConfigError
+from pipelines.config_loading import split_config_argument
 from tune.config import load_sweep, packaged_sweep_names, packaged_sweep_path
 
 

@@ -21,9 +21,8 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipelines.config import (
-    ConfigError,
-    TrainConfig,
+from pipelines.config import ConfigError, TrainConfig
+from pipelines.config_loading import (
     _allowed_keys,
     _format_validation_error,
     _set_dotted,

@@ -16,7 +16,8 @@ from pathlib import Path
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from pipelines.config import TrainConfig, apply_overrides, flatten
+from pipelines.config import TrainConfig
+from pipelines.config_loading import apply_overrides, flatten
 from pipelines.orchestration.storage import StoredCheckpoint
 from pipelines.tracking import runs
 from pipelines.tracking.provenance import git_commit

@@ -48,7 +48,8 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
-from pipelines.config import METHOD_CONFIGS, TrainConfig, apply_overrides
+from pipelines.config import METHOD_CONFIGS, TrainConfig
+from pipelines.config_loading import apply_overrides
 from pipelines.data import cache
 from pipelines.orchestration.storage import filesystem
 from pipelines.orchestration.train import init_ray, train, use_gpu_on_cluster

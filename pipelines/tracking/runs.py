@@ -20,7 +20,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 
-from pipelines.config import TrainConfig, flatten
+from pipelines.config import TrainConfig
+from pipelines.config_loading import flatten
 from pipelines.tracking.provenance import git_commit
 
 RUN_NAME_TAG = "ift.run_name"

@@ -12,7 +12,7 @@ import ray
 from ift.data import DataError
 from ift.toydata import make_conversations, write_jsonl
 from pipelines.cli import main as ift
-from pipelines.config import load_config
+from pipelines.config_loading import load_config
 from pipelines.data import cache
 from pipelines.data.streaming import build_datasets
 

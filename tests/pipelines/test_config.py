@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.config import (
-    ConfigError,
-    TrainConfig,
+from pipelines.config import ConfigError, TrainConfig
+from pipelines.config_loading import (
     apply_overrides,
     describe_schema,
     flatten,
@@ -166,7 +165,7 @@ def test_schema_description_lists_keys_with_help():
 
 
 def test_the_first_command_line_item_is_the_config_unless_it_is_an_override():
-    from pipelines.config import split_config_argument
+    from pipelines.config_loading import split_config_argument
 
     assert split_config_argument(["my.yaml", "a.b=1"]) == ("my.yaml", ["a.b=1"])
     assert split_config_argument(["tiny-zero3"]) == ("tiny-zero3", [])
@@ -198,7 +197,7 @@ def test_hub_ids_uris_and_missing_relative_paths_are_left_as_written(tmp_path, m
 
 
 def test_sweep_overrides_resolve_data_paths_against_the_working_directory(tmp_path, monkeypatch):
-    from pipelines.config import apply_overrides
+    from pipelines.config_loading import apply_overrides
 
     (tmp_path / "other.jsonl").write_text("{}\n")
     monkeypatch.chdir(tmp_path)

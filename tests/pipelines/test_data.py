@@ -21,7 +21,7 @@ import ray
 from ift.data import DataError, tokenize_example
 from ift.models import load_tokenizer
 from ift.toydata import make_conversations, make_preference_pairs, write_jsonl
-from pipelines.config import load_config
+from pipelines.config_loading import load_config
 from pipelines.data.streaming import build_datasets, plan_data
 
 MAX_LENGTH = 128

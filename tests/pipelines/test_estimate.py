@@ -6,7 +6,7 @@ import pytest
 
 from ift.models import load_model
 from pipelines.cli import main
-from pipelines.config import load_config, packaged_config_names
+from pipelines.config_loading import load_config, packaged_config_names
 from pipelines.training.estimate import ModelShape, estimate_memory, model_shape
 
 GB = 1e9

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.config import load_config
+from pipelines.config_loading import load_config
 from pipelines.orchestration.train import resolve_use_gpu
 
 

@@ -15,7 +15,7 @@ import pipelines.training.state as state_module
 from ift.collate import pack_collate, pad_collate
 from ift.data import DataError, tokenize_rows
 from ift.toydata import make_conversations
-from pipelines.config import load_config
+from pipelines.config_loading import load_config
 from pipelines.training.build import build_engine, build_model_and_tokenizer, deepspeed_config, lr_lambda, model_dtype
 from pipelines.training.loop import StreamDataError, run_training
 from pipelines.training.methods import build_objective

@@ -12,7 +12,8 @@ from ift.collate import pad_collate
 from ift.data import tokenize_rows
 from ift.objectives import dpo_batch_loss, reference_pair_logps, sft_loss
 from ift.toydata import make_preference_pairs
-from pipelines.config import METHOD_CONFIGS, DPOConfig, IFTConfig, ORPOConfig, SFTConfig, load_config
+from pipelines.config import METHOD_CONFIGS, DPOConfig, IFTConfig, ORPOConfig, SFTConfig
+from pipelines.config_loading import load_config
 from pipelines.training.build import build_model_and_tokenizer
 from pipelines.training.loop import attach_reference
 from pipelines.training.methods import OBJECTIVES, build_objective

@@ -7,7 +7,8 @@ import socket
 
 import pytest
 
-from pipelines.config import TrainConfig, load_config, packaged_config_names
+from pipelines.config import TrainConfig
+from pipelines.config_loading import load_config, packaged_config_names
 from pipelines.training.state import Schedule
 from tune.config import load_sweep
 

@@ -10,7 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from ift.models import load_model, load_tokenizer
-from pipelines.config import load_config
+from pipelines.config_loading import load_config
 from pipelines.tracking.runs import experiment_id, load_model_components, register_model, start_or_resume_run
 from pipelines.training.export import export_hf_model
 

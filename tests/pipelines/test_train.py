@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 import pipelines
 from ift.data import DataError
-from pipelines.config import METHOD_CONFIGS, load_config
+from pipelines.config import METHOD_CONFIGS
+from pipelines.config_loading import load_config
 from pipelines.orchestration.hooks import KillWorker, TraceBatches
 from pipelines.orchestration.train import train
 from pipelines.tracking.runs import load_model_components

@@ -19,7 +19,7 @@ from ift.collate import pad_collate
 from ift.data import tokenize_rows
 from ift.objectives import dpo_batch_loss
 from ift.toydata import make_preference_pairs
-from pipelines.config import load_config
+from pipelines.config_loading import load_config
 from pipelines.training.build import build_engine, build_model_and_tokenizer, partitioned_reference
 from pipelines.training.export import export_hf_model
 from pipelines.training.loop import precompute_reference_table

@@ -103,7 +103,7 @@ def test_the_sweep_tokenizes_the_corpus_once_and_every_trial_reads_that_cache(sw
 
 @pytest.mark.slow
 def test_resubmitting_one_trial_reads_the_sweeps_cache_and_tokenizes_nothing(sweep4):
-    from pipelines.config import apply_overrides
+    from pipelines.config_loading import apply_overrides
     from pipelines.orchestration.train import train
 
     client = client_for(sweep4)
@@ -128,7 +128,7 @@ def test_resubmitting_one_trial_reads_the_sweeps_cache_and_tokenizes_nothing(swe
 def test_default_concurrency_fits_worker_groups_and_tokenizer_actors(monkeypatch):
     import ray
 
-    from pipelines.config import apply_overrides, load_config
+    from pipelines.config_loading import apply_overrides, load_config
     from tune.trials import _default_concurrency
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})

@@ -1,0 +1,282 @@
+"""Configs from YAML files and ``key=value`` overrides, validated into :class:`pipelines.config.TrainConfig`,
+with errors that name the key (and a near miss); and the views of a config (MLflow params, the key table).
+
+A config is YAML (see ``pipelines/configs/``), then overrides with dotted keys
+(``optimization.lr=1e-4 method.name=sft``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from pipelines.config import DEFAULT_METHOD, METHOD_CONFIGS, ConfigError, DataConfig, TrainConfig
+
+PACKAGED_CONFIGS = "pipelines.configs"
+DEFAULT_CONFIG = "tiny"
+
+
+def _format_validation_error(err: ValidationError, source: str, allowed: dict[tuple, list[str]]) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        loc = tuple(str(p) for p in e["loc"])
+        section = tuple(p for p in loc[:-1] if not p.isdigit())
+        method = None
+        if loc[:1] == ("method",) and len(loc) > 2 and loc[1] in METHOD_CONFIGS:
+            # pydantic puts the chosen method's tag in the path: method.sft.lam is the user's method.lam
+            method, loc = loc[1], ("method",) + loc[2:]
+        key = ".".join(loc) or "<root>"
+        if e["type"] == "extra_forbidden":
+            names = allowed.get(section, [])
+            close = difflib.get_close_matches(loc[-1], names, n=1)
+            hint = f" (did you mean '{'.'.join(loc[:-1] + (close[0],))}'?)" if close else ""
+            what = f"unknown key for method '{method}' (its keys: {', '.join(names)})" if method else "unknown key"
+            lines.append(f"  {key}: {what}{hint}")
+        elif e["type"] == "union_tag_invalid" and loc == ("method",):
+            got = (e.get("ctx") or {}).get("tag")
+            lines.append(f"  method.name: unknown method {got!r} (choose from {', '.join(METHOD_CONFIGS)})")
+        elif e["type"] == "missing":
+            lines.append(f"  {key}: required key is missing")
+        else:
+            if not loc:  # a check across sections: its message names the keys
+                lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
+            else:
+                lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _allowed_keys(model: type[BaseModel], prefix: tuple = ()) -> dict[tuple, list[str]]:
+    """Section path (list indices left out) -> the keys that section accepts."""
+    out = {prefix: list(model.model_fields)}
+    for name, field in model.model_fields.items():
+        sections = [
+            c
+            for c in (field.annotation, *getattr(field.annotation, "__args__", ()))
+            if isinstance(c, type) and issubclass(c, BaseModel)
+        ]
+        if len(sections) > 1 and field.discriminator:  # one class per tag (the method): keys per tag, and all
+            for section in sections:
+                tag = section.model_fields[field.discriminator].default
+                out.update(_allowed_keys(section, prefix + (name, tag)))
+            out[prefix + (name,)] = list(dict.fromkeys(k for c in sections for k in c.model_fields))
+        elif sections:
+            out.update(_allowed_keys(sections[0], prefix + (name,)))
+    return out
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node: Any = tree
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = node[int(part)]
+            continue
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, (dict, list)):
+            raise ConfigError(f"override {dotted}: '{'.'.join(parts[: i + 1])}' is a value, not a section")
+        node = nxt
+    if isinstance(node, list):
+        node[int(parts[-1])] = value
+    else:
+        node[parts[-1]] = value
+
+
+def _method_name_first(items: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """``method.name`` is applied before the other overrides, so ``method.<option>`` is checked against the
+    method the run will train with, wherever it stands on the command line."""
+    return sorted(items, key=lambda kv: kv[0] != "method.name")
+
+
+def _set_override(tree: dict, dotted: str, value: Any) -> None:
+    """``_set_dotted``, except that switching ``method.name`` drops the options of the previous method
+    that the new one does not have (a config's ``method.lam`` means nothing to ``method.name=sft``)."""
+    method = tree.get("method")
+    if dotted == "method.name" and isinstance(method, dict) and value in METHOD_CONFIGS:
+        if method.get("name", DEFAULT_METHOD) != value:
+            fields = METHOD_CONFIGS[value].model_fields
+            tree["method"] = {k: v for k, v in method.items() if k in fields}
+    _set_dotted(tree, dotted, value)
+
+
+def _parse_value(raw: str) -> Any:
+    if raw == "":
+        return None
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-4" as a string; people mean a number
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """``["a.b=1", "c=[x, y]"]`` -> ``[("a.b", 1), ("c", ["x", "y"])]`` (values parsed as YAML)."""
+    parsed = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. optimization.lr=1e-4)")
+        key, raw = item.split("=", 1)
+        if not key:
+            raise ConfigError(f"override '{item}' has an empty key")
+        parsed.append((key.strip(), _parse_value(raw)))
+    return parsed
+
+
+def split_config_argument(items: list[str]) -> tuple[str | None, list[str]]:
+    """``[CONFIG] key=value ...`` from the command line -> ``(CONFIG or None, overrides)``.
+
+    The first item is the config (a path or a packaged name) unless it has an ``=``.
+    """
+    if items and "=" not in items[0]:
+        return items[0], list(items[1:])
+    return None, list(items)
+
+
+def packaged_config_path(name: str) -> Path:
+    """Path of a config shipped inside ``pipelines/configs`` (``tiny`` -> tiny.yaml)."""
+    return Path(str(resources.files(PACKAGED_CONFIGS).joinpath(f"{name}.yaml")))
+
+
+def packaged_config_names() -> list[str]:
+    root = resources.files(PACKAGED_CONFIGS)
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def resolve_data_paths(tree: dict, base_dir: str | os.PathLike) -> None:
+    """Make relative data paths in a config tree absolute against ``base_dir``, in place.
+
+    A YAML's paths are relative to that YAML's folder; ``key=value`` overrides are
+    relative to the working directory of the person who typed them.  Either way they
+    are made absolute once, at load time: Ray tasks and sweep trials run elsewhere.
+    Hub ids (``hf:``), URIs and absolute paths are left alone, and so is a relative
+    path that does not exist under ``base_dir`` (it may be meant for another base).
+    """
+    for split in ("train", "validation"):
+        for src in (tree.get("data") or {}).get(split) or []:
+            if isinstance(src, dict) and isinstance(src.get("path"), str):
+                p = src["path"]
+                if not (p.startswith("hf:") or "://" in p or os.path.isabs(p)):
+                    candidate = Path(base_dir) / p
+                    if candidate.exists() or any(ch in p for ch in "*?["):
+                        src["path"] = os.path.abspath(candidate)
+
+
+def resolve_cache_dir(tree: dict) -> None:
+    """A local ``data.cache_dir`` becomes absolute against the working directory, in place:
+    sweep trials and Ray tasks run elsewhere and must find the same cache."""
+    data = tree.get("data")
+    if isinstance(data, dict) and isinstance(data.get("cache_dir"), str) and "://" not in data["cache_dir"]:
+        data["cache_dir"] = os.path.abspath(data["cache_dir"])
+
+
+def read_yaml_mapping(file: Path) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (empty file: ``{}``); anything else is a ConfigError."""
+    try:
+        tree = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{file}: not valid YAML: {exc}") from exc
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{file}: the top level must be a mapping of sections")
+    return tree
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Load a YAML config (default: the packaged ``tiny``), apply overrides, validate.
+
+    ``path`` may also name a packaged config (``tiny``, ``mistral-7b-ift`` ...; ``ift configs`` lists them).
+    """
+    if path is None:
+        file = packaged_config_path(DEFAULT_CONFIG)
+    else:
+        file = Path(path)
+        if not file.exists() and (file.suffix == "" and packaged_config_path(str(path)).exists()):
+            file = packaged_config_path(str(path))
+        if not file.exists():
+            raise ConfigError(
+                f"config file '{path}' not found; packaged configs are: {', '.join(packaged_config_names())}"
+            )
+    tree = read_yaml_mapping(file)
+    resolve_data_paths(tree, file.parent)
+    for key, value in _method_name_first(parse_overrides(overrides or [])):
+        try:
+            _set_override(tree, key, value)
+        except (IndexError, ValueError, TypeError) as exc:
+            raise ConfigError(f"override {key}: {exc}") from exc
+    resolve_data_paths(tree, Path.cwd())
+    if isinstance(tree.get("data"), dict):
+        tree["data"].setdefault("cache_dir", DataConfig.model_fields["cache_dir"].default)
+    resolve_cache_dir(tree)
+    source = f"{file}" + (f" with overrides {' '.join(overrides)}" if overrides else "")
+    try:
+        cfg = TrainConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source, _allowed_keys(TrainConfig))) from None
+    return cfg
+
+
+def apply_overrides(cfg: TrainConfig, values: dict[str, Any]) -> TrainConfig:
+    """A copy of ``cfg`` with dotted-key values set and re-validated (used by sweeps);
+    relative data paths among them resolve against the working directory."""
+    tree = cfg.model_dump(mode="python")
+    for key, value in _method_name_first(list(values.items())):
+        _set_override(tree, key, value)
+    resolve_data_paths(tree, Path.cwd())
+    try:
+        return TrainConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, "overrides", _allowed_keys(TrainConfig))) from None
+
+
+def flatten(cfg: TrainConfig) -> dict[str, Any]:
+    """Dotted-key view of the resolved config (for MLflow params)."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        elif isinstance(node, list) and node and isinstance(node[0], dict):
+            for i, v in enumerate(node):
+                walk(f"{prefix}.{i}", v)
+        else:
+            out[prefix] = node
+
+    walk("", cfg.model_dump(mode="json"))
+    return out
+
+
+def describe_schema() -> str:
+    """Every key with its default and help text (``ift train --help-config``)."""
+    lines = []
+
+    def row(key: str, field: Any, note: str = "") -> None:
+        default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+        lines.append(f"{key:42s} {default:>14s}  {note}{field.description or ''}")
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            key = f"{prefix}{name}"
+            if field.discriminator:  # the method: its name, then each method's own options
+                lines.append(f"{key + '.name':42s} {repr(DEFAULT_METHOD):>14s}  one of {', '.join(METHOD_CONFIGS)}")
+                for tag, cls in METHOD_CONFIGS.items():
+                    for option, sub in cls.model_fields.items():
+                        if option != field.discriminator:
+                            row(f"{key}.{option}", sub, note=f"[{tag}] ")
+                continue
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, key + ".")
+                continue
+            row(key, field)
+
+    walk(TrainConfig, "")
+    return "\n".join(lines)
