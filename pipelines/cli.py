@@ -54,6 +54,12 @@ def _train(argv: list[str]) -> int:
     parser.add_argument(
         "--dry-run", action="store_true", help="validate, count rows and steps, estimate memory per GPU; train nothing"
     )
+    parser.add_argument(
+        "--resume-with-changes",
+        action="store_true",
+        help="continue an existing run (same run_name) from its last checkpoint under changed training settings "
+        "(without it such a re-run is refused, naming the settings that differ)",
+    )
     args = parser.parse_intermixed_args(argv)  # key=value overrides may follow a flag
 
     if args.help_config:
@@ -76,7 +82,7 @@ def _train(argv: list[str]) -> int:
     from pipelines.training.state import ResumeError
 
     try:
-        result = train(cfg, show_progress=not args.no_progress)
+        result = train(cfg, show_progress=not args.no_progress, resume_with_changes=args.resume_with_changes)
     except DataError as exc:
         print(f"error: bad training data: {exc}", file=sys.stderr)
         return 1

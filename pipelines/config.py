@@ -10,7 +10,7 @@ import hashlib
 import json
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, model_validator
 
 # The store every command defaults to: a sqlite file in the working directory
 # (made absolute by pipelines.tracking.runs.resolve_tracking_uri, so Ray workers hit the same file).
@@ -269,8 +269,47 @@ class EvalConfig(_Section):
     limit: int | None = Field(None, gt=0, description="Examples per task.")
 
 
+# Keys that change nothing a checkpoint holds or a run trains on: where it is logged and stored, how
+# often it reports, how rows reach the workers.  Every other key is a training setting, and a resume
+# under changed training settings is refused (pipelines.training.state.check_training_settings).
+NON_TRAINING_KEYS = (
+    "run_name",
+    "mlflow.",
+    "eval.",
+    "checkpointing.",
+    "optimization.log_every_n_steps",
+    "optimization.eval_every_n_steps",
+    "data.cache",  # the cache holds the same tokens the stream would make (also data.cache_dir)
+    "data.tokenize_batch_size",
+    "data.tokenize_concurrency",
+    "scaling.use_gpu",
+    "scaling.cpus_per_worker",
+    "scaling.gpus_per_worker",
+    "scaling.placement_strategy",
+)
+
+
+def flatten_tree(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys of a nested dict (lists of sections as ``data.train.0.path``)."""
+    out: dict[str, Any] = {}
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            out.update(flatten_tree(v, f"{prefix}.{k}" if prefix else k))
+    elif isinstance(tree, list) and tree and isinstance(tree[0], dict):
+        for i, v in enumerate(tree):
+            out.update(flatten_tree(v, f"{prefix}.{i}"))
+    else:
+        out[prefix] = tree
+    return out
+
+
 class TrainConfig(_Section):
-    run_name: str = Field("ift-tiny", description="Run name; re-running with the same name resumes.")
+    run_name: str | None = Field(
+        None,
+        description="Run name: re-running under it resumes the run, and training settings that differ from the "
+        "run's are refused (ift train --resume-with-changes continues anyway).  Unset = "
+        "<config>-<method>-<hash of the training settings>: the same command resumes, a changed one is a new run.",
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig
     method: MethodConfig = Field(
@@ -283,6 +322,15 @@ class TrainConfig(_Section):
     mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
+    # What loading said about how it read the config (e.g. validation held out of new training
+    # data); a run prints these first.
+    _notes: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def notes(self) -> list[str]:
+        """What loading did that the user did not write (a run prints these first)."""
+        return self._notes
+
     @model_validator(mode="before")
     @classmethod
     def _method_name_defaults_to_ift(cls, data: Any) -> Any:
@@ -291,7 +339,7 @@ class TrainConfig(_Section):
         return data
 
     @model_validator(mode="after")
-    def _check_combinations(self) -> TrainConfig:
+    def _check_combinations(self, info: ValidationInfo) -> TrainConfig:
         if self.deepspeed.offload_param and self.deepspeed.zero_stage != 3:
             raise ValueError("deepspeed.offload_param needs deepspeed.zero_stage=3")
         if self.model.attn_implementation == "flash_attention_2" and self.scaling.use_gpu is False:
@@ -309,6 +357,11 @@ class TrainConfig(_Section):
                 f"data.max_length={self.data.max_length}; raise data.pack_length or lower data.max_length"
             )
         self.method.check(self)
+        if self.run_name is None:
+            # The config's name comes from the loader (pipelines.config_loading.load_config).
+            config_name = (info.context or {}).get("config_name", "ift")
+            # Set past validate_assignment, which would run these checks again.
+            self.__dict__["run_name"] = f"{config_name}-{self.method.name}-{self.training_fingerprint()[:8]}"
         return self
 
     def _check_global_batch(self) -> None:
@@ -342,6 +395,17 @@ class TrainConfig(_Section):
     def global_batch(self) -> int:
         """Sequences (packed rows, with packing) per optimizer step over all workers."""
         return self.optimization.micro_batch_size * self.accumulation_steps * self.scaling.num_workers
+
+    def training_settings(self) -> dict[str, Any]:
+        """The settings that decide what a run trains (dotted keys; :data:`NON_TRAINING_KEYS` left out):
+        what a run records when it starts and what a resume must match."""
+        flat = flatten_tree(self.model_dump(mode="json"))
+        return {k: v for k, v in flat.items() if not k.startswith(NON_TRAINING_KEYS)}
+
+    def training_fingerprint(self) -> str:
+        """A hash of :meth:`training_settings`: equal for configs that train the same run."""
+        text = json.dumps(self.training_settings(), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()
 
     def fingerprint(self) -> str:
         """A short hash of the resolved config, for tags and run identity."""

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from pipelines.config import DEFAULT_METHOD, METHOD_CONFIGS, ConfigError, DataConfig, TrainConfig
+from pipelines.config import DEFAULT_METHOD, METHOD_CONFIGS, ConfigError, DataConfig, TrainConfig, flatten_tree
 
 PACKAGED_CONFIGS = "pipelines.configs"
 DEFAULT_CONFIG = "tiny"
@@ -103,7 +103,40 @@ def _set_override(tree: dict, dotted: str, value: Any) -> None:
         if method.get("name", DEFAULT_METHOD) != value:
             fields = METHOD_CONFIGS[value].model_fields
             tree["method"] = {k: v for k, v in method.items() if k in fields}
+    if dotted in SOURCE_LISTS:
+        value = sources_shorthand(value)
     _set_dotted(tree, dotted, value)
+
+
+SOURCE_LISTS = ("data.train", "data.validation")
+DEFAULT_HOLDOUT = 0.05  # of new training data, when a config's own validation set no longer applies
+
+
+def sources_shorthand(value: Any) -> Any:
+    """``my.jsonl``, ``a.jsonl,b.jsonl`` or a list of paths -> a list of sources (``[{path: ...}]``);
+    full source mappings pass through."""
+    if isinstance(value, str):
+        return [{"path": p.strip()} for p in value.split(",") if p.strip()]
+    if isinstance(value, list):
+        return [{"path": v} if isinstance(v, str) else v for v in value]
+    return value
+
+
+def _hold_out_validation(tree: dict, override_keys: set[str]) -> str | None:
+    """Training data replaced on the command line and validation not: the config's validation set
+    belongs to its own data, so validation is held out of the new data instead.  Returns the note."""
+    data = tree.get("data")
+    if "data.train" not in override_keys or override_keys & {"data.validation", "data.validation_fraction"}:
+        return None
+    if not isinstance(data, dict) or not data.get("validation"):
+        return None
+    data["validation"] = []
+    fraction = data.get("validation_fraction") or DEFAULT_HOLDOUT
+    data["validation_fraction"] = fraction
+    return (
+        f"data.train is new and data.validation is not: validation is {fraction:.0%} of the new training data, held "
+        "out (data.validation=PATH to choose it, or data.validation_fraction=0 for none)"
+    )
 
 
 def _parse_value(raw: str) -> Any:
@@ -205,21 +238,28 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
                 f"config file '{path}' not found; packaged configs are: {', '.join(packaged_config_names())}"
             )
     tree = read_yaml_mapping(file)
+    for split in ("train", "validation"):
+        if isinstance(tree.get("data"), dict) and split in tree["data"]:
+            tree["data"][split] = sources_shorthand(tree["data"][split])
     resolve_data_paths(tree, file.parent)
-    for key, value in _method_name_first(parse_overrides(overrides or [])):
+    parsed = _method_name_first(parse_overrides(overrides or []))
+    for key, value in parsed:
         try:
             _set_override(tree, key, value)
         except (IndexError, ValueError, TypeError) as exc:
             raise ConfigError(f"override {key}: {exc}") from exc
+    note = _hold_out_validation(tree, {key for key, _ in parsed})
     resolve_data_paths(tree, Path.cwd())
     if isinstance(tree.get("data"), dict):
         tree["data"].setdefault("cache_dir", DataConfig.model_fields["cache_dir"].default)
     resolve_cache_dir(tree)
     source = f"{file}" + (f" with overrides {' '.join(overrides)}" if overrides else "")
     try:
-        cfg = TrainConfig.model_validate(tree)
+        cfg = TrainConfig.model_validate(tree, context={"config_name": file.stem})
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, source, _allowed_keys(TrainConfig))) from None
+    if note:
+        cfg.notes.append(note)
     return cfg
 
 
@@ -238,20 +278,7 @@ def apply_overrides(cfg: TrainConfig, values: dict[str, Any]) -> TrainConfig:
 
 def flatten(cfg: TrainConfig) -> dict[str, Any]:
     """Dotted-key view of the resolved config (for MLflow params)."""
-    out: dict[str, Any] = {}
-
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(f"{prefix}.{k}" if prefix else k, v)
-        elif isinstance(node, list) and node and isinstance(node[0], dict):
-            for i, v in enumerate(node):
-                walk(f"{prefix}.{i}", v)
-        else:
-            out[prefix] = node
-
-    walk("", cfg.model_dump(mode="json"))
-    return out
+    return flatten_tree(cfg.model_dump(mode="json"))
 
 
 def describe_schema() -> str:

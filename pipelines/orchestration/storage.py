@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import tempfile
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from pipelines.training.state import STATE_FILE, LoopState
+from pipelines.training.state import RUN_RECORD, STATE_FILE, LoopState
 
 
 def resolve_storage_path(storage_path: str) -> str:
@@ -110,3 +111,31 @@ def latest_checkpoint(storage_path: str, run_name: str) -> tuple[StoredCheckpoin
     checkpoint = StoredCheckpoint.of(fs, f"{run_dir}/{name}", storage_path)
     with fs.open_input_stream(f"{checkpoint.path}/{STATE_FILE}") as f:
         return checkpoint, LoopState.from_json(f.read())
+
+
+def _run_record_path(storage_path: str, run_name: str) -> tuple[pafs.FileSystem, str]:
+    fs, root = filesystem(storage_path)
+    return fs, f"{root.rstrip('/')}/{run_name}/{RUN_RECORD}"
+
+
+def read_run_record(storage_path: str, run_name: str) -> dict[str, Any] | None:
+    """What run ``run_name`` recorded when it started (its training settings, and the changes it was
+    continued under), or None for a run that never started (or started before runs kept a record)."""
+    fs, path = _run_record_path(storage_path, run_name)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read())
+
+
+def write_run_record(storage_path: str, run_name: str, record: dict[str, Any]) -> None:
+    """Write the run's record whole: a local file through a rename, an object store in one PUT (both
+    atomic, so a reader never sees half of it)."""
+    fs, path = _run_record_path(storage_path, run_name)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    body = json.dumps(record, indent=1, sort_keys=True).encode()
+    target = f"{path}.tmp-{uuid.uuid4().hex[:8]}" if isinstance(fs, pafs.LocalFileSystem) else path
+    with fs.open_output_stream(target) as f:
+        f.write(body)
+    if target != path:
+        fs.move(target, path)

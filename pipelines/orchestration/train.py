@@ -5,6 +5,7 @@ MLflow, registers the final model and prints where everything is."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 import threading
@@ -26,11 +27,24 @@ from pipelines import evaluation
 from pipelines.config import ConfigError, TrainConfig
 from pipelines.data.streaming import build_datasets
 from pipelines.orchestration.progress import ProgressTracker, on_driver_node, poll_progress
-from pipelines.orchestration.storage import StoredCheckpoint, latest_checkpoint, resolve_storage_path
+from pipelines.orchestration.storage import (
+    StoredCheckpoint,
+    latest_checkpoint,
+    read_run_record,
+    resolve_storage_path,
+    write_run_record,
+)
 from pipelines.orchestration.worker import train_loop_per_worker
 from pipelines.tracking import runs
 from pipelines.training.recipe import RecipeHooks, RecipeSpec
-from pipelines.training.state import ADAPTER_DIR, HF_MODEL_DIR, Schedule, data_position_fingerprint
+from pipelines.training.state import (
+    ADAPTER_DIR,
+    HF_MODEL_DIR,
+    LoopState,
+    Schedule,
+    check_training_settings,
+    data_position_fingerprint,
+)
 
 
 @dataclass
@@ -109,8 +123,12 @@ def train(
     register: bool = True,
     hooks: RecipeHooks | None = None,
     report_each_log_step: bool = False,
+    resume_with_changes: bool = False,
 ) -> TrainResult:
     """Run one training job end to end (also the body of every sweep trial).
+
+    A run whose folder holds a checkpoint resumes from it, if its training settings are the ones
+    the run was started with (:func:`claim_run`); ``resume_with_changes`` continues it under new ones.
 
     Ray Train gets a report at checkpoints and evaluations; ``report_each_log_step`` adds every
     logged step, for callbacks that read training metrics (a sweep that ranks trials by ``loss``).
@@ -120,8 +138,13 @@ def train(
     step or while it saves, trace the row ids of every micro-batch); production runs pass none.
     """
 
+    log = print if show_progress else None
+    for note in cfg.notes:
+        print(f"note: {note}")
+    storage = resolve_storage_path(cfg.checkpointing.storage_path)
+    previous, changes = claim_run(cfg, storage, resume_with_changes=resume_with_changes, log=log)
     init_ray()
-    use_gpu = use_gpu_on_cluster(cfg, log=print if show_progress else None)
+    use_gpu = use_gpu_on_cluster(cfg, log=log)
     if cfg.model.attn_implementation == "flash_attention_2" and not use_gpu:
         raise ConfigError(
             "model.attn_implementation=flash_attention_2 needs CUDA GPUs, and this run trains on CPU "
@@ -129,34 +152,19 @@ def train(
         )
     tracking_uri = runs.resolve_tracking_uri(cfg.mlflow.tracking_uri)
 
-    data = build_datasets(cfg)
-    for ds in (data.train, data.validation):
-        if ds is not None:  # workers' per-epoch Ray Data bars would garble the driver's bar
-            ds.context.enable_progress_bars = False
-    if not data.from_cache and data.tokenizer_cpus < 1 and show_progress:
-        print(
-            f"note: the training workers take the cluster's CPUs; the tokenizer runs on a {data.tokenizer_cpus} CPU "
-            "share beside them (set scaling.cpus_per_worker lower, or `ift data prepare` and data.cache=true)"
-        )
+    data = _build_data(cfg, show_progress=show_progress)
     schedule = Schedule.from_config(cfg, data.train_rows, cfg.scaling.num_workers, data.rows_per_micro)
     position = data_position_fingerprint(cfg, data.fingerprints["train"])
-    storage = resolve_storage_path(cfg.checkpointing.storage_path)
-    previous = latest_checkpoint(storage, cfg.run_name)
     if previous is not None:  # refused here, before any worker starts (a worker would be retried)
         previous[1].check_resumable(cfg.scaling.num_workers, position)
 
-    run_id = None
-    if cfg.mlflow.enabled:
-        run_id, resumed = runs.start_or_resume_run(cfg, tracking_uri, parent_run_id=parent_run_id)
-        client = runs.MlflowClient(tracking_uri=tracking_uri)
-        if not resumed:
-            runs.log_data_plan(client, run_id, data)
+    run_id = _track(cfg, tracking_uri, data, parent_run_id, changes_at=(previous[1].step, changes) if changes else None)
     finished = previous is not None and previous[1].step >= schedule.total_steps and previous[0].has(HF_MODEL_DIR)
     if finished:
         # Trained to the end before, and something after training failed (registration, plot,
         # evaluation, MLflow): finish that from the final checkpoint; nothing is trained again.
         final, outcomes = previous[0], {}
-        metrics = dict(client.get_run(run_id).data.metrics) if run_id is not None else {}
+        metrics = dict(runs.MlflowClient(tracking_uri).get_run(run_id).data.metrics) if run_id is not None else {}
         if show_progress:
             print(f"{cfg.run_name} trained to step {previous[1].step} before: finishing from {final.uri}")
     else:
@@ -183,6 +191,67 @@ def train(
     )
     _finish(cfg, tracking_uri, out, final if has_model else None, data.fingerprints, register=register)
     return out
+
+
+def _build_data(cfg: TrainConfig, *, show_progress: bool):
+    data = build_datasets(cfg)
+    for ds in (data.train, data.validation):
+        if ds is not None:  # workers' per-epoch Ray Data bars would garble the driver's bar
+            ds.context.enable_progress_bars = False
+    if not data.from_cache and data.tokenizer_cpus < 1 and show_progress:
+        print(
+            f"note: the training workers take the cluster's CPUs; the tokenizer runs on a {data.tokenizer_cpus} CPU "
+            "share beside them (set scaling.cpus_per_worker lower, or `ift data prepare` and data.cache=true)"
+        )
+    return data
+
+
+def _track(
+    cfg: TrainConfig, tracking_uri: str, data, parent_run_id: str | None, changes_at: tuple[int, dict] | None
+) -> str | None:
+    """The run's MLflow run id (None with tracking off): a new run logs its data plan; a run continued
+    under changed settings gets a tag listing them (its params keep the values it started with)."""
+    if not cfg.mlflow.enabled:
+        return None
+    run_id, resumed = runs.start_or_resume_run(cfg, tracking_uri, parent_run_id=parent_run_id)
+    client = runs.MlflowClient(tracking_uri=tracking_uri)
+    if not resumed:
+        runs.log_data_plan(client, run_id, data)
+    if changes_at is not None:
+        step, changes = changes_at
+        client.set_tag(run_id, f"resumed_with_changes_at_step_{step}", json.dumps(changes))
+    return run_id
+
+
+def claim_run(
+    cfg: TrainConfig, storage: str, *, resume_with_changes: bool, log: Callable[[str], None] | None = None
+) -> tuple[tuple[StoredCheckpoint, LoopState] | None, dict[str, list]]:
+    """The checkpoint run ``cfg.run_name`` resumes from (None for a new run), and the training settings
+    it continues under changed.  Refuses (:class:`ResumeError`) a checkpoint trained under other
+    settings unless ``resume_with_changes``.  Records the settings in the run's folder for the next time."""
+    previous = latest_checkpoint(storage, cfg.run_name)
+    current = cfg.training_settings()
+    record = read_run_record(storage, cfg.run_name) if previous is not None else None
+    changes: dict[str, list] = {}
+    if record is not None:
+        changes = check_training_settings(
+            previous[1].step, record["training_settings"], current,
+            resume_with_changes=resume_with_changes,
+        )  # fmt: skip
+        if not changes:
+            if log:
+                log(f"resuming run '{cfg.run_name}' from its checkpoint at step {previous[1].step}")
+            return previous, {}
+        if log:
+            log(f"continuing run '{cfg.run_name}' from step {previous[1].step} with changed settings: "
+                + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items()))  # fmt: skip
+    history = (record or {}).get("changes", [])
+    if changes:
+        history = [*history, {"from_step": previous[1].step, "changes": changes}]
+    write_run_record(
+        storage, cfg.run_name, {"run_name": cfg.run_name, "training_settings": current, "changes": history}
+    )
+    return previous, changes
 
 
 def _fit(cfg: TrainConfig, data, schedule: Schedule, storage: str, use_gpu: bool, position: str, tracking_uri: str,

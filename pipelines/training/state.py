@@ -14,6 +14,11 @@ STATE_FILE = "trainer_state.json"
 DS_TAG = "deepspeed"
 HF_MODEL_DIR = "hf_model"
 ADAPTER_DIR = "lora_adapter"  # beside hf_model/ in the final checkpoint, for LoRA runs
+RUN_RECORD = "ift_run.json"  # in the run's folder: the training settings it was started with
+
+# Settings a checkpoint cannot be continued under even when asked: its weights, adapters or
+# DeepSpeed partitions have another shape.
+FIXED_SETTINGS = ("model.name", "model.revision", "model.lora", "deepspeed.zero_stage")
 
 
 class ResumeError(RuntimeError):
@@ -60,6 +65,53 @@ class LoopState:
     @classmethod
     def load(cls, directory: str | os.PathLike) -> LoopState:
         return cls.from_json((Path(directory) / STATE_FILE).read_text())
+
+
+def _show(value: object) -> str:
+    return "<unset>" if value is _MISSING else repr(value)
+
+
+_MISSING = object()
+
+
+def settings_changes(recorded: dict, current: dict) -> dict[str, tuple[object, object]]:
+    """``key -> (recorded, current)`` for every training setting that differs."""
+    keys = sorted(set(recorded) | set(current))
+    return {
+        k: (recorded.get(k, _MISSING), current.get(k, _MISSING))
+        for k in keys
+        if recorded.get(k, _MISSING) != current.get(k, _MISSING)
+    }
+
+
+def check_training_settings(step: int, recorded: dict, current: dict, *, resume_with_changes: bool) -> dict[str, list]:
+    """Refuse to resume a run (its checkpoint at ``step``) under training settings other than the
+    ones it was started with, unless ``resume_with_changes``; never under another model, adapter
+    shape or ZeRO stage.  Returns the changes continued under, as ``key -> [old, new]`` (JSON-able)."""
+    changes = settings_changes(recorded, current)
+    if not changes:
+        return {}
+    lines = [f"  {k}: {_show(old)} -> {_show(new)}" for k, (old, new) in changes.items()]
+    fixed = [k for k in changes if k.startswith(FIXED_SETTINGS)]
+    if fixed:
+        raise ResumeError(
+            f"its checkpoint at step {step} was trained under other settings; changed:\n"
+            + "\n".join(lines)
+            + f"\n{', '.join(fixed)} cannot change within a run (the "
+            "checkpoint's weights or partitions would not fit).  Start a new run: set another run_name, or leave "
+            "run_name unset (the name then follows the training settings)."
+        )
+    if not resume_with_changes:
+        raise ResumeError(
+            f"its checkpoint at step {step} was trained under other settings; changed:\n"
+            + "\n".join(lines)
+            + "\nEither start a new run (set another run_name, or leave "
+            "run_name unset: the name then follows the training settings), or continue this one from step "
+            f"{step} with the new settings: ift train ... --resume-with-changes"
+        )
+    return {
+        k: [None if old is _MISSING else old, None if new is _MISSING else new] for k, (old, new) in changes.items()
+    }
 
 
 def data_position_fingerprint(cfg: TrainConfig, train_fingerprint: str) -> str:

@@ -231,3 +231,29 @@ def test_an_accumulation_that_disagrees_with_the_global_batch_is_an_error():
     with pytest.raises(ConfigError, match="gradient_accumulation_steps=2 disagrees"):
         load_config(None, [*overrides, "optimization.gradient_accumulation_steps=2"])
     assert load_config(None, [*overrides, "optimization.gradient_accumulation_steps=8"]).accumulation_steps == 8
+
+
+# --------------------------------------------------------------------------- your own data in one override
+
+
+def test_data_train_takes_a_bare_path(tmp_path):
+    (tmp_path / "mine.jsonl").write_text("{}\n")
+    cfg = load_config(None, [f"data.train={tmp_path / 'mine.jsonl'}"])
+    assert [s.path for s in cfg.data.train] == [str(tmp_path / "mine.jsonl")]
+
+
+def test_data_train_takes_a_comma_separated_list_and_a_glob(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["data.train=a.jsonl, b/*.jsonl"])
+    assert [s.path for s in cfg.data.train] == ["a.jsonl", str(tmp_path / "b" / "*.jsonl")]  # globs made absolute
+
+
+def test_new_training_data_holds_out_its_own_validation_and_says_so():
+    cfg = load_config(None, ["data.train=mine.jsonl"])
+    assert (cfg.data.validation, cfg.data.validation_fraction) == ([], 0.05)
+    assert "validation is 5% of the new training data" in cfg.notes[0]
+
+
+def test_new_training_data_with_its_own_validation_keeps_it():
+    cfg = load_config(None, ["data.train=mine.jsonl", "data.validation=mine_val.jsonl"])
+    assert [s.path for s in cfg.data.validation] == ["mine_val.jsonl"] and cfg.notes == []
