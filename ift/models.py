@@ -146,6 +146,16 @@ def is_preset(name_or_path: str) -> bool:
     return name_or_path in MODEL_PRESETS
 
 
+def check_local_path(name_or_path: str, what: str = "model") -> None:
+    """A name written as a local path (``./m``, ``../m``, ``/m``, ``~/m``, ``a/b/c``) that does not exist
+    is a ``ValueError`` saying so; otherwise transformers would answer with the hub's repo-id rules."""
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_local and not Path(name_or_path).expanduser().exists():
+        raise ValueError(
+            f"{what} {name_or_path!r}: no such local directory (a hub id is 'org/name'; a local path must exist)"
+        )
+
+
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
     """Map a dtype name (``"float32"``, ``"bf16"``, ...) to ``torch.dtype``.
 
@@ -264,18 +274,30 @@ def load_tokenizer(
     *,
     trust_remote_code: bool = False,
     revision: str | None = None,
+    chat_template: str | None = None,
 ) -> PreTrainedTokenizerBase:
     """Load a tokenizer that is ready for chat training.
 
     A preset name (``"tiny"``, ``"tiny-100m"``) loads the bundled tokenizer from
     the package directory; anything else goes to ``AutoTokenizer.from_pretrained``.
+    ``chat_template`` (a template shipped with ift such as ``"chatml"``, a path to a
+    Jinja file, or template text: :func:`ift.chat_templates.resolve_chat_template`)
+    replaces the tokenizer's own template; saving the tokenizer saves it.
     The result always has a pad token and a chat template (see
     :func:`ensure_pad_and_template`).
     """
+    template = None
+    if chat_template is not None:
+        from ift.chat_templates import resolve_chat_template
+
+        template = resolve_chat_template(chat_template)  # before loading: a typo fails fast
     if is_preset(name_or_path):
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(TINY_TOKENIZER_DIR))
     else:
+        check_local_path(name_or_path, "tokenizer")
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
+    if template is not None:
+        tokenizer.chat_template = template
     return ensure_pad_and_template(tokenizer)
 
 
@@ -434,6 +456,7 @@ def load_model(
         _set_special_ids(model, tokenizer, overwrite_eos=True)
         return model
 
+    check_local_path(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(
         name_or_path,
         revision=revision,

@@ -43,7 +43,7 @@ from pipelines.data.sources import (
     source_fingerprint,
     source_shards,
 )
-from pipelines.data.tokenize import TokenizeRows, tokenize, tokenizer_resources
+from pipelines.data.tokenize import TokenizeRows, tokenize, tokenize_rows_args, tokenizer_resources
 
 # --------------------------------------------------------------------------- plans
 
@@ -121,10 +121,7 @@ def sample_examples(plan: SplitPlan, cfg: TrainConfig, *, from_cache: bool, rows
             if not raw:
                 continue
             if tokenize_rows is None:
-                tokenize_rows = TokenizeRows(
-                    cfg.model.tokenizer or cfg.model.name, data_mode(cfg), cfg.data.max_length,
-                    cfg.data.truncation, cfg.model.trust_remote_code,
-                )  # fmt: skip
+                tokenize_rows = TokenizeRows(*tokenize_rows_args(cfg))
             batch = tokenize_rows({k: np.asarray([r[k] for r in raw], dtype=object) for k in raw[0]})
         for i, error in enumerate(batch["error"]):
             if not error:

@@ -8,13 +8,15 @@ import math
 import numpy as np
 import ray
 
+from ift.chat_templates import chat_template_hash, resolve_chat_template
 from ift.data import DataError, parse_json_row, tokenize_example
 from ift.models import load_tokenizer
 from pipelines.config import TrainConfig
 from pipelines.data.batching import data_mode, token_keys
 
 # Bump when tokenization changes what a row becomes: it is part of every cache key.
-TOKENIZATION_VERSION = 1
+# 2: ShareGPT, Alpaca, plain-text and tool-call rows; JSON error columns.
+TOKENIZATION_VERSION = 2
 META_KEYS = ("source", "row", "line", "error", "error_kind", "num_tokens")
 
 
@@ -24,12 +26,23 @@ META_KEYS = ("source", "row", "line", "error", "error_kind", "num_tokens")
 class TokenizeRows:
     """``map_batches`` callable: JSON payloads -> token ids, or the row's error.
 
-    The tokenizer is loaded once per actor, in ``__init__``.  A bad row keeps its
-    place in the stream with ``error``/``error_kind`` set and empty token columns.
+    The tokenizer is loaded once per actor, in ``__init__``, with ``chat_template`` (a shipped
+    name, a Jinja file or the template text: ``data.chat_template``) when given.  A bad row keeps
+    its place in the stream with ``error``/``error_kind`` set and empty token columns.
     """
 
-    def __init__(self, tokenizer_name: str, mode: str, max_length: int, truncation: str, trust_remote_code: bool):
-        self.tokenizer = load_tokenizer(tokenizer_name, trust_remote_code=trust_remote_code)
+    def __init__(
+        self,
+        tokenizer_name: str,
+        mode: str,
+        max_length: int,
+        truncation: str,
+        trust_remote_code: bool,
+        chat_template: str | None = None,
+    ):
+        self.tokenizer = load_tokenizer(
+            tokenizer_name, trust_remote_code=trust_remote_code, chat_template=chat_template
+        )
         self.mode = mode
         self.max_length = max_length
         self.truncation = truncation
@@ -62,20 +75,32 @@ class TokenizeRows:
 
 
 def tokenizer_id(cfg: TrainConfig) -> str:
-    """The tokenizer's name and revision, as the cache key sees it."""
-    return f"{cfg.model.tokenizer or cfg.model.name}@{cfg.model.revision or 'default'}"
+    """The tokenizer's name and revision, and a hash of ``data.chat_template``'s text when set, as the
+    cache key sees it."""
+    name = f"{cfg.model.tokenizer or cfg.model.name}@{cfg.model.revision or 'default'}"
+    if cfg.data.chat_template is None:
+        return name
+    return f"{name}+chat_template:{chat_template_hash(cfg.data.chat_template)}"
+
+
+def tokenize_rows_args(cfg: TrainConfig) -> tuple:
+    """:class:`TokenizeRows`' constructor arguments for a config: ``TokenizeRows(*tokenize_rows_args(cfg))``
+    tokenizes as training does (in the actor pool, the driver's packing estimate and the dry run)."""
+    return (
+        cfg.model.tokenizer or cfg.model.name,
+        data_mode(cfg),
+        cfg.data.max_length,
+        cfg.data.truncation,
+        cfg.model.trust_remote_code,
+        # The text, read here: the actors may run on nodes without the template's file.
+        None if cfg.data.chat_template is None else resolve_chat_template(cfg.data.chat_template),
+    )
 
 
 def tokenize(ds: ray.data.Dataset, cfg: TrainConfig, *, concurrency: int, num_cpus: float) -> ray.data.Dataset:
     return ds.map_batches(
         TokenizeRows,
-        fn_constructor_args=(
-            cfg.model.tokenizer or cfg.model.name,
-            data_mode(cfg),
-            cfg.data.max_length,
-            cfg.data.truncation,
-            cfg.model.trust_remote_code,
-        ),  # fmt: skip
+        fn_constructor_args=tokenize_rows_args(cfg),
         batch_size=cfg.data.tokenize_batch_size,
         compute=ray.data.ActorPoolStrategy(size=concurrency),
         num_cpus=num_cpus,

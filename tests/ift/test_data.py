@@ -188,7 +188,10 @@ BAD_ROWS = [
         id="missing-content",
     ),
     pytest.param(
-        {"text": "hi", "label": 1}, "unknown_format", "unknown format: keys ['label', 'text']", id="unknown-format"
+        {"question": "hi", "label": 1},
+        "unknown_format",
+        "unknown format: keys ['label', 'question']",
+        id="unknown-format",
     ),
     pytest.param(
         {"messages": [user("q"), assistant("a"), assistant("b")]},
@@ -230,9 +233,9 @@ BAD_ROWS = [
         {"prompt": 3, "completion": "a"}, "non_string_content", "'prompt' must be a string", id="non-string-prompt"
     ),
     pytest.param(
-        {"messages": [user("q"), {"role": "tool", "content": "x"}]},
+        {"messages": [user("q"), {"role": "narrator", "content": "x"}]},
         "unknown_role",
-        "messages[1] has unknown role 'tool'",
+        "messages[1] has unknown role 'narrator' (expected one of system, user, assistant, tool)",
         id="unknown-role",
     ),
     pytest.param({"messages": []}, "invalid_messages", "'messages' is an empty list", id="empty-messages"),
@@ -311,6 +314,8 @@ def test_bad_row_reports_merge_and_serialise() -> None:
         "skipped": 3,
         "by_reason": {"role_order": 2, "too_long": 1},
         "samples": [{"source": "a.jsonl", "row": 1, "reason": "x"}, {"source": "b.jsonl", "row": 2, "reason": "y"}],
+        "truncated": 0,
+        "prompt_cut": 0,
     }
 
 
