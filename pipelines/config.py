@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
+
+from ift.chat_templates import is_inline_template, resolve_chat_template, shipped_chat_templates
 
 # The store every command defaults to: a sqlite file in the working directory
 # (made absolute by pipelines.tracking.runs.resolve_tracking_uri, so Ray workers hit the same file).
@@ -77,6 +80,11 @@ class DataConfig(_Section):
     on_bad_row: Literal["error", "skip"] = Field(
         "error", description="'error' stops at the first bad row naming file and row; 'skip' counts and reports."
     )
+    chat_template: str | None = Field(
+        None,
+        description="Chat template, for a base model whose tokenizer has none (or to replace its own): a template "
+        "shipped with ift (chatml, zephyr) or a path to a Jinja file; unset = the tokenizer's own.",
+    )
     shuffle_buffer_size: int = Field(
         10_000, ge=0, description="Per-epoch local shuffle buffer (rows), seeded per epoch and rank; 0 = fixed order."
     )
@@ -106,6 +114,16 @@ class DataConfig(_Section):
     packing_window: int = Field(
         1024, gt=0, description="Rows packed together (after the local shuffle): larger packs tighter."
     )
+
+    @field_validator("chat_template")
+    @classmethod
+    def _chat_template_exists(cls, value: str | None) -> str | None:
+        """A shipped name stays a name; a Jinja file's path becomes absolute (against the working directory:
+        Ray workers may run elsewhere); anything else is refused here rather than in a worker."""
+        if value is None or value in shipped_chat_templates() or is_inline_template(value):
+            return value
+        resolve_chat_template(value)  # a ValueError naming the shipped templates when there is no such file
+        return os.path.abspath(os.path.expanduser(value))
 
     def resolved_pack_length(self, paired: bool) -> int:
         """Tokens per packed row: ``pack_length``, or room for the longest example (a pair: two sequences)."""

@@ -39,7 +39,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ift.lora import add_lora
-from ift.models import build_preset_config, is_preset, load_tokenizer
+from ift.models import build_preset_config, check_local_path, is_preset, load_tokenizer
 from pipelines.config import TrainConfig
 from pipelines.training.build import trains_in_bf16
 
@@ -79,6 +79,7 @@ def model_shape(cfg: TrainConfig) -> ModelShape:
     if is_preset(cfg.model.name):
         config = build_preset_config(cfg.model.name, load_tokenizer(cfg.model.name))
     else:
+        check_local_path(cfg.model.name)
         try:
             config = AutoConfig.from_pretrained(
                 cfg.model.name, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code

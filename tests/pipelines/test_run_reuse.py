@@ -137,3 +137,15 @@ def test_ift_train_refuses_a_changed_rerun_with_exit_2_before_starting_ray(tmp_p
     err = capsys.readouterr().err
     assert code == 2 and "cannot resume run 'mine'" in err and "method.name: 'ift' -> 'sft'" in err
     assert not ray.is_initialized()
+
+
+def test_the_dry_run_refuses_a_changed_rerun_as_ift_train_does(tmp_path, capsys):
+    started_run(tmp_path)
+    code = main(["train", "--dry-run", f"checkpointing.storage_path={tmp_path}", "run_name=mine", "method.name=sft"])
+    assert code == 2 and "method.name: 'ift' -> 'sft'" in capsys.readouterr().err
+
+
+def test_the_dry_run_says_a_rerun_resumes_and_from_which_step(tmp_path, capsys):
+    started_run(tmp_path)
+    assert main(["train", "--dry-run", f"checkpointing.storage_path={tmp_path}", "run_name=mine"]) == 0
+    assert "run 'mine': resumes from its checkpoint at step 16" in capsys.readouterr().out
