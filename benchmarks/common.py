@@ -122,7 +122,7 @@ def fmt_bytes(n: float | None) -> str:
     if n is None:
         return "n/a"
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= scale:
+        if abs(n) >= 1000 * scale / 1024:  # 1000 MiB reads 0.98 GiB
             return f"{n / scale:.1f} {unit}"
     return f"{n:.0f} B"
 

@@ -149,7 +149,8 @@ def estimate_memory(cfg: TrainConfig, shape: ModelShape, *, use_gpu: bool) -> Me
 
 
 def _size(n: float) -> str:
-    return f"{n / GIB:8.2f} GiB" if n >= GIB else f"{n / 2**20:8.1f} MiB"
+    # The largest unit that keeps three digits before the point: 1000 MiB reads 0.98 GiB.
+    return f"{n / GIB:8.2f} GiB" if n >= 1000 * 2**20 else f"{n / 2**20:8.1f} MiB"
 
 
 def _count(n: int) -> str:
