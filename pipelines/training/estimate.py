@@ -148,7 +148,7 @@ def estimate_memory(cfg: TrainConfig, shape: ModelShape, *, use_gpu: bool) -> Me
     return est
 
 
-def _size(n: float) -> str:
+def format_size(n: float) -> str:
     # The largest unit that keeps three digits before the point: 1000 MiB reads 0.98 GiB.
     return f"{n / GIB:8.2f} GiB" if n >= 1000 * 2**20 else f"{n / 2**20:8.1f} MiB"
 
@@ -169,8 +169,8 @@ def render(cfg: TrainConfig, est: MemoryEstimate, *, use_gpu: bool) -> str:
         f"estimated memory per {where}:",
     ]
     for k, v in est.per_gpu.items():
-        lines.append(f"  {k:<22} {_size(v)}")
-    lines.append(f"  {'total (a floor)':<22} {_size(est.gpu_total)}")
+        lines.append(f"  {k:<22} {format_size(v)}")
+    lines.append(f"  {'total (a floor)':<22} {format_size(est.gpu_total)}")
     for k, v in est.per_host.items():
-        lines.append(f"  host, {k:<16} {_size(v)} (offloaded)")
+        lines.append(f"  host, {k:<16} {format_size(v)} (offloaded)")
     return "\n".join(lines)

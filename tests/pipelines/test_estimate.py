@@ -7,7 +7,7 @@ import pytest
 from ift.models import load_model
 from pipelines.cli import main
 from pipelines.config_loading import load_config, packaged_config_names
-from pipelines.training.estimate import ModelShape, _size, estimate_memory, model_shape
+from pipelines.training.estimate import ModelShape, estimate_memory, format_size, model_shape
 
 GB = 1e9
 ONE_B = ModelShape(parameters=10**9, trainable=10**9, layers=16, hidden=2048, heads=16, vocab=32000)
@@ -208,4 +208,4 @@ def test_the_dry_run_names_the_file_and_line_of_a_bad_sampled_row(capsys, tmp_pa
     [(1.4 * 2**20, "1.4 MiB"), (999 * 2**20, "999.0 MiB"), (1000 * 2**20, "0.98 GiB"), (20.48 * 2**30, "20.48 GiB")],
 )
 def test_sizes_are_shown_in_the_largest_unit_that_reads_naturally(n, shown):
-    assert _size(n).strip() == shown
+    assert format_size(n).strip() == shown
