@@ -10,7 +10,8 @@ from importlib.metadata import version
 
 from pipelines.config import ConfigError
 from pipelines.config_loading import (
-    describe_schema,
+    DEFAULT_CONFIG,
+    describe_config,
     load_config,
     packaged_config_names,
     packaged_config_path,
@@ -49,7 +50,11 @@ def _load_config(items: list[str]):
 def _train(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="ift train", description="Train with IFT/SFT/DPO/ORPO.")
     parser.add_argument("items", nargs="*", help="an optional CONFIG.yaml (or packaged name), then key=value overrides")
-    parser.add_argument("--help-config", action="store_true", help="list every config key with its default")
+    parser.add_argument(
+        "--help-config",
+        action="store_true",
+        help="list every key of the config (after the overrides): the value it runs with, type, allowed values, help",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
         "--dry-run", action="store_true", help="validate, count rows and steps, estimate memory per GPU; train nothing"
@@ -63,16 +68,19 @@ def _train(argv: list[str]) -> int:
     args = parser.parse_intermixed_args(argv)  # key=value overrides may follow a flag
 
     if args.help_config:
-        print(describe_schema())
-        return 0
+        return _help_config(args.items)
     cfg = _load_config(args.items)
     if cfg is None:
         return 2
     if args.dry_run:
         from pipelines.orchestration.dry_run import dry_run
+        from pipelines.training.state import ResumeError
 
         try:
-            dry_run(cfg)
+            dry_run(cfg, resume_with_changes=args.resume_with_changes)
+        except ResumeError as exc:
+            print(f"error: cannot resume run '{cfg.run_name}': {exc}", file=sys.stderr)
+            return 2
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
@@ -93,17 +101,55 @@ def _train(argv: list[str]) -> int:
     return 0
 
 
+def _help_config(items: list[str]) -> int:
+    """``ift train [CONFIG] [key=value ...] --help-config``: the key table of that config."""
+    cfg = _load_config(items)
+    if cfg is None:
+        return 2
+    command = " ".join(["ift train", *items]) if items else f"ift train (the default config, {DEFAULT_CONFIG})"
+    print(describe_config(cfg, title=f"{command}: every key with the value this run uses"))
+    return 0
+
+
 def _data(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="ift data", description="Prepare the tokenized cache of a training config, or check its data."
     )
     parser.add_argument("action", choices=["prepare", "check"])
     parser.add_argument("items", nargs="*", help="an optional CONFIG.yaml (or packaged name), then key=value overrides")
+    parser.add_argument(
+        "--max-errors", type=int, default=20, metavar="N", help="check: list at most N bad rows, count the rest"
+    )
+    parser.add_argument("--json", action="store_true", help="check: print the report as JSON")
     args = parser.parse_intermixed_args(argv)  # key=value overrides may follow a flag
+    if args.max_errors < 0:
+        parser.error("--max-errors must be 0 or more")
     cfg = _load_config(args.items)
     if cfg is None:
         return 2
     from ift.data import DataError
+
+    try:
+        if args.action == "check":
+            return _data_check(cfg, max_errors=args.max_errors, as_json=args.json)
+        return _data_prepare(cfg, args.items)
+    except DataError as exc:
+        print(f"error: bad data: {exc}", file=sys.stderr)
+        return 1
+
+
+def _data_check(cfg, *, max_errors: int, as_json: bool) -> int:
+    """Every row read and tokenized in this process, without Ray: seconds for a local corpus."""
+    import json
+
+    from pipelines.data.check import check
+
+    report = check(cfg, max_errors=max_errors)
+    print(json.dumps(report.to_dict(), indent=1) if as_json else "\n".join(report.lines()))
+    return 1 if report.bad_rows else 0
+
+
+def _data_prepare(cfg, items: list[str]) -> int:
     from pipelines.data import cache
     from pipelines.orchestration.train import init_ray
 
@@ -111,28 +157,17 @@ def _data(argv: list[str]) -> int:
     import ray
 
     ray.data.DataContext.get_current().enable_progress_bars = False
-    try:
-        if args.action == "check":
-            result = cache.check(cfg)
-            for err in result.bad:
-                print(err)
-            report = result.report().to_dict()
-            print(f"checked {result.rows:,} rows: {report['skipped']} bad {report['by_reason'] or ''}")
-            return 1 if result.bad else 0
-        entries = cache.prepare(cfg)
-    except DataError as exc:
-        print(f"error: bad data: {exc}", file=sys.stderr)
-        return 1
-    for entry in entries:
+    for entry in cache.prepare(cfg):
         print(cache.describe(entry))
-    print(f"train from it with: ift train {' '.join(args.items)} data.cache=true".replace("  ", " "))
+    print(f"train from it with: ift train {' '.join(items)} data.cache=true".replace("  ", " "))
     return 0
 
 
 def _configs(argv: list[str]) -> int:
     argparse.ArgumentParser(prog="ift configs", description="List the packaged training configs.").parse_args(argv)
-    for name in packaged_config_names():
-        print(f"{name:24s} {packaged_config_path(name)}")
+    from pipelines.tables import render_table
+
+    print(render_table(["config", "file"], [[name, packaged_config_path(name)] for name in packaged_config_names()]))
     return 0
 
 

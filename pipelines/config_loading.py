@@ -1,5 +1,6 @@
 """Configs from YAML files and ``key=value`` overrides, validated into :class:`pipelines.config.TrainConfig`,
-with errors that name the key (and a near miss); and the views of a config (MLflow params, the key table).
+with errors that name the key (and a near miss); and the views of a config (MLflow params, the key table
+of ``--help-config``: every key with the value the config runs with).
 
 A config is YAML (see ``pipelines/configs/``), then overrides with dotted keys
 (``optimization.lr=1e-4 method.name=sft``).
@@ -8,13 +9,16 @@ A config is YAML (see ``pipelines/configs/``), then overrides with dotted keys
 from __future__ import annotations
 
 import difflib
+import json
 import os
+import types
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 
 from pipelines.config import DEFAULT_METHOD, METHOD_CONFIGS, ConfigError, DataConfig, TrainConfig, flatten_tree
 
@@ -281,29 +285,153 @@ def flatten(cfg: TrainConfig) -> dict[str, Any]:
     return flatten_tree(cfg.model_dump(mode="json"))
 
 
-def describe_schema() -> str:
-    """Every key with its default and help text (``ift train --help-config``)."""
-    lines = []
+# --------------------------------------------------------------------------- the key table (--help-config)
 
-    def row(key: str, field: Any, note: str = "") -> None:
-        default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
-        lines.append(f"{key:42s} {default:>14s}  {note}{field.description or ''}")
+_BOUNDS = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="), ("min_length", "at least"))
 
-    def walk(model: type[BaseModel], prefix: str) -> None:
-        for name, field in model.model_fields.items():
-            ann = field.annotation
-            key = f"{prefix}{name}"
-            if field.discriminator:  # the method: its name, then each method's own options
-                lines.append(f"{key + '.name':42s} {repr(DEFAULT_METHOD):>14s}  one of {', '.join(METHOD_CONFIGS)}")
-                for tag, cls in METHOD_CONFIGS.items():
-                    for option, sub in cls.model_fields.items():
-                        if option != field.discriminator:
-                            row(f"{key}.{option}", sub, note=f"[{tag}] ")
-                continue
-            if isinstance(ann, type) and issubclass(ann, BaseModel):
-                walk(ann, key + ".")
-                continue
-            row(key, field)
 
-    walk(TrainConfig, "")
-    return "\n".join(lines)
+def _annotation_text(ann: Any) -> str:
+    """A type as a person reads it: ``int or null``, ``one of cosine, linear, constant``, ``list of str``."""
+    origin, args = get_origin(ann), get_args(ann)
+    if ann is type(None):
+        return "null"
+    if origin is Literal:
+        return ", ".join(map(str, args)) if len(args) == 1 else "one of " + ", ".join(map(str, args))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_annotation_text(a) for a in args)
+    if origin is list:
+        return f"list of {_annotation_text(args[0])}" if args else "list"
+    if origin is tuple:
+        return "[" + ", ".join(_annotation_text(a) for a in args) + "]"
+    if origin is dict:
+        return "mapping"
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return "section"
+    return getattr(ann, "__name__", str(ann))
+
+
+def _type_text(field: FieldInfo) -> str:
+    """The field's type and bounds: ``float, >= 0, < 1``."""
+    bounds = [f"{word} {getattr(m, attr)}" for m in field.metadata for attr, word in _BOUNDS if hasattr(m, attr)]
+    return ", ".join([_annotation_text(field.annotation), *bounds])
+
+
+def _value_text(value: Any) -> str:
+    """A value as an override would write it: ``null``, ``true``, ``0.003``, ``[q_proj, v_proj]``."""
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    if value is None or isinstance(value, (bool, list, tuple, dict)):
+        plain = json.loads(json.dumps(value))  # tuples -> lists, which YAML writes in flow style
+        return yaml.safe_dump(plain, default_flow_style=True, width=1 << 20).strip().removesuffix("\n...")
+    if isinstance(value, str):
+        return value or "''"
+    return str(value)
+
+
+def _default_text(field: FieldInfo) -> str:
+    """A key of a section the config leaves unset: its default in parentheses, or ``required``."""
+    if field.is_required():
+        return "required"
+    return f"({_value_text(field.get_default(call_default_factory=True))})"
+
+
+def _sections(ann: Any) -> tuple[type[BaseModel] | None, type[BaseModel] | None]:
+    """``(section, item)``: the section class of a ``Section`` / ``Section | None`` annotation, and the
+    item class of a ``list[Section]`` one."""
+    if get_origin(ann) is list:
+        (item,) = get_args(ann) or (None,)
+        return None, item if isinstance(item, type) and issubclass(item, BaseModel) else None
+    for c in (ann, *get_args(ann)):
+        if isinstance(c, type) and issubclass(c, BaseModel):
+            return c, None
+    return None, None
+
+
+def _key_rows(model: type[BaseModel], value: BaseModel | None, prefix: str) -> list[list[str]]:
+    """One row per key of ``model`` (nested ones included); ``value`` None: an unset section (defaults)."""
+    rows: list[list[str]] = []
+    for name, field in model.model_fields.items():
+        current = getattr(value, name) if value is not None else None
+        rows += _field_rows(prefix + name, field, current, given=value is not None)
+    return rows
+
+
+def _field_rows(key: str, field: FieldInfo, current: Any, *, given: bool) -> list[list[str]]:
+    help_text = field.description or ""
+    if field.discriminator:
+        return _method_rows(key, field, current)
+    section, item = _sections(field.annotation)
+    if section is not None:
+        if get_origin(field.annotation) is None:  # a section that is always there: its keys only
+            return _key_rows(section, current, key + ".")
+        head = [key, _value_text(current) if given else _default_text(field), "section or null", help_text]
+        return [head, *_key_rows(section, current if given else None, key + ".")]
+    if item is not None:
+        items = list(current or []) if given else []
+        head = [key, f"{len(items)} item{'' if len(items) == 1 else 's'}", "list of sections", help_text]
+        rows = [head]
+        for i, element in enumerate(items):
+            rows += _key_rows(item, element, f"{key}.{i}.")
+        return rows + (_key_rows(item, None, f"{key}.<i>.") if not items else [])
+    return [[key, _value_text(current) if given else _default_text(field), _type_text(field), help_text]]
+
+
+def _method_rows(key: str, field: FieldInfo, method: Any) -> list[list[str]]:
+    """The method's name (every method allowed) and the keys of the config's method only."""
+    tag = field.discriminator
+    cls = type(method)
+    about = (cls.__doc__ or "").strip().split("\n")[0]
+    others = ", ".join(n for n in METHOD_CONFIGS if n != method.name)
+    help_text = f"{field.description} {method.name}: {about} (keys of {others}: method.name=NAME --help-config)"
+    rows = [[f"{key}.{tag}", _value_text(getattr(method, tag)), "one of " + ", ".join(METHOD_CONFIGS), help_text]]
+    for name, sub in cls.model_fields.items():
+        if name != tag:
+            rows.append([f"{key}.{name}", _value_text(getattr(method, name)), _type_text(sub), sub.description or ""])
+    return rows
+
+
+def describe_config(cfg: TrainConfig, title: str | None = None, *, width: int | None = None) -> str:
+    """Every key of ``cfg`` (nested ones, and those of its method) with the value it runs with, the type
+    and allowed values, and the help text, as a table (``ift train [CONFIG] [key=value ...] --help-config``).
+
+    A key of a section the config leaves unset (``model.lora``) shows its default in parentheses.
+    """
+    from pipelines.tables import render_table, table_width
+
+    rows: list[list[str] | None] = []
+    for name, field in TrainConfig.model_fields.items():
+        if rows:
+            rows.append(None)  # a blank line between sections
+        rows += _field_rows(name, field, getattr(cfg, name), given=True)
+    width = width or table_width()
+    columns = _key_table_columns(rows, width)
+    if len(columns) == 3:  # narrow: the type opens the help
+        rows = [None if r is None else [r[0], r[1], f"{r[2]}: {r[3]}" if r[3] else r[2]] for r in rows]
+    return render_table(columns, rows, title, width=width)
+
+
+def _key_table_columns(rows: list[list[str] | None], width: int) -> list[Any]:
+    """Fixed column widths: keys whole; values and types at most a quarter of what is left each (at least 16
+    and 20), wrapped beyond; the help the rest.  Where that leaves the help under 26 (a terminal under ~120
+    columns), three columns: the type goes first in the help's.  Nothing is cut off."""
+    from rich.table import Column
+
+    def widest(i: int, cap: int) -> int:
+        return min(cap, max(len(r[i]) for r in rows if r is not None))
+
+    key = widest(0, 60)
+    room = width - key - 9  # three column gaps of 3
+    value, kind = widest(1, max(16, room // 4)), widest(2, max(20, room // 4))
+    if room - value - kind < 26:
+        value = widest(1, 16)
+        return [
+            Column("key", width=key, no_wrap=True),
+            Column("value", width=value, overflow="fold"),
+            Column("type: help", width=max(16, room + 3 - value), overflow="fold"),
+        ]
+    return [
+        Column("key", width=key, no_wrap=True),
+        Column("value", width=value, overflow="fold"),
+        Column("type", width=kind, overflow="fold"),
+        Column("help", width=room - value - kind, overflow="fold"),
+    ]

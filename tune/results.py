@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.table import Column
 
 from pipelines.orchestration.storage import StoredCheckpoint, filesystem
+from pipelines.tables import render_table
 from pipelines.training.state import HF_MODEL_DIR
 from tune.config import plain
 
@@ -287,17 +289,14 @@ def summary(result: SweepResult) -> str:
         ]
         for r in order
     ]
-    widths = [max(len(str(c)), *(len(str(row[i])) for row in table)) for i, c in enumerate(cols)]
-    fmt_row = lambda row: "  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True))
+    columns = [c if i < 2 else Column(c, justify="right") for i, c in enumerate(cols)]  # numbers to the right
     lines = [
         "",
         f"Sweep '{result.sweep_id}' finished in {result.wall_s:.0f} s "
         f"({len(result.rows)} trials, up to {result.max_concurrent_trials} at a time).",
         "",
-        "  " + fmt_row(cols),
-        "  " + fmt_row(["-" * w for w in widths]),
     ]
-    lines += ["  " + fmt_row(row) for row in table]
+    lines += ["  " + line for line in render_table(columns, table).splitlines()]
     lines.append("")
     for r in result.rows:
         if r["status"] == ERROR:

@@ -1,4 +1,5 @@
 """The data path: sources (files, shards), the Ray Data stream, the tokenized cache, and micro-batches.
 
-``batching`` is Ray-free (the training recipe uses it); the others build Ray Data datasets.
+``batching`` (the training recipe uses it) and ``check`` (``ift data check``) are Ray-free; the others build Ray
+Data datasets.
 """

@@ -17,7 +17,8 @@ of a corpus that has any.  Mixture weights, ``max_rows`` and validation
 hold-outs apply at read time, on the cached rows' (file, row) identity, so one
 cache serves every mixture of its sources.
 
-``ift data check`` validates a whole corpus without training and lists every bad row.
+``ift data check`` (:mod:`pipelines.data.check`) validates a whole corpus without a cache, without
+Ray and without training: counts, the first bad rows by file and line, truncated rows.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import hashlib
 import json
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -176,7 +177,7 @@ def prepare(cfg: TrainConfig, *, log=print) -> list[CacheEntry]:
 
     Runs on the cluster's CPUs (no training workers hold any); under
     ``on_bad_row=error`` a source with a bad row is not cached and the first bad row
-    is raised (``ift data check`` lists them all).
+    is raised (``ift data check`` lists them).
     """
 
     result = entries(cfg)
@@ -289,33 +290,3 @@ def read_cached_shard(item: dict[str, Any]) -> pa.Table:
     rows = table.column("row").to_pylist()
     mask = [keeps(shard, r, s) for s, r in zip(sources, rows, strict=True)]
     return table.filter(pa.array(mask, type=pa.bool_()))
-
-
-# --------------------------------------------------------------------------- checking
-
-
-@dataclass
-class CheckResult:
-    rows: int = 0
-    bad: list[DataError] = field(default_factory=list)
-
-    def report(self) -> BadRowReport:
-        r = BadRowReport(seen=self.rows, max_samples=len(self.bad))
-        for e in self.bad:
-            r.add(e)
-        return r
-
-
-def check(cfg: TrainConfig) -> CheckResult:
-    """Validate every row of every source (tokenizing it), without training or writing a cache."""
-
-    actors, cpus = tokenizer_resources(cfg, ray.cluster_resources().get("CPU", 1.0), training_cpus=0.0)
-    out = CheckResult()
-    for entry in entries(cfg):
-        ds = _tokenized_stream(entry, cfg, concurrency=actors, num_cpus=cpus)
-        meta = ds.select_columns(["source", "row", "line", "error", "error_kind"]).to_pandas()
-        out.rows += len(meta)
-        for r in meta[meta["error"] != ""].sort_values(["source", "row"]).itertuples():
-            line = int(r.line) or None
-            out.bad.append(DataError(str(r.source), int(r.row), str(r.error), kind=str(r.error_kind), line=line))
-    return out

@@ -101,6 +101,19 @@ def _describe(src: ModelSource) -> str:
     return " ".join(bits) + (f" ({', '.join(extra)})" if extra else "")
 
 
+def _scores_table(res: EvalResult) -> str:
+    """Each score with the examples it was computed on, then their average, indented under the model."""
+    from rich.table import Column
+
+    from pipelines.tables import render_table
+
+    rows = [[k, f"{v:.4f}", res.n_samples.get(task_of(k), "")] for k, v in res.scores.items()]
+    if res.scores:
+        rows.append(["average", f"{sum(res.scores.values()) / len(res.scores):.4f}", ""])
+    columns = ["score", Column("value", justify="right"), Column("examples", justify="right")]
+    return "\n".join("  " + line for line in render_table(columns, rows).splitlines())
+
+
 def main_eval(argv: Sequence[str] | None = None) -> int:
     """``ift eval MODEL [--tasks ...] [--preset ...] [--limit N]``: print the scores and log them to MLflow."""
     p = argparse.ArgumentParser(prog="ift eval", description="Benchmark a model with lm-evaluation-harness.")
@@ -117,12 +130,7 @@ def main_eval(argv: Sequence[str] | None = None) -> int:
         print(f"ift eval: error: {e}", file=sys.stderr)
         return 2
     print(f"model: {_describe(src)}")
-    width = max(len(k) for k in res.scores)
-    for k, v in res.scores.items():
-        n = res.n_samples.get(task_of(k))
-        print(f"  {k.ljust(width)}  {v:.4f}" + (f"  (n={n})" if n is not None else ""))
-    if res.scores:
-        print(f"  {'average'.ljust(width)}  {sum(res.scores.values()) / len(res.scores):.4f}")
+    print(_scores_table(res))
     print(f"({res.seconds:.1f} s)")
     if args.out:
         out = Path(args.out)

@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, RunTag
+from rich.table import Column
 
 from pipelines.config import DEFAULT_TRACKING_URI
 from pipelines.evaluation.models import registered_version_of, run_id_of, store_client
+from pipelines.tables import render_table
 from pipelines.tracking.runs import experiment_id
 
 EVAL_EXPERIMENT = "ift-eval"
@@ -174,13 +176,8 @@ def markdown_table(header: list[str], cells: list[list[str]]) -> str:
 
 def plain_table(header: list[str], cells: list[list[str]]) -> str:
     """The table as aligned plain text for the terminal."""
-    shown = [_display(h) for h in header]
-    widths = [max(len(r[i]) for r in [shown, *cells]) for i in range(len(header))]
-
-    def line(r: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-
-    return "\n".join([line(shown), "  ".join("-" * w for w in widths), *(line(c) for c in cells)])
+    columns = [_display(h) if i < 2 else Column(_display(h), justify="right") for i, h in enumerate(header)]
+    return render_table(columns, cells)
 
 
 def write_comparison(out_dir: str | Path, header: list[str], cells: list[list[str]], limit: int | None) -> list[Path]:

@@ -1,5 +1,6 @@
 """pipelines.data.cache: each source tokenized once into Parquet shards, reused while its inputs are unchanged,
-read back as the same examples the stream gives; `ift data check` lists every bad row."""
+read back as the same examples the stream gives; `ift data prepare`.  (`ift data check`, which needs no
+cache: test_data_check.py.)"""
 
 from __future__ import annotations
 
@@ -107,16 +108,6 @@ def test_under_skip_bad_rows_are_cached_with_their_errors_and_counted(tmp_path):
     (entry,) = cache.prepare(config(tmp_path, bad_corpus(tmp_path), "data.on_bad_row=skip"), log=lambda m: None)
     assert entry.manifest["good_rows"] == 6 and entry.manifest["bad_rows"]["by_reason"] == {
         "invalid_json": 1, "role_order": 1}  # fmt: skip
-
-
-def test_ift_data_check_lists_every_bad_row_of_a_file(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
-    bad = bad_corpus(tmp_path)
-    code = ift(["data", "check", f"data.train=[{{path: {bad}}}]", "data.validation=[]"])
-    out = capsys.readouterr().out
-    assert code == 1
-    assert f"{bad} line 3: invalid JSON" in out and f"{bad} line 6: " in out
-    assert "checked 8 rows: 2 bad" in out
 
 
 def test_ift_data_prepare_prints_rows_tokens_lengths_and_the_path(tmp_path, corpus, capsys, monkeypatch):

@@ -9,7 +9,7 @@ import pytest
 from pipelines.config import ConfigError, TrainConfig
 from pipelines.config_loading import (
     apply_overrides,
-    describe_schema,
+    describe_config,
     flatten,
     load_config,
     packaged_config_names,
@@ -159,9 +159,53 @@ def test_flatten_gives_dotted_params():
     assert flat["method.lam"] == 0.2 and "data.train.0.path" in flat
 
 
-def test_schema_description_lists_keys_with_help():
-    text = describe_schema()
-    assert "method.decay" in text and "propagation decay" in text
+def key_table(text: str) -> dict[str, list[str]]:
+    """``describe_config``'s table -> key: its other cells (value, type, help; or value, "type: help" on a
+    narrow terminal), each cell's wrapped lines joined; asserts that every line keeps to the columns."""
+    import re
+
+    lines = text.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("key "))
+    starts = [m.start() for m in re.finditer(r"(?<=  )\S", lines[header])]  # a column: after 2+ blanks
+    cells: dict[str, list[str]] = {}
+    for line in lines[header + 2 :]:
+        if not line.strip():
+            continue
+        for start in starts:  # nothing runs into the next column
+            assert len(line) <= start or line[start - 1] == " ", line
+        parts = [line[a:b].strip() for a, b in zip([0, *starts], [*starts, None], strict=True)]
+        if parts[0]:
+            key = parts[0]
+            cells[key] = parts[1:]
+        else:  # a cell's next line
+            cells[key] = [" ".join(filter(None, (c, p))) for c, p in zip(cells[key], parts[1:], strict=True)]
+    return cells
+
+
+def test_the_key_table_shows_what_the_config_runs_with_and_what_is_allowed():
+    rows = key_table(describe_config(load_config(None, ["optimization.epochs=5"]), width=160))
+    assert "propagation decay" in rows["method.decay"][2]
+    assert rows["optimization.lr"][0] == "0.003"  # tiny.yaml's, not the schema's 0.0005
+    assert rows["optimization.epochs"][0] == "5"  # the override
+    assert rows["method.name"][:2] == ["ift", "one of ift, sft, dpo, orpo"]
+    assert rows["data.truncation"][1] == "one of truncate_left, truncate_right, drop"
+    assert rows["model.lora"][:2] == ["null", "section or null"]
+    assert rows["model.lora.r"][:2] == ["(16)", "int, > 0"]  # unset section: its default
+    assert rows["data.validation_fraction"][1] == "float, >= 0, < 1"
+    assert rows["optimization.betas"][:2] == ["[0.9, 0.95]", "[float, float]"]
+    assert "method.beta" not in rows  # another method's key
+
+
+def test_on_a_narrow_terminal_the_type_opens_the_help():
+    rows = key_table(describe_config(load_config(), width=90))
+    assert rows["data.truncation"] == ["truncate_left", "one of truncate_left, truncate_right, drop: What to do "
+                                       "with rows longer than max_length."]  # fmt: skip
+
+
+def test_the_key_table_lists_the_keys_of_the_configs_method_and_an_empty_lists_item_keys():
+    rows = key_table(describe_config(load_config(None, ["method.name=dpo", "data.validation=[]"]), width=200))
+    assert rows["method.beta"][:2] == ["0.1", "float, > 0"] and "method.lam" not in rows
+    assert rows["data.validation"][0] == "0 items" and rows["data.validation.<i>.path"][0] == "required"
 
 
 def test_the_first_command_line_item_is_the_config_unless_it_is_an_override():
