@@ -13,6 +13,10 @@ export RAY_USAGE_STATS_ENABLED := 0
 export MLFLOW_ENABLE_TELEMETRY ?= false
 export DO_NOT_TRACK ?= 1
 
+# Two pytest workers (pytest-xdist), each taking whole test files so a module's Ray cluster and runs
+# stay in one process: the Ray runs wait on process start-up, polls and I/O as much as on the CPU.
+PYTEST_WORKERS ?= -n 2 --dist loadfile
+
 .PHONY: install demo test test-fast lint format bench frozenlake clean
 
 $(STAMP): pyproject.toml
@@ -29,11 +33,11 @@ demo: $(STAMP)
 
 ## test: the whole suite (about 37 minutes on 2 cores); the slowest tests are listed at the end
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider --durations=15
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_WORKERS) --durations=25
 
 ## test-fast: everything not marked slow (no multi-process Ray/DeepSpeed runs), about 4.5 minutes on 2 cores
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" --durations=10
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_WORKERS) -m "not slow" --durations=10
 
 ## lint: ruff's checks and formatting, configured in pyproject.toml (make format applies both)
 lint: $(STAMP)

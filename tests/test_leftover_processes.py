@@ -3,6 +3,7 @@ the tests started survives it, and `ift train` / `ift sweep` end every process t
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from ift.toydata import make_conversations, write_jsonl
 from tests.conftest import leftover_processes
 
 
@@ -45,39 +47,62 @@ def processes_marked(mark: str) -> list[tuple[int, str]]:
     return out
 
 
-def run_marked(tmp_path: Path, *argv: str) -> list[tuple[int, str]]:
-    """Run ``ift ARGV`` to its end; the processes it started still alive 30 s later."""
+def run_marked(cwd: Path, *argv: str) -> tuple[list[tuple[int, str]], str]:
+    """Run ``ift ARGV`` to its end: the processes it started still alive 30 s later, and its output."""
     mark = uuid.uuid4().hex
     env = {**os.environ, MARK: mark}
     env.pop("RAY_ADDRESS", None)
     started = time.monotonic()
-    r = subprocess.run([str(IFT), *argv], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    r = subprocess.run([str(IFT), *argv], env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     ended = time.monotonic()
     while (left := processes_marked(mark)) and time.monotonic() < ended + 30:
         time.sleep(1)
     print(f"ift {argv[0]}: {ended - started:.0f} s; its processes gone {time.monotonic() - ended:.0f} s after it ended")
-    return left
+    return left, r.stdout
 
 
 def common(tmp_path: Path) -> list[str]:
     return [
         f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", f"checkpointing.storage_path={tmp_path / 'runs'}",
-        f"data.cache_dir={tmp_path / 'cache'}", "data.train.0.max_rows=32", "data.validation.0.max_rows=8",
-        "optimization.max_steps=2", "optimization.eval_every_n_steps=2", "scaling.num_workers=1",
-        "scaling.use_gpu=false", "mlflow.registered_model_name=null",
+        f"data.cache_dir={tmp_path / 'cache'}", "optimization.max_steps=2", "optimization.eval_every_n_steps=2",
+        "scaling.num_workers=1", "scaling.use_gpu=false", "mlflow.registered_model_name=null",
     ]  # fmt: skip
 
 
+@pytest.fixture(scope="module")
+def own_data_run(tmp_path_factory):
+    """`ift train data.train=mine.jsonl`, as the README's "your own data" shows it."""
+    root = tmp_path_factory.mktemp("own_data")
+    write_jsonl(make_conversations(40, seed=3), root / "mine.jsonl")
+    left, out = run_marked(root, "train", "--no-progress", "data.train=mine.jsonl", *common(root))
+    return root, left, out
+
+
 @pytest.mark.slow
-def test_ift_train_leaves_no_process_behind(tmp_path):
-    assert run_marked(tmp_path, "train", "--no-progress", "tiny", *common(tmp_path)) == []
+def test_ift_train_leaves_no_process_behind(own_data_run):
+    assert own_data_run[1] == []
+
+
+@pytest.mark.slow
+def test_training_on_a_bare_path_holds_its_validation_out_of_it_and_says_so(own_data_run):
+    import mlflow
+
+    root, _, out = own_data_run
+    assert "note: data.train is new and data.validation is not: validation is 5% of the new training data" in out
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("ift-demo").experiment_id])
+    plan = json.loads(Path(client.download_artifacts(run.info.run_id, "data_plan.json", str(root))).read_text())
+    # About 5% of the 40 rows (the hold-out is drawn per row, seeded), all of them from mine.jsonl.
+    assert 0 < plan["validation_rows"] < 8 and plan["train_rows"] + plan["validation_rows"] == 40
+    assert client.get_metric_history(run.info.run_id, "val_nll")
 
 
 @pytest.mark.slow
 def test_ift_sweep_leaves_no_process_behind(tmp_path):
-    left = run_marked(
+    left, _ = run_marked(
         tmp_path, "sweep", "--quiet", "--space", "method.lam=grid(0.2)", "--space", "method.decay=none",
-        "tiny-sweep", "sweep.scheduler.type=none", *common(tmp_path),
+        "tiny-sweep", "sweep.scheduler.type=none", "data.train.0.max_rows=32", "data.validation.0.max_rows=8",
+        *common(tmp_path),
     )  # fmt: skip
     assert left == []
