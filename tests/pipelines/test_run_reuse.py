@@ -16,7 +16,7 @@ from pipelines.cli import main
 from pipelines.config_loading import load_config
 from pipelines.orchestration.storage import read_run_record
 from pipelines.orchestration.train import claim_run
-from pipelines.training.state import ResumeError, check_training_settings
+from pipelines.training.state import HF_MODEL_DIR, ResumeError, check_training_settings
 from tests.pipelines.test_storage import checkpoint_folder, ray_record
 
 
@@ -25,10 +25,11 @@ def tiny(storage: Path, *overrides: str):
 
 
 def started_run(storage: Path, *overrides: str, step: int = 16):
-    """A run of the default config that recorded its settings and committed a checkpoint at ``step``."""
+    """A finished run of the default config: it recorded its settings, and Ray Train committed its final
+    checkpoint (at ``step``, holding the exported model)."""
     cfg = tiny(storage, "run_name=mine", *overrides)
     claim_run(cfg, str(storage), resume_with_changes=False)
-    checkpoint_folder(storage / "mine", "checkpoint_a", step=step)
+    (checkpoint_folder(storage / "mine", "checkpoint_a", step=step) / HF_MODEL_DIR).mkdir()
     ray_record(storage / "mine", ["checkpoint_a"])
     return cfg
 

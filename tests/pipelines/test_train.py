@@ -243,7 +243,8 @@ def test_rerunning_the_same_command_resumes_instead_of_restarting(tmp_path, corp
     # It failed because the killed rank-0 process died (max_failures=0), not for any other reason.
     assert marker.exists(), "the fault was not injected"
     assert "The actor died unexpectedly" in str(err.value.worker_failures[0])
-    cfg = config(tmp_path, corpora, *overrides)
+    # The same command, but for how often it logs: that is no training setting, so the run resumes.
+    cfg = config(tmp_path, corpora, *overrides, "optimization.log_every_n_steps=2")
     result = train(cfg, show_progress=False)
     client = mlflow.MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
     assert [m.value for m in client.get_metric_history(result.mlflow_run_id, "resumed_from_step")] == [4.0]
