@@ -13,9 +13,10 @@ export RAY_USAGE_STATS_ENABLED := 0
 export MLFLOW_ENABLE_TELEMETRY ?= false
 export DO_NOT_TRACK ?= 1
 
-# Two pytest workers (pytest-xdist), each taking whole test files so a module's Ray cluster and runs
-# stay in one process: the Ray runs wait on process start-up, polls and I/O as much as on the CPU.
-PYTEST_WORKERS ?= -n 2 --dist loadfile
+# Serial by default (what CI has passed with).  PYTEST_WORKERS="-n 2 --dist loadfile" runs two
+# pytest-xdist workers, each taking whole test files so a module's Ray cluster stays in one process;
+# whether that is faster on 2 cores is not measured yet (issue 21).
+PYTEST_WORKERS ?=
 
 .PHONY: install demo test test-fast lint format bench frozenlake clean
 
