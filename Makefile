@@ -18,7 +18,7 @@ export DO_NOT_TRACK ?= 1
 # whether that is faster on 2 cores is not measured yet (issue 21).
 PYTEST_WORKERS ?=
 
-.PHONY: install demo test test-fast lint format bench frozenlake clean
+.PHONY: install demo test test-fast lint format bench gpu-check frozenlake clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,12 @@ format: $(STAMP)
 ## bench: step time/memory per method, the scan, the data path, scaling -> benchmarks/results/
 bench: $(STAMP)
 	$(PY) -m benchmarks.run --out benchmarks/results
+
+## gpu-check: on a GPU node, <= 8 min: bf16 tokens/s, MFU, IFT/SFT, peak memory vs the dry run (SFT, IFT, DPO x
+## ZeRO-2/3 on every visible GPU) and fp32 packed==padded, checkpointing on==off -> benchmarks/results/gpu/.
+## Needs only torch, transformers and DeepSpeed: runs with .venv's python if there is one, else $(PYTHON), no install.
+gpu-check:
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m benchmarks.gpu_check --out benchmarks/results/gpu
 
 frozenlake: $(STAMP)
 	$(VENV)/bin/ift frozenlake

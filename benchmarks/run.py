@@ -12,8 +12,9 @@ discounted scan), ``data`` (Ray Data vs datasets tokenization), ``stream``
 ``lora`` (IFT with LoRA vs full fine-tuning: step time and peak memory, tiny-100m),
 ``scaling`` (pipeline tokens/s, 1 vs 2 workers x ZeRO 0/2/3), ``memory`` (host memory per
 worker, ZeRO-0 vs ZeRO-3), ``report`` (seconds per step, reporting every logged step to Ray
-Train vs only checkpoints and evaluations).  ``step``,
-``scan``, ``pack`` and ``lora`` never import Ray.  Each run overwrites ``<out>/results.json`` and ``<out>/results.md``
+Train vs only checkpoints and evaluations), ``zero3`` (IFT ÷ SFT step time under ZeRO-3 next to
+ZeRO-0 on 2 gloo workers, and what ZeRO-3's prefetcher counted).  ``step``, ``scan``, ``pack``,
+``lora`` and ``zero3`` never import Ray.  Each run overwrites ``<out>/results.json`` and ``<out>/results.md``
 with the sections it ran: every ratio in a file was measured side by side in
 that one run.  Exit status 0 even when a target is missed (benchmarks are not
 tests) unless ``--fail-on-miss``.
@@ -33,7 +34,7 @@ from typing import Any
 
 from benchmarks.common import fmt_bytes, fmt_ratio, load_average, load_note, machine_info
 
-SECTIONS = ("step", "scan", "data", "stream", "pack", "lora", "scaling", "memory", "report")
+SECTIONS = ("step", "scan", "data", "stream", "pack", "lora", "scaling", "memory", "report", "zero3")
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ TARGETS = (
     Target("pack", "ift", ("packed", "padding_fraction"), 0.05, "IFT packed padding", unit="%"),
     Target("pack", "ift", ("packed_over_padded",), 1.30, "IFT packed useful tokens/s", at_most=False, unit="x padded"),
     Target("memory", "ift", ("zero3_over_zero0_peak_rss",), 0.80, "ZeRO-3 peak RSS per worker", unit="x ZeRO-0"),
+    Target("zero3", "ift", ("zero3_over_zero0",), 1.10, "IFT/SFT step time under ZeRO-3", unit="x ZeRO-0's"),
 )
 
 FULL = {
@@ -78,6 +80,7 @@ FULL = {
     "scaling": {"workers": (1, 2), "zero_stages": (0, 2, 3), "steps": 40},
     "memory": {"model": "tiny-100m", "workers": 2, "steps": 2},
     "report": {"steps": 30},
+    "zero3": {"model": "tiny", "batch_size": 4, "seq_len": 128, "warmup": 3, "steps": 30},
 }
 QUICK = {
     "step": {"batch_size": 2, "seq_len": 64, "warmup": 1, "steps": 3, "memory_steps": 1, "memory_repeats": 1},
@@ -97,6 +100,7 @@ QUICK = {
     "scaling": {"workers": (1, 2), "zero_stages": (0,), "steps": 2},
     "memory": {"model": "tiny", "workers": 2, "steps": 2},
     "report": {"steps": 7},
+    "zero3": {"model": "tiny", "batch_size": 2, "seq_len": 32, "warmup": 1, "steps": 2},
 }
 
 
@@ -315,6 +319,10 @@ def render_markdown(doc: dict[str, Any]) -> str:
         from benchmarks.report_overhead import render as render_report
 
         lines += render_report(r["report"])
+    if "zero3" in r:
+        from benchmarks.zero3_passes import render as render_zero3
+
+        lines += render_zero3(r["zero3"])
     lines += ["## Targets", "", "| target | measured | result |", "|---|---|---|"]
     for t in doc["targets"]:
         val = t.get("value_text") or ("n/a" if t["value"] is None else f"{t['value']:.2f}x")
@@ -570,6 +578,10 @@ def main(argv: list[str] | None = None) -> int:
                 from benchmarks.report_overhead import run as run_report
 
                 results["report"] = run_report(log=log, **sizes["report"])
+            elif section == "zero3":
+                from benchmarks.zero3_passes import run as run_zero3
+
+                results["zero3"] = run_zero3(log=log, **sizes["zero3"])
         except Exception as exc:  # report the section as failed, keep the others
             import traceback
 

@@ -2,7 +2,7 @@
 
 ``load_tokenizer`` / ``load_model`` accept either
 
-- a preset name from :data:`MODEL_PRESETS` (``"tiny"``, ``"tiny-100m"``): a
+- a preset name from :data:`MODEL_PRESETS` (``"tiny"``, ``"tiny-100m"``, ``"bench-1b"``): a
   Llama architecture built *from a config* (random init, seeded) with the
   bundled byte-level BPE tokenizer in ``ift/assets/tiny_tokenizer``.  Nothing is
   downloaded, so tests and demos run offline;
@@ -125,10 +125,30 @@ TINY_100M_CONFIG: dict[str, Any] = {
     "initializer_range": 0.02,
 }
 
-# Preset name -> Llama config kwargs.  All presets use the bundled tokenizer.
+# ~0.85B parameters: a Llama at the width and depth of the 1B class (hidden 2048, 16 layers, grouped-query
+# attention 16/4 heads, SwiGLU 5632) with a 32,000-entry vocabulary, so the LM head and the logits weigh
+# what they do in real models.  For GPU benchmarks (`make gpu-check`, random init, random token ids): the
+# bundled tokenizer covers only its first 2,048 ids, so it is no model to generate text with.
+BENCH_1B_CONFIG: dict[str, Any] = {
+    "vocab_size": 32000,
+    "hidden_size": 2048,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 4,
+    "intermediate_size": 5632,
+    "max_position_embeddings": 4096,
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
+    "rms_norm_eps": 1e-5,
+    "initializer_range": 0.02,
+}
+
+# Preset name -> Llama config kwargs.  All presets use the bundled tokenizer; ``vocab_size``, where a
+# preset sets it, is a floor (the tokenizer's size otherwise).
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": TINY_CONFIG,
     "tiny-100m": TINY_100M_CONFIG,
+    "bench-1b": BENCH_1B_CONFIG,
 }
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -305,13 +325,14 @@ def load_tokenizer(
 
 
 def build_preset_config(name: str, tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
-    """Llama config of preset ``name`` sized and wired to ``tokenizer``."""
+    """Llama config of preset ``name`` sized and wired to ``tokenizer`` (the vocabulary: the tokenizer's
+    size, or the preset's ``vocab_size`` where that is larger)."""
     try:
         kwargs = dict(MODEL_PRESETS[name])
     except KeyError:
         raise ValueError(f"unknown model preset {name!r}; known: {sorted(MODEL_PRESETS)}") from None
     return LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=max(len(tokenizer), kwargs.pop("vocab_size", 0)),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from transformers.integrations import HfDeepSpeedConfig
 
+from ift.forward import ObjectiveForward, unwrap
 from ift.lora import add_lora
 from ift.models import load_model, load_tokenizer
 from pipelines.config import TrainConfig
@@ -131,14 +132,26 @@ def build_model_and_tokenizer(cfg: TrainConfig, use_gpu: bool = False):
         cfg.model.tokenizer or cfg.model.name,
         trust_remote_code=cfg.model.trust_remote_code,
         revision=cfg.model.revision,
+        chat_template=cfg.data.chat_template,
     )
     model = _load_policy(cfg, tokenizer, use_gpu)
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_checkpointing(model)
     if cfg.model.lora is not None:
         lora = cfg.model.lora
         model = add_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
     return model, tokenizer
+
+
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Gradient (activation) checkpointing of every decoder layer, non-reentrant whatever the transformers
+    version's default (4.x: reentrant; PyTorch recommends non-reentrant): the reentrant form runs a nested
+    backward per layer and gives a layer's weights no gradient unless one of its inputs requires grad."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x (the old name warns)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _hidden_size(model: torch.nn.Module) -> int | None:
@@ -146,9 +159,14 @@ def _hidden_size(model: torch.nn.Module) -> int | None:
 
 
 def build_engine(cfg: TrainConfig, model: torch.nn.Module, total_steps: int, use_gpu: bool):
-    """``deepspeed.initialize`` with a torch AdamW and a LambdaLR schedule."""
+    """``deepspeed.initialize`` with a torch AdamW and a LambdaLR schedule.
+
+    The engine's module is ``model`` inside an :class:`ift.forward.ObjectiveForward` (its parameters are
+    ``model.*``; :func:`ift.forward.unwrap` gives ``model`` back), so an objective called with the
+    engine runs all of a micro-batch's passes in one engine forward (:mod:`ift.forward`)."""
     import deepspeed  # imported where an engine is built: seconds to import, and it logs its accelerator choice
 
+    model = unwrap(model)
     o = cfg.optimization
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -160,7 +178,7 @@ def build_engine(cfg: TrainConfig, model: torch.nn.Module, total_steps: int, use
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=tuple(o.betas))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     engine, _, _, _ = deepspeed.initialize(
-        model=model,
+        model=ObjectiveForward(model),
         optimizer=optimizer,
         lr_scheduler=scheduler,
         config=deepspeed_config(cfg, use_gpu, _hidden_size(model)),

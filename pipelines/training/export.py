@@ -30,6 +30,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from torch import nn
 
+from ift.forward import unwrap
 from ift.lora import ADAPTER, is_lora, lora_scalings, merged_weight
 from ift.models import whole_parameters
 
@@ -142,7 +143,10 @@ def export_hf_model(
 ) -> None:
     """Write ``model`` (a module or a peft model; partitioned by ZeRO-3 or not) as a Hugging Face
     model directory from rank 0; every rank must call it.  A LoRA model is written merged (a plain
-    model that loads without peft) and its adapters go to ``adapter_dir``."""
+    model that loads without peft) and its adapters go to ``adapter_dir``.  The training engine's
+    module (an :class:`ift.forward.ObjectiveForward`) is written as the model it holds: the keys
+    are the Hugging Face model's, without the wrapper's ``model.``."""
+    model = unwrap(model)
     out = Path(out_dir)
     keep = rank == 0
     base = model.get_base_model() if is_lora(model) else model

@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 
 from ift.data import DataError
-from ift.objectives import sft_loss
+from ift.forward import run_objective
+from ift.objectives import ObjectiveOutput, sft_loss
 from pipelines.config import TrainConfig
 from pipelines.training.methods import Objective, ReferenceTable
 from pipelines.training.state import LoopState, Schedule
@@ -157,13 +158,16 @@ def until_every_rank_ends(iterator: Iterator, device: torch.device) -> Iterator[
             )
 
 
-def precompute_reference_table(objective: Objective, batches: Iterable[dict[str, Any]], device) -> ReferenceTable:
+def precompute_reference_table(
+    objective: Objective, batches: Iterable[dict[str, Any]], device, engine=None
+) -> ReferenceTable:
     """DPO's reference log-probs of every training pair: each rank scores the pairs of its own
     share once, in step with the others (:func:`until_every_rank_ends`), then the ranks' tables are
-    gathered so each holds every pair, whichever rank reads it in a later epoch.  Frees the reference."""
+    gathered so each holds every pair, whichever rank reads it in a later epoch.  Frees the reference.
+    ``engine``: the training engine, through which a LoRA model's adapters-off passes go."""
     table: ReferenceTable = {}
     for batch, real in until_every_rank_ends(iter(batches), device):
-        rows = objective.reference_rows(to_device(batch, device))
+        rows = objective.reference_rows(to_device(batch, device), engine)
         if real:
             table.update(rows)
     if _world()[1] > 1:
@@ -190,6 +194,18 @@ def _stage0_grad_norm(model: torch.nn.Module) -> float:
     return float(total.sqrt())
 
 
+def _validation_pass(model: torch.nn.Module, *, method: Objective, batch: dict[str, Any], step: int) -> ObjectiveOutput:
+    """The (chosen) responses' NLL as ``loss`` and, where the method can score unseen batches, its own
+    loss as ``metrics["objective"]``: run through :func:`ift.forward.run_objective`, one engine forward."""
+    prefix = method.response_prefix
+    nll = sft_loss(
+        model, batch[f"{prefix}input_ids"], batch.get(f"{prefix}attention_mask"), batch[f"{prefix}labels"],
+        position_ids=batch.get(f"{prefix}position_ids"),
+    ).loss  # fmt: skip
+    metrics = {"objective": method.compute(model, batch, step, validation=True).loss} if method.can_validate else {}
+    return ObjectiveOutput(nll, metrics)
+
+
 @torch.no_grad()
 def validation_metrics(
     engine, objective: Objective, batches: Iterable[dict[str, Any]], device, step: int
@@ -199,18 +215,14 @@ def validation_metrics(
     has no reference model left for unseen pairs)."""
     engine.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # objective, nll, batches
-    prefix = objective.response_prefix
     iterator = iter(batches)
     # In step across ranks: under ZeRO-3 every forward gathers parameters from all of them.
     while (batch := next_batch_on_every_rank(iterator, device)) is not None:
         batch = to_device(batch, device)
-        nll = sft_loss(
-            engine, batch[f"{prefix}input_ids"], batch.get(f"{prefix}attention_mask"), batch[f"{prefix}labels"],
-            position_ids=batch.get(f"{prefix}position_ids"),
-        )  # fmt: skip
+        out = run_objective(engine, _validation_pass, method=objective, batch=batch, step=step)
         if objective.can_validate:
-            sums[0] += float(objective(engine, batch, step, validation=True).loss)
-        sums[1] += float(nll.loss)
+            sums[0] += float(out.metrics["objective"])
+        sums[1] += float(out.loss)
         sums[2] += 1
     engine.train()
     if _world()[1] > 1:

@@ -2,7 +2,10 @@
 
 An :class:`Objective` is built once per worker (it may hold state: IFT's λ
 schedule and RNGs, DPO's frozen reference) and called once per micro-batch with
-the model (a module or a DeepSpeed engine) and a collated batch.  Adding an option
+the model (a module or a DeepSpeed engine) and a collated batch.  Called with the training engine
+(whose module is an :class:`ift.forward.ObjectiveForward`), every pass the method makes on the
+micro-batch runs inside one forward of the engine: one root forward per micro-batch, the order
+ZeRO-3 records and prefetches by (:mod:`ift.forward`).  Adding an option
 to a method is one field in its config class and its use in its objective here;
 nothing dispatches on a method's name (:data:`OBJECTIVES` is keyed by config class).
 No Ray here.
@@ -18,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ift.forward import run_objective, unwrap
 from ift.lora import adapters_disabled, is_lora
 from ift.objectives import (
     LambdaSchedule,
@@ -47,9 +51,15 @@ class Objective(abc.ABC):
     def __init__(self, cfg: MethodConfig, model: nn.Module, device: torch.device, *, seed: int, rank: int = 0):
         self.cfg = cfg
 
-    @abc.abstractmethod
     def __call__(self, model: nn.Module, batch: Batch, step: int, *, validation: bool = False) -> ObjectiveOutput:
-        """The loss and metrics of ``batch`` at optimizer step ``step`` (``validation``: no noise, no state change)."""
+        """The loss and metrics of ``batch`` at optimizer step ``step`` (``validation``: no noise, no state
+        change), every pass inside one forward of ``model`` when it is the training engine
+        (:func:`ift.forward.run_objective`)."""
+        return run_objective(model, self.compute, batch=batch, step=step, validation=validation)
+
+    @abc.abstractmethod
+    def compute(self, model: nn.Module, batch: Batch, step: int, *, validation: bool = False) -> ObjectiveOutput:
+        """:meth:`__call__` on ``model`` itself: each call of ``model`` it makes is a forward of its own."""
 
     @property
     def can_validate(self) -> bool:
@@ -60,7 +70,7 @@ class Objective(abc.ABC):
 class SFTObjective(Objective):
     """Paper eq. (27): the mean per-sequence NLL of the response tokens."""
 
-    def __call__(self, model: nn.Module, batch: Batch, step: int, *, validation: bool = False) -> ObjectiveOutput:
+    def compute(self, model: nn.Module, batch: Batch, step: int, *, validation: bool = False) -> ObjectiveOutput:
         return sft_loss(
             model, batch["input_ids"], batch.get("attention_mask"), batch["labels"],
             position_ids=batch.get("position_ids"),
@@ -91,7 +101,7 @@ class IFTObjective(Objective):
     def lam(self, step: int, *, validation: bool = False) -> float:
         return self.schedule.base(step) if validation else self.schedule(step, self.lam_generator)
 
-    def __call__(self, model: nn.Module, batch: Batch, step: int, *, validation: bool = False) -> ObjectiveOutput:
+    def compute(self, model: nn.Module, batch: Batch, step: int, *, validation: bool = False) -> ObjectiveOutput:
         m = self.cfg
         return ift_loss(
             model,
@@ -135,6 +145,7 @@ class DPOObjective(Objective):
         """``reference``: the frozen start policy when the caller built it (a ZeRO-3 engine:
         ``pipelines.training.build.partitioned_reference``); otherwise a copy of ``model`` is made here."""
         super().__init__(cfg, model, device, seed=seed, rank=rank)
+        model = unwrap(model)
         self.beta = cfg.beta
         self.lora_model = model if is_lora(model) else None
         self.reference: nn.Module | None = reference
@@ -152,16 +163,20 @@ class DPOObjective(Objective):
         assert self.reference is not None
         return reference_pair_logps(self.reference, batch)
 
-    def __call__(self, model: nn.Module, batch: Batch, step: int, *, validation: bool = False) -> ObjectiveOutput:
+    def compute(self, model: nn.Module, batch: Batch, step: int, *, validation: bool = False) -> ObjectiveOutput:
         if "reference_chosen_logps" not in batch and self.lora_model is not None:
-            # ``model`` (the training engine) runs the forward, with the wrapped peft model's adapters off.
+            # ``model`` (the peft model, inside the engine's forward) runs the pass with its adapters off.
             chosen, rejected = self._reference_logps(model, batch)
             batch = {**batch, "reference_chosen_logps": chosen, "reference_rejected_logps": rejected}
         return dpo_batch_loss(model, batch, beta=self.beta, reference_model=self.reference)
 
-    def reference_rows(self, batch: Batch) -> ReferenceTable:
-        """The reference log-probs of ``batch``'s pairs (chosen, rejected), keyed by (source, row)."""
-        chosen, rejected = self._reference_logps(self.lora_model or self.reference, batch)
+    def reference_rows(self, batch: Batch, engine: nn.Module | None = None) -> ReferenceTable:
+        """The reference log-probs of ``batch``'s pairs (chosen, rejected), keyed by (source, row).
+
+        ``engine``: the training engine, which a LoRA model's adapters-off pass then goes through (one
+        forward of its own, as in training); a full model's reference is a model of its own."""
+        model = (engine or self.lora_model) if self.lora_model is not None else self.reference
+        chosen, rejected = run_objective(model, self._reference_logps, batch=batch)
         keys = zip(batch["source"], batch["row"].tolist(), strict=True)
         return {key: (c, r) for key, c, r in zip(keys, chosen.tolist(), rejected.tolist(), strict=True)}
 
@@ -189,7 +204,7 @@ class ORPOObjective(Objective):
         super().__init__(cfg, model, device, seed=seed, rank=rank)
         self.beta = cfg.beta
 
-    def __call__(self, model: nn.Module, batch: Batch, step: int, *, validation: bool = False) -> ObjectiveOutput:
+    def compute(self, model: nn.Module, batch: Batch, step: int, *, validation: bool = False) -> ObjectiveOutput:
         return orpo_batch_loss(model, batch, beta=self.beta)
 
 

@@ -154,7 +154,7 @@ class TrainingRecipe:
         self.reference_table = None
         if cfg.method.precomputed_reference:  # each rank scores its own share once; the table is then gathered
             pairs = self._micro_batches("train", shuffle_seed=None, keep_ids=True, drop_last=False)
-            self.reference_table = precompute_reference_table(self.objective, pairs, self.device)
+            self.reference_table = precompute_reference_table(self.objective, pairs, self.device, self.engine)
 
     def _load_checkpoint(self) -> tuple[LoopState, bool]:
         with self.runtime.resume_dir() as ckpt_dir:

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from ift.forward import ObjectiveForward, run_objective, unwrap
 from ift.logps import token_logps
 from ift.objectives import (
     EmptyTargetError,
@@ -263,6 +264,81 @@ def test_frozen_fusion_embeddings_give_the_same_loss_but_no_embedding_gradient_t
     torch.testing.assert_close(live.loss, frozen.loss)
     assert live_model.get_input_embeddings().weight.grad.abs().sum() > 0
     assert frozen_model.get_input_embeddings().weight.grad is None
+
+
+# ----------------------------------------------------------------------------- all passes in one forward (ift.forward)
+
+
+class _Engine(torch.nn.Module):
+    """What ``run_objective`` sees of a DeepSpeed engine: a module whose ``module`` it calls."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def _calls(module) -> list[int]:
+    calls: list[int] = []
+    module.register_forward_pre_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def _packed_batch():
+    ids, _, _ = make_batch()
+    ids = ids[:2, :6].reshape(1, 12)
+    labels = ids.clone()
+    labels[0, :2] = labels[0, 6:9] = -100  # each sequence's prompt
+    return ids, None, labels, torch.cat([torch.arange(6), torch.arange(6)]).unsqueeze(0)
+
+
+@pytest.mark.parametrize("layout", ["padded", "frozen_fusion", "packed"])
+def test_ift_loss_run_in_one_objective_forward_equals_ift_loss_on_the_model(layout):
+    plain, wrapped = build_llama(), build_llama()
+    ids, att, lab = make_batch()
+    kwargs = {"lam": 0.3, "decay": 0.9}
+    if layout == "packed":
+        ids, att, lab, kwargs["position_ids"] = _packed_batch()
+    expected_kwargs, wrapped_kwargs = dict(kwargs), dict(kwargs)
+    if layout == "frozen_fusion":  # a module outside the wrapper, as the pipeline builds it
+        expected_kwargs["fusion_embeddings"] = frozen_embedding_copy(plain)
+        wrapped_kwargs["fusion_embeddings"] = frozen_embedding_copy(wrapped)
+    root, lm_calls = ObjectiveForward(wrapped), _calls(wrapped)
+    root_calls, engine = _calls(root), _Engine(root)
+    expected = ift_loss(plain, ids, att, lab, **expected_kwargs)
+    out = run_objective(engine, ift_loss, input_ids=ids, attention_mask=att, labels=lab, **wrapped_kwargs)
+    assert len(root_calls) == 1 and len(lm_calls) == 2  # both passes inside one call of the root
+    assert torch.equal(out.loss, expected.loss)
+    assert out.metrics.keys() == expected.metrics.keys()
+    assert all(torch.equal(out.metrics[k], v) for k, v in expected.metrics.items())
+    expected.loss.backward()
+    out.loss.backward()
+    want, got = grads(plain), grads(wrapped)
+    assert want.keys() == got.keys() and want
+    assert all(torch.equal(got[k], v) for k, v in want.items())
+
+
+def test_objective_forward_is_the_model_to_anything_that_calls_it_without_an_objective():
+    model = build_llama()
+    root = ObjectiveForward(model)
+    ids, att, _ = make_batch()
+    assert root.config is model.config  # bucket sizes and the attention implementation are read from it
+    assert root.get_input_embeddings() is model.get_input_embeddings()
+    assert unwrap(root) is model and unwrap(_Engine(root)) is model and unwrap(model) is model
+    assert [n for n, _ in root.named_parameters()] == [f"model.{n}" for n, _ in model.named_parameters()]
+    torch.testing.assert_close(root(input_ids=ids, attention_mask=att).logits, model(ids, attention_mask=att).logits)
+    # Another result than an ObjectiveOutput comes back as it is; without a wrapper the call is direct.
+    pair = run_objective(_Engine(root), lambda m, x: (m.config.vocab_size, x), x=torch.ones(2))
+    assert pair[0] == 32 and torch.equal(pair[1], torch.ones(2))
+    assert run_objective(model, lambda m, x: m is model and x, x=True)
+    # A state dict of the bare model (a checkpoint from before the wrapper) loads into the wrapper.
+    other = build_llama(seed=1)
+    root.load_state_dict(other.state_dict())
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), other.parameters(), strict=True))
+    root.load_state_dict(ObjectiveForward(build_llama(seed=2)).state_dict())
+    assert torch.equal(model.lm_head.weight, build_llama(seed=2).lm_head.weight)
 
 
 def test_sampling_with_top_k_1_is_greedy():

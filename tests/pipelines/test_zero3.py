@@ -1,5 +1,6 @@
 """ZeRO-3 at the paper's scale, on real 2-process gloo groups: the model is built straight into
-partitions, DPO's reference is partitioned too, and the export gathers one module at a time.
+partitions, DPO's reference is partitioned too, the export gathers one module at a time, and each
+method's passes over a micro-batch run in one engine forward, so ZeRO-3's trace holds and prefetches.
 
 Each test spawns two ranks that run one scenario and write what they saw to ``out/rank<r>.pt``;
 the test compares it with the same work done whole (ZeRO-0) in this process.
@@ -15,10 +16,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from benchmarks.zero3_passes import coordinator_of, count_trace, counts_of
 from ift.collate import pad_collate
 from ift.data import tokenize_rows
 from ift.objectives import dpo_batch_loss
-from ift.toydata import make_preference_pairs
+from ift.toydata import make_conversations, make_preference_pairs
 from pipelines.config_loading import load_config
 from pipelines.training.build import build_engine, build_model_and_tokenizer, partitioned_reference
 from pipelines.training.export import export_hf_model
@@ -39,12 +41,12 @@ def _cfg(stage: int, *overrides: str):
     return load_config(None, [f"deepspeed.zero_stage={stage}", *overrides])
 
 
-def _pair_batches(tokenizer) -> list[dict]:
+def _pair_batches(tokenizer, pairs: int = 10) -> list[dict]:
     examples, _ = tokenize_rows(
-        tokenizer, make_preference_pairs(10, seed=2), source="p", max_length=96, mode="preference"
+        tokenizer, make_preference_pairs(pairs, seed=2), source="p", max_length=96, mode="preference"
     )
     batches = []
-    for i in range(0, 10, 2):
+    for i in range(0, pairs, 2):
         batch = pad_collate(examples[i : i + 2], tokenizer.pad_token_id)
         batch["source"], batch["row"] = ["p"] * 2, torch.arange(i, i + 2)
         batches.append(batch)
@@ -68,9 +70,9 @@ def _build_and_export(rank: int, out: Path) -> dict:
 class _Counting(DPOObjective):
     """Records the rows it scores, in order."""
 
-    def reference_rows(self, batch):
+    def reference_rows(self, batch, engine=None):
         self.__dict__.setdefault("scored", []).extend(batch["row"].tolist())
-        return super().reference_rows(batch)
+        return super().reference_rows(batch, engine)
 
 
 def _dpo(rank: int, out: Path) -> dict:
@@ -94,7 +96,74 @@ def _dpo(rank: int, out: Path) -> dict:
     }
 
 
-SCENARIOS = {"build_and_export": _build_and_export, "dpo": _dpo}
+# Each method (and LoRA-IFT) trained 3 steps under ZeRO-3, with gradient checkpointing off and on.
+PASS_METHODS = {
+    "ift": ["method.name=ift"],
+    "sft": ["method.name=sft"],
+    "dpo": ["method.name=dpo"],  # its partitioned reference engine runs inside the policy's forward
+    "lora_ift": ["method.name=ift", "model.lora={r: 8}"],
+}
+PASS_STEPS = 3
+
+
+def _passes_batches(tokenizer, paired: bool) -> list[dict]:
+    if paired:
+        return _pair_batches(tokenizer, 4 * PASS_STEPS)
+    examples, _ = tokenize_rows(tokenizer, make_conversations(4 * PASS_STEPS, seed=4), source="c", max_length=64)
+    return [pad_collate(examples[i : i + 2], tokenizer.pad_token_id) for i in range(0, 4 * PASS_STEPS, 2)]
+
+
+def _train_steps(rank: int, overrides: list[str], *, two_calls: bool = False) -> dict:
+    """PASS_STEPS steps of one method on rank-specific micro-batches: the loss and the whole (reduced)
+    gradients of each step, and what DeepSpeed's coordinator counted during it.  ``two_calls``: each
+    pass its own engine call (``Objective.compute(engine, ...)``), the layout before ``ift.forward``."""
+    from deepspeed.utils import safe_get_full_grad
+
+    cfg = _cfg(3, "optimization.micro_batch_size=2", "data.max_length=96", "optimization.lr=1e-3", *overrides)
+    torch.manual_seed(cfg.optimization.seed)  # as the recipe does: LoRA's A matrices draw from it
+    model, tokenizer = build_model_and_tokenizer(cfg)
+    reference = partitioned_reference(cfg, tokenizer, use_gpu=False)
+    objective = build_objective(cfg.method, model, CPU, seed=0, rank=rank, reference=reference)
+    engine = build_engine(cfg, model, total_steps=10, use_gpu=False)
+    batches = _passes_batches(tokenizer, cfg.method.paired)
+    seen: dict = {"loss": [], "grads": [], "counts": [], "reference_counts": []}
+    # LoRA's frozen base weights inside the decoder layers (what checkpointing recomputes)
+    seen["frozen_layer_numel"] = sum(
+        int(getattr(p, "ds_numel", p.numel())) for n, p in engine.module.named_parameters() if ".base_layer." in n
+    )
+    for step in range(PASS_STEPS):
+        before, ref_before = counts_of(engine), counts_of(reference) if reference else None
+        batch = batches[2 * step + rank]
+        out = objective.compute(engine, batch, step) if two_calls else objective(engine, batch, step)
+        engine.backward(out.loss)
+        params = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+        seen["grads"].append({n: safe_get_full_grad(p).detach().clone() for n, p in params})  # a collective
+        engine.step()
+        seen["loss"].append(float(out.loss.detach()))
+        seen["counts"].append(dict(counts_of(engine) - before))
+        if reference:
+            seen["reference_counts"].append(dict(counts_of(reference) - ref_before))
+    seen["trace_complete"] = coordinator_of(engine) is not None and coordinator_of(engine).is_complete_trace()
+    return seen
+
+
+def _passes(rank: int, out: Path) -> dict:
+    seen = {}
+    with count_trace():
+        for name, overrides in PASS_METHODS.items():
+            for checkpointing in (False, True):
+                cfg = [*overrides, f"model.gradient_checkpointing={checkpointing}"]
+                seen[name, checkpointing] = _train_steps(rank, cfg)
+        seen["two_calls"] = _train_steps(rank, PASS_METHODS["ift"], two_calls=True)
+    return seen
+
+
+def _tiny(rank: int, out: Path) -> dict:
+    """The scenarios on ``tiny``, in one 2-process run (a run's start costs more than its work)."""
+    return {"dpo": _dpo(rank, out), "passes": _passes(rank, out)}
+
+
+SCENARIOS = {"build_and_export": _build_and_export, "tiny": _tiny}
 
 
 def _rank_main(rank: int, world: int, port: int, scenario: str, out: str) -> None:
@@ -167,8 +236,13 @@ def test_the_sharded_export_loads_back_as_the_trained_model(built):
 
 
 @pytest.fixture(scope="module")
-def dpo_ranks(tmp_path_factory):
-    return run_ranks("dpo", tmp_path_factory.mktemp("dpo"))
+def tiny_ranks(tmp_path_factory):
+    return run_ranks("tiny", tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def dpo_ranks(tiny_ranks):
+    return [seen["dpo"] for seen in tiny_ranks]
 
 
 def test_under_zero3_the_dpo_reference_is_partitioned_too(dpo_ranks):
@@ -199,3 +273,68 @@ def test_precomputing_the_reference_scores_each_pair_once_and_every_rank_gets_th
         for key, (chosen, rejected) in expected.items():
             assert seen["table"][key] == pytest.approx((chosen, rejected), abs=1e-4)
         assert seen["released"]
+
+
+# --------------------------------------------------------------------------- one engine forward per micro-batch
+
+
+@pytest.fixture(scope="module")
+def passes(tiny_ranks):
+    """Every method's 3 steps under ZeRO-3, checkpointing off and on, in one 2-process run (rank 0's view;
+    both ranks take part in every collective, so their counts agree)."""
+    return tiny_ranks[0]["passes"]
+
+
+def _zero(counts: dict, key: str) -> int:
+    return counts.get(key, 0)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+@pytest.mark.parametrize("method", list(PASS_METHODS))
+def test_after_the_first_step_zero3s_trace_holds_and_every_parameter_is_prefetched(passes, method, checkpointing):
+    seen = passes[method, checkpointing]
+    # With LoRA, DeepSpeed (0.19) hands the frozen base weights a layer's recomputation gathers to the
+    # layer's backward, which frees them; the next use gathers them again, synchronously.  SFT-LoRA
+    # does the same: it is not a matter of passes.  Everything else is prefetched.
+    refetched = seen["frozen_layer_numel"] if checkpointing else 0
+    # Step 1 records the trace (nothing to prefetch by yet); the reset that opens step 2 completes it.
+    for counts in seen["counts"][1:]:
+        assert _zero(counts, "root_forwards") == 1  # all of a micro-batch's passes: one engine forward
+        assert _zero(counts, "invalidations") == 0
+        assert _zero(counts, "sync_numel") == refetched, counts  # every other parameter gathered ahead
+    assert _zero(seen["counts"][2], "incomplete_resets") == 0
+    assert seen["trace_complete"]
+    for counts in seen["reference_counts"][1:]:  # DPO's partitioned reference, a forward-only engine
+        assert _zero(counts, "invalidations") == 0 and _zero(counts, "sync_fetches") == 0
+
+
+def test_two_engine_calls_per_micro_batch_are_what_broke_the_trace(passes):
+    """The counter sees the failure the single forward removes: IFT's passes as two engine calls."""
+    seen = passes["two_calls"]
+    for counts in seen["counts"][1:]:
+        assert _zero(counts, "root_forwards") == 2
+        assert _zero(counts, "invalidations") >= 1
+        assert _zero(counts, "sync_fetches") > 0
+    assert not seen["trace_complete"]
+
+
+def _assert_same_steps(seen: dict, expected: dict, *, atol: float) -> None:
+    assert seen["loss"] == pytest.approx(expected["loss"], rel=0, abs=atol)
+    for step, (grads, want) in enumerate(zip(seen["grads"], expected["grads"], strict=True)):
+        assert grads.keys() == want.keys() and grads
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, want[name], rtol=0, atol=atol, msg=f"step {step + 1}: {name}")
+
+
+def test_ifts_passes_in_one_engine_forward_give_the_losses_and_gradients_of_two_engine_calls(passes):
+    _assert_same_steps(passes["ift", False], passes["two_calls"], atol=1e-6)
+
+
+@pytest.mark.parametrize("method", list(PASS_METHODS))
+def test_gradient_checkpointing_gives_the_losses_and_gradients_of_a_plain_run_under_zero3(passes, method):
+    # Non-reentrant checkpointing recomputes each layer's forward with the same float32 ops on the same
+    # inputs (dropout draws replayed from the saved RNG state), so losses and gradients agree to float32
+    # rounding: the backward may add a parameter's partial gradients in another order (a few ulps of
+    # values below 1, ~1e-7).  1e-6 leaves room for that and catches any real difference (a dropped
+    # gradient, a recomputation with other inputs), which moves them by far more.
+    _assert_same_steps(passes[method, True], passes[method, False], atol=1e-6)
