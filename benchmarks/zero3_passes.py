@@ -268,7 +268,7 @@ def run(
 
 
 def render(s: dict[str, Any]) -> list[str]:
-    lines = ["## 8. ZeRO-3: IFT's passes in one engine forward", ""]
+    lines = ["## 9. ZeRO-3: IFT's passes in one engine forward", ""]
     if "error" in s:
         return [*lines, f"Failed: `{s['error'][:300]}`", ""]
     c, r = s["config"], s["ratios"]

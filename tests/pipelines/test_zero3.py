@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 
 from benchmarks.zero3_passes import coordinator_of, count_trace, counts_of
 from ift.collate import pad_collate
@@ -113,10 +114,11 @@ def _passes_batches(tokenizer, paired: bool) -> list[dict]:
     return [pad_collate(examples[i : i + 2], tokenizer.pad_token_id) for i in range(0, 4 * PASS_STEPS, 2)]
 
 
-def _train_steps(rank: int, overrides: list[str], *, two_calls: bool = False) -> dict:
+def _train_steps(rank: int, overrides: list[str], *, two_calls: bool = False, export_to: Path | None = None) -> dict:
     """PASS_STEPS steps of one method on rank-specific micro-batches: the loss and the whole (reduced)
     gradients of each step, and what DeepSpeed's coordinator counted during it.  ``two_calls``: each
-    pass its own engine call (``Objective.compute(engine, ...)``), the layout before ``ift.forward``."""
+    pass its own engine call (``Objective.compute(engine, ...)``), the layout before ``ift.forward``.
+    ``export_to``: then export the engine's module as the recipe does, and record the file's keys."""
     from deepspeed.utils import safe_get_full_grad
 
     cfg = _cfg(3, "optimization.micro_batch_size=2", "data.max_length=96", "optimization.lr=1e-3", *overrides)
@@ -144,6 +146,11 @@ def _train_steps(rank: int, overrides: list[str], *, two_calls: bool = False) ->
         if reference:
             seen["reference_counts"].append(dict(counts_of(reference) - ref_before))
     seen["trace_complete"] = coordinator_of(engine) is not None and coordinator_of(engine).is_complete_trace()
+    if export_to is not None:
+        export_hf_model(engine.module, tokenizer, export_to, rank)  # the wrapper, as the recipe passes it
+        if rank == 0:
+            with safe_open(str(export_to / "model.safetensors"), "pt") as f:
+                seen["exported_keys"] = sorted(f.keys())
     return seen
 
 
@@ -153,7 +160,8 @@ def _passes(rank: int, out: Path) -> dict:
         for name, overrides in PASS_METHODS.items():
             for checkpointing in (False, True):
                 cfg = [*overrides, f"model.gradient_checkpointing={checkpointing}"]
-                seen[name, checkpointing] = _train_steps(rank, cfg)
+                export_to = out / f"export_{name}" if name in ("ift", "lora_ift") and not checkpointing else None
+                seen[name, checkpointing] = _train_steps(rank, cfg, export_to=export_to)
         seen["two_calls"] = _train_steps(rank, PASS_METHODS["ift"], two_calls=True)
     return seen
 
@@ -316,6 +324,13 @@ def test_two_engine_calls_per_micro_batch_are_what_broke_the_trace(passes):
         assert _zero(counts, "invalidations") >= 1
         assert _zero(counts, "sync_fetches") > 0
     assert not seen["trace_complete"]
+
+
+@pytest.mark.parametrize("method", ["ift", "lora_ift"])
+def test_the_engines_model_is_exported_under_the_hugging_face_models_own_keys(passes, method):
+    model, _ = build_model_and_tokenizer(_cfg(0))
+    # No ``model.`` of the wrapper; a LoRA model merged into its base keys.
+    assert passes[method, False]["exported_keys"] == sorted(model.state_dict())
 
 
 def _assert_same_steps(seen: dict, expected: dict, *, atol: float) -> None:
