@@ -296,12 +296,11 @@ def predict_next_tokens(
 
 
 def frozen_embedding_copy(model: nn.Module) -> nn.Module:
-    """A frozen copy of the model's input embeddings, for ``ift_loss(fusion_embeddings=...)``.
-
-    The authors' release builds the fused input from such a copy, so the fusion
-    itself does not train the embedding table (only the ordinary path through the
-    model does).  Not usable under ZeRO-3, where parameters are partitioned:
-    build it before ``deepspeed.initialize``.
+    """A frozen copy of the model's input embeddings, for ``ift_loss(fusion_embeddings=...)``: the
+    authors' ``self.embed_tokens`` (paper Appendix B.3, listing line 27), which embeds the model's own
+    predictions, so the fusion does not train the table through them.  The authors refresh it from the
+    policy after every optimizer step; ``ift_loss(detach_prediction_embeddings=True)`` is that refreshed
+    copy without the copy (and works under ZeRO-3, where a copy of partitioned embeddings is empty).
     """
     emb = copy.deepcopy(model.get_input_embeddings())
     emb.requires_grad_(False)
@@ -323,6 +322,7 @@ def ift_loss(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     fusion_embeddings: nn.Module | None = None,
+    detach_prediction_embeddings: bool = False,
     on_empty: str = "raise",
     position_ids: torch.Tensor | None = None,
 ) -> ObjectiveOutput:
@@ -344,6 +344,12 @@ def ift_loss(
     ``prediction_accuracy`` (how often the model's own prediction equals the
     target on response tokens, i.e. how far the fused input is from the SFT one).
 
+    The targets are embedded by the model's own table (listing line 12), with gradients.  The
+    predictions are embedded by ``fusion_embeddings`` when given (listing line 27: the authors' frozen
+    ``self.embed_tokens``, :func:`frozen_embedding_copy`), else by the model's table; with
+    ``detach_prediction_embeddings`` by the model's table out of the gradient, which is what the
+    authors' copy is when refreshed from the policy after every optimizer step, as their release does.
+
     With ``lam=0`` and ``decay=0`` this is exactly :func:`sft_loss`.
 
     With ``position_ids`` the batch is packed (module docstring): both passes attend within each
@@ -356,8 +362,15 @@ def ift_loss(
     """
     if not 0.0 <= float(lam) <= 1.0:
         raise ValueError(f"lam must lie in [0, 1], got {lam}")
+    if fusion_embeddings is not None and detach_prediction_embeddings:
+        raise ValueError("give fusion_embeddings (a frozen copy) or detach_prediction_embeddings, not both")
     embed = model.get_input_embeddings()
-    fuse_embed = fusion_embeddings if fusion_embeddings is not None else embed
+
+    def embed_predictions(ids: torch.Tensor) -> torch.Tensor:
+        if fusion_embeddings is not None:
+            return fusion_embeddings(ids)
+        return embed(ids).detach() if detach_prediction_embeddings else embed(ids)
+
     packed = position_ids is not None
     if packed:
         check_packed(position_ids, input_ids, attention_mask)
@@ -390,11 +403,11 @@ def ift_loss(
         hits = ((pred_ids == input_ids) & is_target).sum()
         accuracy = hits.float() / is_target.sum().clamp(min=1)
 
-    true_embeds = fuse_embed(input_ids)
+    true_embeds = embed(input_ids)
     if lam == 0:
         fused = true_embeds
     else:
-        fused = (1.0 - lam) * true_embeds + lam * fuse_embed(pred_ids)
+        fused = (1.0 - lam) * true_embeds + lam * embed_predictions(pred_ids)
     logits = forward(inputs_embeds=fused)
     if packed:
         logps, mask = packed_token_logps(logits, labels, position_ids)

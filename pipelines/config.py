@@ -166,12 +166,12 @@ class IFTConfig(_MethodSection):
     top_k: int = Field(0, ge=0, description="Top-k filter (prediction=sample; 0 = off).")
     top_p: float = Field(1.0, gt=0, le=1, description="Top-p filter (prediction=sample).")
     frozen_fusion_embeddings: bool = Field(
-        False, description="Fuse with a frozen copy of the input embeddings, as the authors' release does."
+        False,
+        description="Embed the model's predictions in the fused input with the embedding table out of the gradient, "
+        "as the authors' release does (a frozen copy refreshed from the policy every step); any ZeRO stage.",
     )
 
     def check(self, cfg: TrainConfig) -> None:
-        if self.frozen_fusion_embeddings and cfg.deepspeed.zero_stage == 3:
-            raise ValueError("method.frozen_fusion_embeddings cannot copy partitioned ZeRO-3 embeddings; use stage 0-2")
         if self.lam_schedule == "linear_warmup" and self.lam_min > self.lam:
             raise ValueError("method.lam_min must not exceed method.lam (the warm-up's end value)")
 

@@ -27,7 +27,6 @@ from ift.objectives import (
     LambdaSchedule,
     ObjectiveOutput,
     dpo_batch_loss,
-    frozen_embedding_copy,
     ift_loss,
     orpo_batch_loss,
     reference_pair_logps,
@@ -96,7 +95,6 @@ class IFTObjective(Objective):
         )
         self.lam_generator = torch.Generator().manual_seed(seed)
         self.sample_generator = torch.Generator(device=device).manual_seed(seed + 1000 + rank)
-        self.fusion_embeddings = frozen_embedding_copy(model).to(device) if cfg.frozen_fusion_embeddings else None
 
     def lam(self, step: int, *, validation: bool = False) -> float:
         return self.schedule.base(step) if validation else self.schedule(step, self.lam_generator)
@@ -117,7 +115,7 @@ class IFTObjective(Objective):
             top_k=m.top_k,
             top_p=m.top_p,
             generator=self.sample_generator if m.prediction == "sample" else None,
-            fusion_embeddings=self.fusion_embeddings,
+            detach_prediction_embeddings=m.frozen_fusion_embeddings,
         )
 
 

@@ -254,16 +254,47 @@ def test_batch_with_no_targets_at_all_gives_zero_loss_that_still_backpropagates(
 # ----------------------------------------------------------------------------- options
 
 
-def test_frozen_fusion_embeddings_give_the_same_loss_but_no_embedding_gradient_through_the_input():
+def test_frozen_fusion_embeddings_give_the_same_loss_and_train_the_table_only_through_the_targets():
     live_model, frozen_model = build_llama(), build_llama()
     ids, att, lab = make_batch()
-    live = ift_loss(live_model, ids, att, lab)
-    frozen = ift_loss(frozen_model, ids, att, lab, fusion_embeddings=frozen_embedding_copy(frozen_model))
+    live = ift_loss(live_model, ids, att, lab, lam=0.3)
+    frozen = ift_loss(frozen_model, ids, att, lab, lam=0.3, fusion_embeddings=frozen_embedding_copy(frozen_model))
     live.loss.backward()
     frozen.loss.backward()
     torch.testing.assert_close(live.loss, frozen.loss)
-    assert live_model.get_input_embeddings().weight.grad.abs().sum() > 0
-    assert frozen_model.get_input_embeddings().weight.grad is None
+    live_grad = live_model.get_input_embeddings().weight.grad
+    frozen_grad = frozen_model.get_input_embeddings().weight.grad
+    assert frozen_grad.abs().sum() > 0  # the targets' embeddings (listing line 12) still train it
+    assert not torch.allclose(live_grad, frozen_grad)  # the predictions' (line 27) no longer do
+
+
+def test_at_lambda_one_frozen_fusion_leaves_the_untied_input_table_no_gradient():
+    # λ = 1: the fused input is the predictions' embeddings alone, all from the frozen copy.
+    model = build_llama()
+    ids, att, lab = make_batch()
+    ift_loss(model, ids, att, lab, lam=1.0, fusion_embeddings=frozen_embedding_copy(model)).loss.backward()
+    assert torch.count_nonzero(model.get_input_embeddings().weight.grad) == 0
+
+
+def test_detached_prediction_embeddings_are_a_frozen_copy_of_the_current_table():
+    copied, detached = build_llama(), build_llama()
+    ids, att, lab = make_batch()
+    a = ift_loss(copied, ids, att, lab, lam=0.3, fusion_embeddings=frozen_embedding_copy(copied))
+    b = ift_loss(detached, ids, att, lab, lam=0.3, detach_prediction_embeddings=True)
+    a.loss.backward()
+    b.loss.backward()
+    assert torch.equal(a.loss, b.loss)
+    want, got = grads(copied), grads(detached)
+    assert want.keys() == got.keys() and all(torch.equal(got[k], v) for k, v in want.items())
+
+
+def test_a_frozen_copy_and_detached_prediction_embeddings_together_are_refused():
+    model = build_llama()
+    ids, att, lab = make_batch()
+    with pytest.raises(ValueError, match="not both"):
+        ift_loss(
+            model, ids, att, lab, fusion_embeddings=frozen_embedding_copy(model), detach_prediction_embeddings=True
+        )
 
 
 # ----------------------------------------------------------------------------- all passes in one forward (ift.forward)

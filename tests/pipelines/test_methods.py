@@ -92,6 +92,69 @@ def test_ift_trains_with_jittered_lambda_and_validates_with_the_noiseless_one():
     assert objective(model, batch, step=0, validation=True).metrics["lam"].item() == 0.5
 
 
+def _tied_llama() -> torch.nn.Module:
+    """``build_llama`` with the LM head tied to the input table: each step's update of the head moves
+    the table that embeds the predictions."""
+    untied = build_llama()
+    config = untied.config.to_dict() | {"tie_word_embeddings": True}
+    model = type(untied)(type(untied.config).from_dict(config)).to(torch.float64)
+    model.load_state_dict(untied.state_dict(), strict=False)
+    model.tie_weights()
+    return model.eval()
+
+
+def _three_sgd_steps(loss_of) -> list[float]:
+    """Three SGD steps, each on its own batch; ``loss_of(step, batch)`` after the previous update."""
+    losses = []
+    for step in range(3):
+        loss = loss_of(step, sft_batch(10 + step))
+        loss.backward()
+        with torch.no_grad():
+            for p in loss_of.model.parameters():
+                if p.grad is not None:
+                    p -= 0.5 * p.grad
+                    p.grad = None
+        losses.append(loss.item())
+    return losses
+
+
+def test_ifts_frozen_fusion_embeddings_follow_the_policy_every_step_as_the_authors_refreshed_copy_does():
+    """The authors' release embeds the predictions with a frozen ``embed_tokens`` that it copies from the
+    policy after every optimizer step.  With a tied LM head the table changes every step, so a copy
+    made once drifts from step 2; the pipeline's objective tracks the refreshed one exactly."""
+    from ift.objectives import frozen_embedding_copy, ift_loss
+
+    def authors(refresh: bool):
+        model, fusion = _tied_llama(), None
+
+        def loss_of(step, b):
+            nonlocal fusion
+            if fusion is None or refresh:
+                fusion = frozen_embedding_copy(model)
+            return ift_loss(
+                model, b["input_ids"], b["attention_mask"], b["labels"], lam=0.3, fusion_embeddings=fusion
+            ).loss
+
+        loss_of.model = model
+        return _three_sgd_steps(loss_of)
+
+    model = _tied_llama()
+    objective = build_objective(IFTConfig(lam=0.3, frozen_fusion_embeddings=True), model, CPU, seed=0)
+
+    def pipeline(step, b):
+        return objective(model, b, step).loss
+
+    pipeline.model = model
+    ours, refreshed, stale = _three_sgd_steps(pipeline), authors(refresh=True), authors(refresh=False)
+    assert ours == refreshed
+    assert stale[0] == refreshed[0] and stale[1] != refreshed[1] and stale[2] != refreshed[2]
+
+
+def test_frozen_fusion_embeddings_are_allowed_under_zero3():
+    cfg = load_config(None, ["method.frozen_fusion_embeddings=true", "deepspeed.zero_stage=3"])
+    assert cfg.method.frozen_fusion_embeddings and cfg.deepspeed.zero_stage == 3
+
+
 def test_ift_validation_lambda_follows_the_warmup_schedule():
     model, batch = build_llama(), sft_batch(3)
     cfg = IFTConfig(lam=0.4, lam_schedule="linear_warmup", lam_min=0.0, lam_warmup_steps=4)
