@@ -7,13 +7,14 @@ thread in this process reads the resident set size (RSS) of every
 ``ray::RayTrainWorker`` process every 50 ms with psutil and keeps each one's peak:
 what a node's memory has to hold, whatever inside the process holds it.
 
-Each stage runs twice: with glibc's default allocator settings, and with
-``MALLOC_MMAP_THRESHOLD_=131072`` in the workers' environment.  By default glibc
-raises its mmap threshold after the first large free, so later tensors of that
-size come from the heap and stay resident after they are freed: RSS then shows
-the high-water mark of every transient buffer (gathered layers, gradient
-buckets), not what is live.  With the threshold fixed each freed tensor goes
-back to the kernel, so RSS tracks live memory.
+Each stage runs twice: with the project's default, where each worker fixes glibc's mmap
+threshold at 128 KiB (``scaling.worker_mmap_threshold_bytes``,
+:mod:`pipelines.training.host_memory`), and with glibc's own dynamic threshold
+(``scaling.worker_mmap_threshold_bytes=0``).  glibc raises its threshold after the first
+large free, so later tensors of that size come from the heap and stay resident after
+they are freed: RSS then shows the high-water mark of every transient buffer
+(gathered layers, gradient buckets), not what is live.  With the threshold fixed each
+freed tensor goes back to the kernel, so RSS tracks live memory.
 
 Beside each measurement stand the model states the ZeRO paper counts for that
 stage (:func:`pipelines.training.estimate.estimate_memory`: parameters, gradients, Adam
@@ -75,18 +76,19 @@ def deepspeed_buffers(ds_config: dict[str, Any], hidden_size: int) -> dict[str, 
     }
 
 
-MALLOC = {"glibc default": {}, "mmap threshold 128 KiB": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
+# Allocator setting -> scaling.worker_mmap_threshold_bytes; the first is the project's default.
+MALLOC = {"default: mmap threshold 128 KiB": 131072, "glibc dynamic threshold": 0}
+DEFAULT_MALLOC = next(iter(MALLOC))
 
 
-def _restart_ray(env: dict[str, str]) -> None:
-    """A fresh local cluster whose worker processes start with ``env`` (glibc reads it at start)."""
+def _restart_ray() -> None:
+    """A fresh local cluster: new worker processes, whose allocator has seen nothing yet."""
     import os
 
     import ray
 
     ray.shutdown()
-    ray.init(address="local", include_dashboard=False, num_cpus=max(os.cpu_count() or 2, 2), log_to_driver=False,
-             runtime_env={"env_vars": env} if env else None)  # fmt: skip
+    ray.init(address="local", include_dashboard=False, num_cpus=max(os.cpu_count() or 2, 2), log_to_driver=False)
 
 
 def run(
@@ -107,7 +109,7 @@ def run(
     cells: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="ift-bench-zero-memory-") as storage:
         for allocator, zero in ((a, z) for a in malloc for z in zero_stages):
-            _restart_ray(MALLOC[allocator])
+            _restart_ray()
             cfg = load_config(
                 None,
                 [
@@ -115,6 +117,7 @@ def run(
                     f"model.name={model}",
                     f"scaling.num_workers={workers}",
                     f"deepspeed.zero_stage={zero}",
+                    f"scaling.worker_mmap_threshold_bytes={MALLOC[allocator]}",
                     f"optimization.max_steps={steps}",
                     "optimization.micro_batch_size=2",
                     "data.max_length=128",
@@ -166,8 +169,8 @@ def run(
         z0, z3 = cells.get(f"{allocator}/z0"), cells.get(f"{allocator}/z3")
         if z0 and z3 and z0["peak_rss_mib_per_worker"] and z3["peak_rss_mib_per_worker"]:
             ratios[allocator] = max(z3["peak_rss_mib_per_worker"]) / max(z0["peak_rss_mib_per_worker"])
-    if ratios:  # the target reads the allocator whose RSS tracks live memory, else the default
-        key = "mmap threshold 128 KiB" if "mmap threshold 128 KiB" in ratios else next(iter(ratios))
+    if ratios:  # the target reads the default settings
+        key = DEFAULT_MALLOC if DEFAULT_MALLOC in ratios else next(iter(ratios))
         out["zero3_over_zero0_peak_rss"] = ratios
         out["methods"] = {"ift": {"zero3_over_zero0_peak_rss": ratios[key], "allocator": key}}
     return out

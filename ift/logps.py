@@ -15,9 +15,10 @@ row of a padded batch:
   ``position_ids``; transformers (``masking_utils.create_causal_mask`` ->
   ``find_packed_sequence_indices``) then builds a block-diagonal causal mask for
   ``sdpa`` and ``eager`` (tested; ``flex_attention`` takes the same path), and the flash-attention integration
-  (``modeling_flash_attention_utils._is_packed_sequence``) runs the varlen kernel
-  with ``cu_seqlens`` read off ``position_ids == 0``, for which the rows are
-  flattened into one (it only reads position_ids on a batch of one row);
+  runs the varlen kernel on the rows flattened into one, with the boundaries
+  (``cu_seq_lens``, read off ``position_ids == 0`` once per batch:
+  :func:`flash_varlen_kwargs`) passed to the model rather than recomputed by
+  every layer;
 * targets: a sequence's first token is never a target (the logit before it is
   the previous sequence's last token);
 * IFT's shifted prediction at a sequence's first position is the token itself,
@@ -30,6 +31,8 @@ row of a padded batch:
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -95,21 +98,49 @@ def check_packed(position_ids: torch.Tensor, input_ids: torch.Tensor, attention_
         )
 
 
-def packed_forward_logits(model: nn.Module, position_ids: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
+def uses_flash_attention(model: nn.Module) -> bool:
+    """Whether ``model`` (or the model a wrapper's ``config`` describes) runs flash attention."""
+    config = getattr(model, "config", None)
+    return "flash" in str(getattr(config, "_attn_implementation", "") or "")
+
+
+def flash_varlen_kwargs(position_ids: torch.Tensor) -> dict[str, Any]:
+    """The sequence boundaries of a packed batch, its rows flattened into one, as flash attention's
+    varlen kernel takes them (transformers' ``FlashAttentionKwargs``: ``cu_seq_lens_q/k``,
+    ``max_length_q/k``).  Passed to the model, they spare every attention layer of every pass from
+    recomputing them out of ``position_ids`` (a device-to-host sync per layer); computed here once
+    per batch, with one sync.  Each row starts at 0 (:func:`check_packed`), so flattening the rows
+    keeps every boundary."""
+    flat = position_ids.reshape(-1)
+    starts = (flat == 0).nonzero().view(-1).to(torch.int32)
+    end = torch.tensor([flat.numel()], dtype=torch.int32, device=flat.device)
+    cu_seq_lens = torch.cat([starts, end])
+    longest = int(cu_seq_lens.diff().max())
+    return {
+        "cu_seq_lens_q": cu_seq_lens,
+        "cu_seq_lens_k": cu_seq_lens,
+        "max_length_q": longest,
+        "max_length_k": longest,
+    }
+
+
+def packed_forward_logits(
+    model: nn.Module, position_ids: torch.Tensor, *, varlen: dict[str, Any] | None = None, **inputs: torch.Tensor
+) -> torch.Tensor:
     """Logits of a packed batch with attention confined to each sequence.
 
     ``attention_mask=None`` is what lets transformers detect the packing from ``position_ids``
     (``masking_utils._preprocess_mask_arguments`` only looks when the 2-D mask is None) and build
-    the block-diagonal causal mask.  Flash attention reads packing from ``position_ids`` only on a
-    batch of one row, so the rows are flattened into one for it (each row starts at 0, so the
-    varlen boundaries are unchanged) and the logits reshaped back.
+    the block-diagonal causal mask.  Under flash attention the rows are flattened into one (each
+    row starts at 0, so the varlen boundaries are unchanged), the boundaries are handed to the
+    model (``varlen``: :func:`flash_varlen_kwargs`, computed here when not given; a caller making
+    several passes over one batch computes them once), and the logits are reshaped back.
     """
-    config = getattr(model, "config", None)
-    impl = str(getattr(config, "_attn_implementation", "") or "")
     rows, length = position_ids.shape
-    if "flash" in impl and rows > 1:
+    if uses_flash_attention(model):
         flat = {k: v.reshape(1, rows * length, *v.shape[2:]) for k, v in inputs.items()}
-        logits = forward_logits(model, None, position_ids=position_ids.reshape(1, -1), **flat)
+        varlen = varlen if varlen is not None else flash_varlen_kwargs(position_ids)
+        logits = forward_logits(model, None, position_ids=position_ids.reshape(1, -1), **varlen, **flat)
         return logits.view(rows, length, *logits.shape[2:])
     return forward_logits(model, None, position_ids=position_ids, **inputs)
 

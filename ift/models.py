@@ -370,6 +370,23 @@ def _from_pretrained_dtype_kwargs(dtype: torch.dtype | str) -> dict[str, Any]:
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 
+def resolve_attention(requested: str | None) -> tuple[str | None, str]:
+    """``model.attn_implementation`` as this machine runs it, and why: ``auto`` is flash-attention 2
+    on a CUDA machine with the flash-attn package, else sdpa; anything else stays as asked."""
+    if requested != "auto":
+        return requested, f"model.attn_implementation={requested}"
+    import importlib.util
+
+    if not torch.cuda.is_available():
+        return "sdpa", "model.attn_implementation=auto: sdpa, no CUDA GPU here"
+    if importlib.util.find_spec("flash_attn") is None:
+        return "sdpa", (
+            "model.attn_implementation=auto: sdpa, the flash-attn package is not installed "
+            "(pip install flash-attn --no-build-isolation for flash_attention_2)"
+        )
+    return "flash_attention_2", "model.attn_implementation=auto: flash_attention_2, CUDA and flash-attn installed"
+
+
 def check_attention(attn_implementation: str | None) -> None:
     """Refuse flash-attention 2 where it cannot run, naming the config key."""
     if attn_implementation != "flash_attention_2":
@@ -446,9 +463,10 @@ def load_model(
 ) -> PreTrainedModel:
     """Build or load a causal LM.
 
-    ``attn_implementation`` (``"sdpa"``, ``"eager"``, ``"flash_attention_2"``; None = transformers'
-    default) picks the attention kernel; flash-attention without its package or without CUDA is a
-    ``ValueError`` that says so, before any weight is loaded.
+    ``attn_implementation`` (``"sdpa"``, ``"eager"``, ``"flash_attention_2"``, ``"auto"``
+    (:func:`resolve_attention`); None = transformers' default) picks the attention kernel;
+    flash-attention without its package or without CUDA is a ``ValueError`` that says so, before any
+    weight is loaded.
 
     - A preset name builds a randomly initialised ``LlamaForCausalLM`` from
       :data:`MODEL_PRESETS` (:func:`init_preset_weights`: the same ``seed`` gives the same
@@ -460,6 +478,7 @@ def load_model(
     and the pad/eos ids.
     """
     torch_dtype = resolve_dtype(dtype)
+    attn_implementation, _ = resolve_attention(attn_implementation)
     check_attention(attn_implementation)
     if is_preset(name_or_path):
         if tokenizer is None:

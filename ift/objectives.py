@@ -32,11 +32,13 @@ from torch import nn
 from ift.data import IGNORE_INDEX
 from ift.logps import (
     check_packed,
+    flash_varlen_kwargs,
     forward_logits,
     packed_forward_logits,
     packed_token_logps,
     response_logps,
     token_logps,
+    uses_flash_attention,
 )
 from ift.scan import discounted_cumsum
 
@@ -378,9 +380,12 @@ def ift_loss(
         # previous sequence's), so it is neither a target nor a fused position.
         labels = labels.masked_fill(position_ids == 0, IGNORE_INDEX)
 
+    # Under flash attention both passes share the batch's sequence boundaries, computed once.
+    varlen = flash_varlen_kwargs(position_ids) if packed and uses_flash_attention(model) else None
+
     def forward(**inputs: torch.Tensor) -> torch.Tensor:
         if packed:
-            return packed_forward_logits(model, position_ids, **inputs)
+            return packed_forward_logits(model, position_ids, varlen=varlen, **inputs)
         return forward_logits(model, attention_mask, **inputs)
 
     is_target = labels != IGNORE_INDEX

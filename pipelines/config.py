@@ -47,10 +47,10 @@ class ModelConfig(_Section):
         description="Dtype the weights load in; auto = bfloat16 when DeepSpeed trains in bf16 (deepspeed.precision), "
         "else float32 (DeepSpeed keeps fp32 master weights either way).",
     )
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
-        "sdpa",
-        description="Attention kernel; flash_attention_2 needs the flash-attn package and CUDA GPUs "
-        "(packed batches then take its varlen path).",
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto",
+        description="Attention kernel; auto = flash_attention_2 on CUDA workers with the flash-attn package, else "
+        "sdpa (each run says which at start); flash_attention_2 needs both (packed batches take its varlen path).",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     trust_remote_code: bool = Field(False, description="Run code shipped with a hub model. Off unless asked.")
@@ -263,6 +263,13 @@ class ScalingConfig(_Section):
         description="How Ray places the workers on nodes: PACK fills few nodes (fast collectives), SPREAD "
         "one per node where it can (a lost node takes fewer ranks); STRICT_ forms fail rather than bend.",
     )
+    worker_mmap_threshold_bytes: int = Field(
+        131072,
+        ge=0,
+        le=32 * 1024 * 1024,
+        description="glibc's mmap threshold fixed in each worker, so freed tensors leave RSS at once "
+        "(pipelines/training/host_memory.py); 0 keeps glibc's default, which lets freed buffers stay resident.",
+    )
 
 
 class CheckpointingConfig(_Section):
@@ -303,6 +310,7 @@ NON_TRAINING_KEYS = (
     "scaling.use_gpu",
     "scaling.cpus_per_worker",
     "scaling.gpus_per_worker",
+    "scaling.worker_mmap_threshold_bytes",
     "scaling.placement_strategy",
 )
 

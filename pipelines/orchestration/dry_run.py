@@ -23,6 +23,7 @@ from pipelines.data.sources import read_shard
 from pipelines.data.streaming import estimate_rows_per_micro, plan_data
 from pipelines.data.tokenize import TokenizeRows, tokenize_rows_args
 from pipelines.orchestration.storage import latest_checkpoint, read_run_record, resolve_storage_path
+from pipelines.training.build import attention
 from pipelines.training.estimate import MemoryEstimate, estimate_memory, model_shape, render
 from pipelines.training.state import Schedule, check_training_settings
 
@@ -45,6 +46,7 @@ def dry_run(
             if not use_gpu:
                 log("scaling.use_gpu=auto and no GPU here: sized as a CPU run (scaling.use_gpu=true sizes GPUs)")
     _check_attention(cfg, use_gpu)
+    log(f"attention: {_attention_plan(cfg, use_gpu)}")
     o = cfg.optimization
     unit = "packed rows" if cfg.data.packing else "sequences"
     log(
@@ -91,6 +93,15 @@ def _resume_plan(cfg: TrainConfig, resume_with_changes: bool) -> str:
         )  # fmt: skip
     how = f" with changed {', '.join(changes)}" if changes else ""
     return f"run '{cfg.run_name}': resumes from its checkpoint at step {previous[1].step}{how}"
+
+
+def _attention_plan(cfg: TrainConfig, use_gpu: bool) -> str:
+    if use_gpu and cfg.model.attn_implementation == "auto" and not torch.cuda.is_available():
+        return (
+            "model.attn_implementation=auto: chosen on the GPU workers (flash_attention_2 where the flash-attn "
+            "package is installed, else sdpa); the run says which at start"
+        )
+    return attention(cfg, use_gpu)[1]
 
 
 def _check_attention(cfg: TrainConfig, use_gpu: bool) -> None:

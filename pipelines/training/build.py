@@ -16,7 +16,7 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from ift.forward import ObjectiveForward, unwrap
 from ift.lora import add_lora
-from ift.models import load_model, load_tokenizer
+from ift.models import load_model, load_tokenizer, resolve_attention
 from pipelines.config import TrainConfig
 
 
@@ -112,12 +112,21 @@ def partitioned_construction(cfg: TrainConfig, use_gpu: bool) -> None:
         _zero3_construction = HfDeepSpeedConfig(deepspeed_config(cfg, use_gpu))
 
 
+def attention(cfg: TrainConfig, use_gpu: bool) -> tuple[str, str]:
+    """The attention kernel this worker runs (``model.attn_implementation`` with ``auto`` resolved
+    here, :func:`ift.models.resolve_attention`), and why, for the run to say at start."""
+    if cfg.model.attn_implementation == "auto" and not use_gpu:
+        return "sdpa", "model.attn_implementation=auto: sdpa, this run trains on CPU"
+    impl, why = resolve_attention(cfg.model.attn_implementation)
+    return str(impl), why
+
+
 def _load_policy(cfg: TrainConfig, tokenizer, use_gpu: bool) -> torch.nn.Module:
     partitioned_construction(cfg, use_gpu)
     return load_model(
         cfg.model.name,
         dtype=model_dtype(cfg, use_gpu),
-        attn_implementation=cfg.model.attn_implementation,
+        attn_implementation=attention(cfg, use_gpu)[0],
         trust_remote_code=cfg.model.trust_remote_code,
         revision=cfg.model.revision,
         seed=cfg.optimization.seed,

@@ -31,8 +31,9 @@ from ift.lora import parameter_counts
 from pipelines.config import TrainConfig
 from pipelines.data.batching import MicroBatches, Packing, data_mode, packing_of, token_keys
 from pipelines.tracking.runs import RunLogger
-from pipelines.training.build import build_engine, build_model_and_tokenizer, partitioned_reference
+from pipelines.training.build import attention, build_engine, build_model_and_tokenizer, partitioned_reference
 from pipelines.training.export import export_hf_model
+from pipelines.training.host_memory import return_freed_memory
 from pipelines.training.loop import StreamDataError, precompute_reference_table, run_training
 from pipelines.training.methods import build_objective
 from pipelines.training.state import ADAPTER_DIR, DS_TAG, HF_MODEL_DIR, LoopState, Schedule
@@ -127,12 +128,16 @@ class TrainingRecipe:
         """Model, reference, objective and engine; resume from the runtime's checkpoint; the data
         order; rank 0's MLflow logger; and, for DPO with precomputed references, the reference table."""
         cfg, use_gpu = self.cfg, self.spec.use_gpu and torch.cuda.is_available()
+        return_freed_memory(cfg.scaling.worker_mmap_threshold_bytes)  # before the first large allocation
         self.device = torch.device(f"cuda:{self.runtime.local_rank}") if use_gpu else torch.device("cpu")
         if use_gpu:
             torch.cuda.set_device(self.device)
         torch.manual_seed(cfg.optimization.seed)
 
         model, self.tokenizer = build_model_and_tokenizer(cfg, use_gpu)  # under ZeRO-3 built into partitions
+        self.attention, why = attention(cfg, use_gpu)
+        if self.rank == 0:
+            print(f"attention: {why}", flush=True)  # Ray shows a worker's output on the driver
         reference = partitioned_reference(cfg, self.tokenizer, use_gpu)
         self.objective = build_objective(
             cfg.method, model, self.device, seed=cfg.optimization.seed, rank=self.rank, reference=reference
@@ -149,7 +154,13 @@ class TrainingRecipe:
                 self.logger.metrics({"resumed_from_step": self.state.step}, step=self.state.step)
             else:
                 trainable, total = parameter_counts(self.engine.module)
-                self.logger.params({"model.trainable_parameters": trainable, "model.total_parameters": total})
+                self.logger.params(
+                    {
+                        "model.trainable_parameters": trainable,
+                        "model.total_parameters": total,
+                        "model.attention": self.attention,
+                    }
+                )
 
         self.reference_table = None
         if cfg.method.precomputed_reference:  # each rank scores its own share once; the table is then gathered

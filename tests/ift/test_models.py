@@ -227,6 +227,46 @@ def test_flash_attention_where_it_cannot_run_is_an_error_naming_the_key(monkeypa
         load_model("tiny", attn_implementation="flash_attention_2")
 
 
+def _machine(monkeypatch, *, cuda: bool, flash_attn: bool) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: (object() if flash_attn else None) if name == "flash_attn" else real(name, *a),
+    )
+
+
+@pytest.mark.parametrize(
+    "cuda,flash_attn,expected,reason",
+    [
+        (True, True, "flash_attention_2", "CUDA and flash-attn installed"),
+        (True, False, "sdpa", "pip install flash-attn"),
+        (False, True, "sdpa", "no CUDA GPU"),
+    ],
+)
+def test_auto_attention_is_flash_attention_2_only_on_cuda_with_the_package_and_says_why(
+    monkeypatch, cuda, flash_attn, expected, reason
+):
+    from ift.models import resolve_attention
+
+    _machine(monkeypatch, cuda=cuda, flash_attn=flash_attn)
+    impl, why = resolve_attention("auto")
+    assert impl == expected and reason in why and why.startswith("model.attn_implementation=auto")
+
+
+def test_an_explicit_attention_kernel_is_kept_as_asked():
+    from ift.models import resolve_attention
+
+    assert resolve_attention("eager") == ("eager", "model.attn_implementation=eager")
+
+
+def test_auto_attention_loads_sdpa_on_this_cpu_machine():
+    assert load_model("tiny", seed=0, attn_implementation="auto").config._attn_implementation == "sdpa"
+
+
 def test_embedding_rows_read_a_zero3_partitions_real_shape():
     from ift.models import embedding_rows
     from tests.conftest import build_llama

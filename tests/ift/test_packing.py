@@ -561,9 +561,11 @@ class FlashLabelled(torch.nn.Module):
         self.model = model
         self.config = SimpleNamespace(_attn_implementation="flash_attention_2")
         self.shapes: list[tuple[int, ...]] = []
+        self.varlen: list[dict] = []
 
     def forward(self, **inputs):
         self.shapes.append(tuple(inputs["position_ids"].shape))
+        self.varlen.append({k: inputs.pop(k) for k in list(inputs) if k.startswith(("cu_seq_lens", "max_length"))})
         return self.model(**inputs)
 
     def get_input_embeddings(self) -> torch.nn.Module:
@@ -580,6 +582,20 @@ def test_flash_path_flattens_the_rows_into_one_and_gives_the_padded_result(llama
     b = loss_and_grads(llama_sdpa, lambda: packed_call(ift_loss, flash, packed))
     assert_same(a, b)
     assert flash.shapes == [(1, rows * length)] * 2  # the prediction pass and the fused pass
+
+
+def test_flash_path_hands_both_passes_the_batchs_boundaries_computed_once(llama_sdpa):
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+    packed = packed_batch(sft_examples(), 28)
+    flash = FlashLabelled(llama_sdpa)
+    packed_call(ift_loss, flash, packed)
+    first, second = flash.varlen
+    assert first["cu_seq_lens_q"] is second["cu_seq_lens_q"]  # one computation for both passes
+    (cu_q, cu_k), (max_q, max_k) = prepare_fa_kwargs_from_position_ids(packed["position_ids"].reshape(1, -1))
+    assert torch.equal(first["cu_seq_lens_q"], cu_q) and torch.equal(first["cu_seq_lens_k"], cu_k)
+    assert first["max_length_q"] == int(max_q) == first["max_length_k"] == int(max_k)
+    assert isinstance(first["max_length_q"], int)  # no tensor for the kernel to sync on, layer after layer
 
 
 def _flash_attn_available() -> bool:

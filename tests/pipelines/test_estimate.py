@@ -161,12 +161,12 @@ def test_the_dry_run_of_the_papers_ift_run_sizes_mistral_7b_under_zero3_on_8_gpu
     assert "model mistralai/Mistral-7B-v0.1: 7.24B parameters" in out and "8 workers, ZeRO-3, bf16" in out
 
 
-@pytest.mark.parametrize("workers, accumulation", [(8, 16), (32, 4)])
+@pytest.mark.parametrize("workers, accumulation", [(8, 4), (32, 1)])
 def test_the_dry_run_prints_how_the_global_batch_is_made(workers, accumulation, capsys, monkeypatch):
     offline(monkeypatch)
     # overrides after the flag are taken as well
     main(["train", "mistral-7b-ift", "--dry-run", f"scaling.num_workers={workers}", "scaling.use_gpu=true"])
-    expected = f"global batch 512 sequences = micro 4 x accumulation {accumulation} x {workers} workers"
+    expected = f"global batch 512 sequences = micro 16 x accumulation {accumulation} x {workers} workers"
     assert expected in capsys.readouterr().out
 
 

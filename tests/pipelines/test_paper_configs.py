@@ -154,6 +154,27 @@ def test_global_batch_is_the_authors_512(name):
     assert o.micro_batch_size * cfg.accumulation_steps * cfg.scaling.num_workers == AUTHORS_GLOBAL_BATCH
 
 
+GPU_BYTES = 80e9  # the A100/H100 80 GB the packaged clusters carry
+HEADROOM = 0.5  # the estimate is a floor: CUDA context, NCCL buffers, fragmentation and temporaries come on top
+MAX_WORKERS = 32  # the configs must keep the global batch on 8, 16 and 32 GPUs
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_the_micro_batch_is_the_largest_power_of_two_the_dry_run_fits_in_half_an_80gb_gpu(name):
+    from pipelines.training.estimate import estimate_memory, model_shape
+
+    cfg = load_config(name)
+    micro, shape = cfg.optimization.micro_batch_size, model_shape(cfg)
+
+    def estimate(micro: int) -> float:
+        sized = load_config(name, [f"optimization.micro_batch_size={micro}"])
+        return estimate_memory(sized, shape, use_gpu=True).gpu_total
+
+    assert micro & (micro - 1) == 0
+    assert estimate(micro) <= HEADROOM * GPU_BYTES
+    assert estimate(2 * micro) > HEADROOM * GPU_BYTES or 2 * micro * MAX_WORKERS > AUTHORS_GLOBAL_BATCH
+
+
 @pytest.mark.parametrize("name", ["mistral-7b-ift", "mistral-7b-dpo"])
 @pytest.mark.parametrize("workers", [16, 32])
 def test_more_gpus_keep_the_global_batch_and_the_optimizer_steps(name, workers):
