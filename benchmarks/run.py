@@ -13,10 +13,11 @@ discounted scan), ``data`` (Ray Data vs datasets tokenization), ``stream``
 ``scaling`` (pipeline tokens/s, 1 vs 2 workers x ZeRO 0/2/3), ``memory`` (host memory per
 worker, ZeRO-0 vs ZeRO-3), ``report`` (seconds per step, reporting every logged step to Ray
 Train vs only checkpoints and evaluations), ``zero3`` (IFT ÷ SFT step time under ZeRO-3 next to
-ZeRO-0 on 2 gloo workers, and what ZeRO-3's prefetcher counted).  ``step``, ``scan``, ``pack``,
-``lora`` and ``zero3`` never import Ray.  Each run overwrites ``<out>/results.json`` and ``<out>/results.md``
-with the sections it ran: every ratio in a file was measured side by side in
-that one run.  Exit status 0 even when a target is missed (benchmarks are not
+ZeRO-0 on 2 gloo workers, and what ZeRO-3's prefetcher counted), ``driver`` (bytes the driver reads
+of a 2M-row corpus before training and the time to the first step, 2M vs 2,000 rows, local and S3).
+``step``, ``scan``, ``pack``, ``lora`` and ``zero3`` never import Ray.  Each run overwrites
+``<out>/results.json`` and ``<out>/results.md`` with the sections it ran: every ratio in a file
+was measured side by side in that one run.  Exit status 0 even when a target is missed (benchmarks are not
 tests) unless ``--fail-on-miss``.
 """
 
@@ -34,7 +35,7 @@ from typing import Any
 
 from benchmarks.common import fmt_bytes, fmt_ratio, load_average, load_note, machine_info
 
-SECTIONS = ("step", "scan", "data", "stream", "pack", "lora", "scaling", "memory", "report", "zero3")
+SECTIONS = ("step", "scan", "data", "stream", "pack", "lora", "scaling", "memory", "report", "zero3", "driver")
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ TARGETS = (
     Target("pack", "ift", ("packed_over_padded",), 1.30, "IFT packed useful tokens/s", at_most=False, unit="x padded"),
     Target("memory", "ift", ("zero3_over_zero0_peak_rss",), 0.80, "ZeRO-3 peak RSS per worker", unit="x ZeRO-0"),
     Target("zero3", "ift", ("zero3_over_zero0",), 1.10, "IFT/SFT step time under ZeRO-3", unit="x ZeRO-0's"),
+    Target("driver", "ift", ("warm_driver_read_fraction_large",), 0.01, "Driver reads of a 2M-row corpus", unit="%"),
+    Target("driver", "ift", ("first_step_ratio_large_to_small",), 1.20, "First step, 2M rows", unit="x 2,000 rows"),
 )
 
 FULL = {
@@ -81,6 +84,7 @@ FULL = {
     "memory": {"model": "tiny-100m", "workers": 2, "steps": 2},
     "report": {"steps": 30},
     "zero3": {"model": "tiny", "batch_size": 4, "seq_len": 128, "warmup": 3, "steps": 30},
+    "driver": {"small_rows": 2_000, "large_rows": 2_000_000},
 }
 QUICK = {
     "step": {"batch_size": 2, "seq_len": 64, "warmup": 1, "steps": 3, "memory_steps": 1, "memory_repeats": 1},
@@ -101,6 +105,7 @@ QUICK = {
     "memory": {"model": "tiny", "workers": 2, "steps": 2},
     "report": {"steps": 7},
     "zero3": {"model": "tiny", "batch_size": 2, "seq_len": 32, "warmup": 1, "steps": 2},
+    "driver": {"small_rows": 200, "large_rows": 20_000},
 }
 
 
@@ -323,6 +328,10 @@ def render_markdown(doc: dict[str, Any]) -> str:
         from benchmarks.zero3_passes import render as render_zero3
 
         lines += render_zero3(r["zero3"])
+    if "driver" in r and "error" not in r["driver"]:
+        from benchmarks.driver_reads import render as render_driver
+
+        lines += render_driver(r["driver"])
     lines += ["## Targets", "", "| target | measured | result |", "|---|---|---|"]
     for t in doc["targets"]:
         val = t.get("value_text") or ("n/a" if t["value"] is None else f"{t['value']:.2f}x")
@@ -582,6 +591,10 @@ def main(argv: list[str] | None = None) -> int:
                 from benchmarks.zero3_passes import run as run_zero3
 
                 results["zero3"] = run_zero3(log=log, **sizes["zero3"])
+            elif section == "driver":
+                from benchmarks.driver_reads import run as run_driver
+
+                results["driver"] = run_driver(log=log, **sizes["driver"])
         except Exception as exc:  # report the section as failed, keep the others
             import traceback
 

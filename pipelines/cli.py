@@ -121,6 +121,12 @@ def _data(argv: list[str]) -> int:
         "--max-errors", type=int, default=20, metavar="N", help="check: list at most N bad rows, count the rest"
     )
     parser.add_argument("--json", action="store_true", help="check: print the report as JSON")
+    parser.add_argument(
+        "--bad-rows",
+        default="bad_rows.jsonl",
+        metavar="FILE",
+        help="check: write every bad row here, one JSON object per line (only when there is one)",
+    )
     args = parser.parse_intermixed_args(argv)  # key=value overrides may follow a flag
     if args.max_errors < 0:
         parser.error("--max-errors must be 0 or more")
@@ -131,20 +137,20 @@ def _data(argv: list[str]) -> int:
 
     try:
         if args.action == "check":
-            return _data_check(cfg, max_errors=args.max_errors, as_json=args.json)
+            return _data_check(cfg, max_errors=args.max_errors, as_json=args.json, bad_rows=args.bad_rows)
         return _data_prepare(cfg, args.items)
     except DataError as exc:
         print(f"error: bad data: {exc}", file=sys.stderr)
         return 1
 
 
-def _data_check(cfg, *, max_errors: int, as_json: bool) -> int:
+def _data_check(cfg, *, max_errors: int, as_json: bool, bad_rows: str) -> int:
     """Every row read and tokenized in this process, without Ray: seconds for a local corpus."""
     import json
 
     from pipelines.data.check import check
 
-    report = check(cfg, max_errors=max_errors)
+    report = check(cfg, max_errors=max_errors, bad_rows_path=bad_rows)
     print(json.dumps(report.to_dict(), indent=1) if as_json else "\n".join(report.lines()))
     return 1 if report.bad_rows else 0
 

@@ -96,7 +96,16 @@ class DataConfig(_Section):
         False,
         description="Train from the tokenized cache in cache_dir (`ift data prepare` builds it; built if missing).",
     )
-    cache_dir: str = Field("ift_cache", description="Where tokenized caches live: a local path or a URI (s3://...).")
+    cache_dir: str = Field(
+        "ift_cache",
+        description="Where tokenized caches and the source files' scan index (<cache_dir>/index) live: a local "
+        "path or a URI (s3://...).",
+    )
+    content_hash: bool = Field(
+        False,
+        description="Fingerprint source files by a sha256 of their bytes (each new file read whole once) instead "
+        "of their identity (size and modification time or version), which needs no read.",
+    )
     packing: bool = Field(
         False,
         description="Padding-free packing: sequences back to back in rows of pack_length tokens, attention kept "

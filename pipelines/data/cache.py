@@ -4,7 +4,8 @@
 (the same :class:`pipelines.data.tokenize.TokenizeRows` as streaming) and writes
 ``<cache_dir>/<key>/part-*.parquet`` plus ``manifest.json``, written last: a
 directory without a manifest is an unfinished write and is redone.  The key
-hashes what decides the tokens: the source files' content, the tokenizer (name
+hashes what decides the tokens: the source files' fingerprints (identity, or content with
+``data.content_hash``), the tokenizer (name
 and revision), ``max_length``, ``truncation``, the data mode (SFT rows or
 preference pairs) and :data:`pipelines.data.streaming.TOKENIZATION_VERSION`.  A second
 ``prepare`` with unchanged inputs tokenizes nothing and says so; any change gives
@@ -28,7 +29,6 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,17 +40,19 @@ import ray
 from ift.data import BadRowReport, DataError
 from pipelines.config import DataSource, TrainConfig
 from pipelines.data.batching import data_mode
+from pipelines.data.files import open_filesystem
+from pipelines.data.parallel_scan import cluster_scanner
 from pipelines.data.plan import DataPlan, SplitPlan, examples_fingerprint
 from pipelines.data.sources import (
     SHARD_ROWS,
     FileScan,
     Shard,
+    SourceScanner,
     expected_rows,
     file_shards,
     keeps,
     read_shard,
     row_limits,
-    scan_source,
     shuffled,
     source_fingerprint,
 )
@@ -60,10 +62,8 @@ MANIFEST = "manifest.json"
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """``(filesystem, path)`` of a local path or a pyarrow URI (``s3://``, ``gs://``, ``file://``)."""
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), str(Path(uri).resolve())
+    """``(filesystem, path)`` of a local path or a URI (:func:`pipelines.data.files.open_filesystem`)."""
+    return open_filesystem(uri)
 
 
 def _join_uri(base: str, path: str) -> str:
@@ -100,13 +100,14 @@ def _read_manifest(fs: pafs.FileSystem, directory: str) -> dict[str, Any] | None
         return json.loads(f.read())
 
 
-def entries(cfg: TrainConfig) -> list[CacheEntry]:
+def entries(cfg: TrainConfig, scanner: SourceScanner | None = None) -> list[CacheEntry]:
     """The cache entry of every distinct source of the config (train, then validation)."""
     fs, root = filesystem(cfg.data.cache_dir)
+    scanner = scanner or cluster_scanner(cfg)
     out: dict[str, CacheEntry] = {}
     for src in [*cfg.data.train, *cfg.data.validation]:
         plain = _plain(src)
-        scans = scan_source(plain)
+        scans = scanner.scans(plain)
         key = cache_key(plain, scans, cfg)
         if key not in out:
             directory = f"{root}/{key}"
@@ -172,7 +173,7 @@ def _tokenized_stream(entry: CacheEntry, cfg: TrainConfig, *, concurrency: int, 
     return tokenize(rows, cfg, concurrency=concurrency, num_cpus=num_cpus)
 
 
-def prepare(cfg: TrainConfig, *, log=print) -> list[CacheEntry]:
+def prepare(cfg: TrainConfig, *, log=print, scanner: SourceScanner | None = None) -> list[CacheEntry]:
     """Tokenize every source of ``cfg`` that has no finished cache entry; returns all entries.
 
     Runs on the cluster's CPUs (no training workers hold any); under
@@ -180,7 +181,7 @@ def prepare(cfg: TrainConfig, *, log=print) -> list[CacheEntry]:
     is raised (``ift data check`` lists them).
     """
 
-    result = entries(cfg)
+    result = entries(cfg, scanner)
     actors, cpus = tokenizer_resources(cfg, ray.cluster_resources().get("CPU", 1.0), training_cpus=0.0)
     for entry in result:
         if entry.manifest is not None:
@@ -200,7 +201,7 @@ def prepare(cfg: TrainConfig, *, log=print) -> list[CacheEntry]:
             raise DataError(first.source, first.row, first.reason + more, kind=first.kind, line=first.line)
         entry.manifest = {
             "key": entry.key, "source": entry.source.path,
-            "files": [{"path": s.path, "rows": s.rows, "sha256": s.sha256} for s in entry.scans],
+            "files": [{"path": s.path, "rows": s.rows, "fingerprint": s.fingerprint} for s in entry.scans],
             "tokenizer": tokenizer_id(cfg), "max_length": cfg.data.max_length, "truncation": cfg.data.truncation,
             "mode": data_mode(cfg), "seconds": round(time.perf_counter() - started, 2),
             "build_id": uuid.uuid4().hex, **summary,
@@ -229,17 +230,17 @@ def describe(entry: CacheEntry) -> str:
 # --------------------------------------------------------------------------- reading
 
 
-def cached_plan(cfg: TrainConfig):
+def cached_plan(cfg: TrainConfig, scanner: SourceScanner | None = None):
     """The :class:`pipelines.data.plan.DataPlan` of a config read from its cache (prepared first if missing)."""
-
-    by_key = {e.key: e for e in prepare(cfg)}
+    scanner = scanner or cluster_scanner(cfg)
+    by_key = {e.key: e for e in prepare(cfg, scanner=scanner)}
     seed = cfg.optimization.seed
     holdout = cfg.data.validation_fraction if not cfg.data.validation else 0.0
 
     def split(sources: list[DataSource], side: str | None) -> tuple[SplitPlan, list[str]]:
         shards, fps, directories = [], [], []
         for i, src in enumerate(sources):
-            scans = scan_source(_plain(src))
+            scans = scanner.scans(_plain(src))
             entry = by_key[cache_key(_plain(src), scans, cfg)]
             fps.append(f"{source_fingerprint(src, scans)}:{src.weight}:{src.max_rows}")
             directories.append(entry.directory)

@@ -17,6 +17,8 @@ hub cache) are both read here.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,7 +28,8 @@ from typing import Any
 from ift.data import BadRowReport, DataError, TruncationStats, parse_json_row, tokenize_example
 from pipelines.config import TrainConfig
 from pipelines.data.batching import data_mode
-from pipelines.data.sources import FORMATS, Shard, expand_paths, read_shard, scan_source
+from pipelines.data.files import list_files
+from pipelines.data.sources import Shard, read_shard, scan_source
 
 MAX_ERRORS = 20  # bad rows listed; the rest are counted
 
@@ -41,6 +44,7 @@ class CheckReport:
     files: int = 0
     counts: BadRowReport = field(default_factory=lambda: BadRowReport(max_samples=0))
     bad: list[DataError] = field(default_factory=list)  # the first max_errors bad rows
+    bad_rows_path: str | None = None  # where every bad row was written, one JSON object per line
 
     @property
     def rows(self) -> int:
@@ -64,8 +68,8 @@ class CheckReport:
         """``checked 13 rows in 2 files: 1 bad (1 invalid_json), 3 truncated to max_length=512 (...)``."""
         c = self.counts
         files = f"{self.files} file{'' if self.files == 1 else 's'}"
-        reasons = ", ".join(f"{n} {kind}" for kind, n in sorted(c.counts.items()))
-        bad = f"{c.skipped} bad" + (f" ({reasons})" if reasons else "")
+        reasons = ", ".join(f"{n:,} {kind}" for kind, n in sorted(c.counts.items()))
+        bad = f"{c.skipped:,} bad" + (f" ({reasons})" if reasons else "")
         return f"checked {c.seen:,} rows in {files}: {bad}, {self._truncation_text()}"
 
     def _truncation_text(self) -> str:
@@ -82,6 +86,8 @@ class CheckReport:
         out = [self.summary(), *(str(e) for e in self.bad)]
         if self.more_bad_rows:
             out.append(f"... and {self.more_bad_rows:,} more bad rows (--max-errors N lists more)")
+        if self.bad_rows_path and self.bad_rows:
+            out.append(f"every bad row, one JSON object per line: {self.bad_rows_path}")
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -90,9 +96,8 @@ class CheckReport:
         return {
             "rows": c.seen, "files": self.files, "bad_rows": c.skipped, "by_reason": dict(sorted(c.counts.items())),
             "truncated": c.truncated, "prompt_cut": c.prompt_cut, "max_length": self.max_length,
-            "truncation": self.truncation, "more_bad_rows": self.more_bad_rows,
-            "bad": [{"source": e.source, "row": e.row, "line": e.line, "kind": e.kind, "reason": e.reason}
-                    for e in self.bad],
+            "truncation": self.truncation, "more_bad_rows": self.more_bad_rows, "bad_rows_file": self.bad_rows_path,
+            "bad": [_as_dict(e) for e in self.bad],
         }  # fmt: skip
 
 
@@ -103,7 +108,7 @@ def check_shards(cfg: TrainConfig) -> list[Shard]:
         if src.path.startswith("hf:"):
             shards = [Shard(scan.path, "hf", 0, scan.rows) for scan in scan_source(src)]
         else:  # the whole file: its reader stops at the end, so nothing is scanned first
-            shards = [Shard(f, FORMATS[Path(f).suffix], 0, sys.maxsize) for f in expand_paths(src)]
+            shards = [Shard(f.path, f.format, 0, sys.maxsize) for f in list_files(src.path)]
         out.update((s.path, s) for s in shards if s.path not in out)
     return list(out.values())
 
@@ -138,17 +143,34 @@ def rows(shards: list[Shard]) -> Iterator[dict[str, Any]]:
         yield from read_shard(shard.to_item())
 
 
-def check(cfg: TrainConfig, *, max_errors: int = MAX_ERRORS, tokenizer: Any = None) -> CheckReport:
-    """Check every row of ``cfg``'s sources (a missing source raises :class:`ift.data.DataError`)."""
+def check(
+    cfg: TrainConfig, *, max_errors: int = MAX_ERRORS, tokenizer: Any = None, bad_rows_path: str | Path | None = None
+) -> CheckReport:
+    """Check every row of ``cfg``'s sources (a missing source raises :class:`ift.data.DataError`).
+
+    Memory stays flat whatever the corpus: rows stream through one at a time, the report keeps the
+    counts and the first ``max_errors`` bad rows, and every bad row goes to ``bad_rows_path`` (JSONL,
+    written as found; created only when there is a bad row)."""
     shards = check_shards(cfg)
     report = CheckReport(cfg.data.max_length, cfg.data.truncation, max_errors=max_errors, files=len(shards))
     tokenizer = tokenizer if tokenizer is not None else _tokenizer(cfg)
     mode, stats = data_mode(cfg), TruncationStats()
-    for item in rows(shards):
-        report.counts.seen += 1
-        error = _row_error(tokenizer, item, cfg, mode, stats)
-        if error is not None:
+    with contextlib.ExitStack() as stack:
+        out = None
+        for item in rows(shards):
+            report.counts.seen += 1
+            error = _row_error(tokenizer, item, cfg, mode, stats)
+            if error is None:
+                report.counts.count_truncation(stats)
+                continue
             report.add_bad(error)
-        else:
-            report.counts.count_truncation(stats)
+            if bad_rows_path is not None:
+                if out is None:
+                    out = stack.enter_context(open(bad_rows_path, "w", encoding="utf-8"))
+                    report.bad_rows_path = str(bad_rows_path)
+                out.write(json.dumps(_as_dict(error)) + "\n")
     return report
+
+
+def _as_dict(e: DataError) -> dict[str, Any]:
+    return {"source": e.source, "row": e.row, "line": e.line, "kind": e.kind, "reason": e.reason}

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from pipelines.config import TrainConfig
 from pipelines.data.batching import data_mode
-from pipelines.data.sources import Shard
+from pipelines.data.sources import ScanIndex, Shard, SourceScanner, index_root
 from pipelines.data.tokenize import TOKENIZATION_VERSION, tokenizer_id
 
 
@@ -38,3 +38,9 @@ def examples_fingerprint(source_fps: list[str], cfg: TrainConfig, extra: str = "
         f"{TOKENIZATION_VERSION}:{cfg.optimization.seed}:{extra}".encode()
     )
     return h.hexdigest()[:16]
+
+
+def local_scanner(cfg: TrainConfig, *, writable: bool = True) -> SourceScanner:
+    """A scanner that scans new files in this process, with the config's index (``<data.cache_dir>/index``);
+    ``writable=False`` reads the index and adds nothing to it (the dry run writes nothing)."""
+    return SourceScanner(ScanIndex(index_root(cfg.data.cache_dir), writable=writable), cfg.data.content_hash)

@@ -1,13 +1,19 @@
 """A corpus as a list of shards: which rows exist, where each shard starts, and which rows a split keeps.
 
-Nothing is tokenized here and nothing needs Ray: the driver scans the sources once
-(JSONL line counts and a content hash in one pass; Parquet footers; a prepared
-cache's manifest), cuts them into :class:`Shard` s of about ``SHARD_ROWS`` rows,
-and Ray Data reads the shards in parallel (:func:`read_shard`).  The scan gives
+Nothing is tokenized here and nothing needs Ray.  A source's files are listed with their
+identity (size and version: :mod:`pipelines.data.files`; local paths, ``s3://``, ``gs://``,
+``hf://`` and other URIs), and each file is scanned once: JSONL line counts and shard offsets in
+one pass, Parquet footers (:func:`scan_file`).  A scan is kept in a :class:`ScanIndex` under the
+file's identity, so a second run, a resubmission or a sweep trial on unchanged files reads no
+source byte before training; new files are scanned by whatever ``scan_many`` the
+:class:`SourceScanner` is given (in this process, or in parallel Ray tasks on the cluster:
+:mod:`pipelines.data.parallel_scan`).  The files are then cut into :class:`Shard` s of about
+``SHARD_ROWS`` rows, and Ray Data reads the shards in parallel (:func:`read_shard`).  The scan gives
 
 * the number of rows, so the LR schedule and the progress bar know the step count
   before the first row is tokenized (the rule is in :func:`expected_rows`);
-* the content fingerprint that keys the tokenized cache and guards resumption;
+* the fingerprint that keys the tokenized cache and guards resumption: the files' identity, or
+  with ``data.content_hash`` a sha256 of their bytes (a full read of each new file);
 * byte offsets, so a shard of a multi-GB JSONL file starts reading where it begins.
 
 Row identity is ``(source file, 0-based row in that file)`` everywhere (errors,
@@ -24,39 +30,41 @@ restart, makes the same choice:
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import math
 import os
 import random
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
-from pathlib import Path
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ift.data import DataError
 from pipelines.config import DataSource
+from pipelines.data.files import SourceFile, iter_lines, list_files, open_filesystem, open_input, scheme
 
 # Rows per read task, a resumable unit of a large file and a cache file.  Small enough that the
 # first shard reaches the tokenizer and the first micro-batches the workers as soon on a corpus
 # of millions of rows as on one of two thousand (the time to the first step must not grow with
 # the corpus); 5M rows make ~2,400 read tasks per epoch, which Ray Data streams without strain.
 SHARD_ROWS = 2048
-FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 _HASH_CHUNK = 1 << 20
+SCAN_VERSION = 2  # bumped when a scan's layout changes: older index entries are then not read
 
 
 @dataclass(frozen=True)
 class FileScan:
-    """One file of a source: its format, row count, content hash and where its shards start."""
+    """One file of a source: its format, row count, fingerprint and where its shards start."""
 
     path: str
     format: str  # "jsonl" | "parquet" | "hf" (a hub dataset)
     rows: int
-    sha256: str
+    # "sha256:<hex>" of the bytes (content_hash), "id:<size>:<version>" of the listing, or the hub's fingerprint
+    fingerprint: str
     # JSONL: (first row, byte offset, 1-based line) every SHARD_ROWS rows.  Parquet: (first row, row group, 0).
     starts: tuple[tuple[int, int, int], ...]
 
@@ -100,50 +108,129 @@ class Shard:
 
 
 def expand_paths(src: DataSource) -> list[str]:
-    """Files of a local source (a path, a directory of JSONL/Parquet, or a glob), sorted."""
-    p = src.path
-    if any(ch in p for ch in "*?["):
-        files = sorted(glob.glob(p, recursive=True))
-    elif os.path.isdir(p):
-        files = sorted(str(f) for f in Path(p).rglob("*") if f.suffix in FORMATS and f.is_file())
-    else:
-        files = [p] if os.path.exists(p) else []
-    if not files:
-        raise DataError(p, None, "no such file, or the glob/directory matched no .jsonl/.parquet file", kind="missing")
-    for f in files:
-        if Path(f).suffix not in FORMATS:
-            raise DataError(f, None, "unsupported file type (expected .jsonl, .json or .parquet)", kind="format")
-    return files
+    """Files of a source (a path, a directory of JSONL/Parquet, or a glob; local or a URI), sorted."""
+    return [f.path for f in list_files(src.path)]
 
 
-def scan_file(path: str) -> FileScan:
-    """Count rows, hash the content and index shard starts, in one pass over the file."""
-    fmt = FORMATS[Path(path).suffix]
-    h = hashlib.sha256()
-    if fmt == "parquet":
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(_HASH_CHUNK), b""):
-                h.update(chunk)
-        meta = pq.ParquetFile(path).metadata
-        starts, row, pending = [], 0, 0
-        for g in range(meta.num_row_groups):
-            if not starts or pending >= SHARD_ROWS:
-                starts.append((row, g, 0))
-                pending = 0
-            n = meta.row_group(g).num_rows
-            row += n
-            pending += n
-        return FileScan(path, fmt, row, h.hexdigest(), tuple(starts))
-    rows, offset, starts = 0, 0, []
-    with open(path, "rb") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            h.update(line)
+def scan_file(file: SourceFile | str, *, content_hash: bool = False) -> FileScan:
+    """Count rows and index shard starts, in one pass over a JSONL file (a Parquet file: its footer;
+    with ``content_hash`` also every byte, hashed)."""
+    if isinstance(file, str):
+        (file,) = list_files(file)
+    h = hashlib.sha256() if content_hash else None
+    with open_input(file.path) as fh:
+        if file.format == "parquet":
+            if h is not None:
+                for chunk in iter(lambda: fh.read(_HASH_CHUNK), b""):
+                    h.update(chunk)
+            meta = pq.ParquetFile(fh).metadata
+            starts, row, pending = [], 0, 0
+            for g in range(meta.num_row_groups):
+                if not starts or pending >= SHARD_ROWS:
+                    starts.append((row, g, 0))
+                    pending = 0
+                n = meta.row_group(g).num_rows
+                row += n
+                pending += n
+            return FileScan(file.path, file.format, row, _fingerprint(file, h), tuple(starts))
+        rows, offset, starts = 0, 0, []
+        for lineno, line in enumerate(iter_lines(fh), start=1):
+            if h is not None:
+                h.update(line)
             if line.strip():
                 if rows % SHARD_ROWS == 0:
                     starts.append((rows, offset, lineno))
                 rows += 1
             offset += len(line)
-    return FileScan(path, fmt, rows, h.hexdigest(), tuple(starts))
+    return FileScan(file.path, file.format, rows, _fingerprint(file, h), tuple(starts))
+
+
+def _fingerprint(file: SourceFile, h: Any) -> str:
+    return f"sha256:{h.hexdigest()}" if h is not None else f"id:{file.identity}"
+
+
+def scan_files(files: list[SourceFile], content_hash: bool) -> list[FileScan]:
+    """:func:`scan_file` of each file, one after the other in this process."""
+    return [scan_file(f, content_hash=content_hash) for f in files]
+
+
+ScanMany = Callable[[list[SourceFile], bool], list[FileScan]]
+
+
+class ScanIndex:
+    """The scans of source files, kept under ``root`` (a local directory or a URI) by each file's
+    location and identity: one small JSON file per scanned file.  A changed file (another size or
+    version) has another key, so a stale scan is never read; ``writable=False`` (the dry run) reads
+    and writes nothing new."""
+
+    def __init__(self, root: str, *, writable: bool = True):
+        self.root, self.writable = root.rstrip("/"), writable
+
+    def _key(self, file: SourceFile, content_hash: bool) -> str:
+        where = file.path if scheme(file.path) else os.path.abspath(file.path)
+        text = f"{SCAN_VERSION}|{SHARD_ROWS}|{where}|{file.identity}|{content_hash}"
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+    def get(self, file: SourceFile, content_hash: bool) -> FileScan | None:
+        fs, root = open_filesystem(self.root)
+        path = f"{root}/{self._key(file, content_hash)}.json"
+        try:
+            with fs.open_input_stream(path) as f:
+                d = json.loads(f.read())
+        except (FileNotFoundError, OSError, ValueError):  # not indexed yet, or an unreadable entry: scan again
+            return None
+        # The path as this run names the file (an index entry may come from another working directory).
+        return FileScan(file.path, d["format"], d["rows"], d["fingerprint"], tuple(tuple(x) for x in d["starts"]))
+
+    def put(self, file: SourceFile, content_hash: bool, scan: FileScan) -> None:
+        if not self.writable:
+            return
+        fs, root = open_filesystem(self.root)
+        fs.create_dir(root, recursive=True)
+        path = f"{root}/{self._key(file, content_hash)}.json"
+        body = json.dumps({**asdict(scan), "identity": file.identity}).encode()
+        # Atomic: a rename locally; one PUT on object storage.
+        target = f"{path}.tmp-{uuid.uuid4().hex[:8]}" if isinstance(fs, pafs.LocalFileSystem) else path
+        with fs.open_output_stream(target) as f:
+            f.write(body)
+        if target != path:
+            fs.move(target, path)
+
+
+@dataclass
+class SourceScanner:
+    """Each source's file scans, from the index where a file is unchanged, else scanned by ``scan_many``
+    (and indexed); each source once per scanner.  ``scanned_files`` / ``scanned_bytes``: what was read."""
+
+    index: ScanIndex | None = None
+    content_hash: bool = False
+    scan_many: ScanMany = scan_files
+    scanned_files: int = 0
+    scanned_bytes: int = 0
+    _memo: dict[tuple[str, str], list[FileScan]] = field(default_factory=dict, repr=False)
+
+    def scans(self, src: DataSource) -> list[FileScan]:
+        key = (src.path, src.split)
+        if key not in self._memo:
+            self._memo[key] = [scan_hub(src)] if src.path.startswith("hf:") else self._scan_files(list_files(src.path))
+        return self._memo[key]
+
+    def _scan_files(self, files: list[SourceFile]) -> list[FileScan]:
+        found = {f.path: self.index.get(f, self.content_hash) for f in files} if self.index else {}
+        missing = [f for f in files if found.get(f.path) is None]
+        if missing:
+            for f, scan in zip(missing, self.scan_many(missing, self.content_hash), strict=True):
+                found[f.path] = scan
+                if self.index is not None:
+                    self.index.put(f, self.content_hash, scan)
+            self.scanned_files += len(missing)
+            self.scanned_bytes += sum(f.size for f in missing)
+        return [found[f.path] for f in files]
+
+
+def index_root(cache_dir: str) -> str:
+    """Where a config's scan index lives: ``<data.cache_dir>/index``."""
+    return f"{cache_dir.rstrip('/')}/index"
 
 
 def load_hub_dataset(path: str):
@@ -165,21 +252,19 @@ def scan_hub(src: DataSource) -> FileScan:
     ds = load_hub_dataset(path)
     fp = getattr(ds, "_fingerprint", None) or f"{len(ds)}"
     starts = tuple((r, r, 0) for r in range(0, len(ds), SHARD_ROWS))
-    return FileScan(path, "hf", len(ds), hashlib.sha256(f"{path}:{fp}".encode()).hexdigest(), starts)
+    return FileScan(path, "hf", len(ds), "hf:" + hashlib.sha256(f"{path}:{fp}".encode()).hexdigest(), starts)
 
 
 def scan_source(src: DataSource) -> list[FileScan]:
-    """Every file of a source, scanned (a hub dataset is one)."""
-    if src.path.startswith("hf:"):
-        return [scan_hub(src)]
-    return [scan_file(f) for f in expand_paths(src)]
+    """Every file of a source, scanned here and now (a hub dataset is one): no index."""
+    return SourceScanner().scans(src)
 
 
 def source_fingerprint(src: DataSource, scans: list[FileScan]) -> str:
-    """Content hash of a source's files (names and bytes), 16 hex characters."""
+    """A source's files (names and fingerprints) in 16 hex characters."""
     h = hashlib.sha256()
     for s in scans:
-        h.update(f"{os.path.basename(s.path)}:{s.sha256}".encode())
+        h.update(f"{os.path.basename(s.path)}:{s.fingerprint}".encode())
     return h.hexdigest()[:16]
 
 
@@ -291,9 +376,9 @@ def read_shard(item: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 def _read_jsonl_shard(shard: Shard) -> Iterator[dict[str, Any]]:
     row, end = shard.first_row, shard.first_row + shard.num_rows
-    with open(shard.path, "rb") as fh:
+    with open_input(shard.path) as fh:
         fh.seek(shard.offset)
-        for lineno, line in enumerate(fh, start=shard.first_line):
+        for lineno, line in enumerate(iter_lines(fh), start=shard.first_line):
             if row >= end:
                 break
             if not line.strip():
@@ -311,7 +396,7 @@ def _read_hub_shard(shard: Shard) -> Iterator[dict[str, Any]]:
 
 
 def _read_parquet_shard(shard: Shard) -> Iterator[dict[str, Any]]:
-    pf = pq.ParquetFile(shard.path)
+    pf = pq.ParquetFile(open_input(shard.path))
     row, end, group = shard.first_row, shard.first_row + shard.num_rows, shard.offset
     while row < end and group < pf.metadata.num_row_groups:
         for record in pf.read_row_group(group).to_pylist():

@@ -34,11 +34,12 @@ from ift.data import DataError
 from pipelines.config import DataSource, TrainConfig
 from pipelines.data.batching import data_mode, estimate_examples_per_pack, packing_of, token_keys
 from pipelines.data.cache import cached_plan, read_cached_shard
-from pipelines.data.plan import DataPlan, SplitPlan, examples_fingerprint
+from pipelines.data.parallel_scan import cluster_scanner
+from pipelines.data.plan import DataPlan, SplitPlan, examples_fingerprint, local_scanner
 from pipelines.data.sources import (
+    SourceScanner,
     expected_rows,
     read_shard,
-    scan_source,
     shuffled,
     source_fingerprint,
     source_shards,
@@ -52,21 +53,24 @@ def _source_key(src: DataSource) -> str:
     return f"{src.weight}:{src.max_rows}"
 
 
-def plan_data(cfg: TrainConfig) -> DataPlan:
-    """Scan the sources (row counts, content hashes) and lay out each split's shards.
+def plan_data(cfg: TrainConfig, scanner: SourceScanner | None = None) -> DataPlan:
+    """Scan the sources (row counts and fingerprints, from the scan index where the files are
+    unchanged) and lay out each split's shards.  ``scanner``: how new files are scanned (default:
+    in this process, :func:`pipelines.data.plan.local_scanner`).
 
     With ``data.cache=true`` the shards are the prepared cache's (prepared first
-    if missing, see :func:`pipelines.data.cache.ensure_prepared`).
+    if missing, see :func:`pipelines.data.cache.prepare`).
     """
     seed = cfg.optimization.seed
+    scanner = scanner or local_scanner(cfg)
     if cfg.data.cache:
-        return cached_plan(cfg)
+        return cached_plan(cfg, scanner)
     holdout = cfg.data.validation_fraction if not cfg.data.validation else 0.0
 
     def split(sources: list[DataSource], side: str | None) -> SplitPlan:
         shards, fps = [], []
         for i, src in enumerate(sources):
-            scans = scan_source(src)
+            scans = scanner.scans(src)
             fps.append(f"{source_fingerprint(src, scans)}:{_source_key(src)}")
             if side == "validation":  # held-out rows: each source once, whatever its weight
                 src = src.model_copy(update={"weight": 1.0})
@@ -161,8 +165,9 @@ class StreamingData:
 
 
 def build_datasets(cfg: TrainConfig, *, cluster_cpus: float | None = None) -> StreamingData:
-    """Plan the splits and build their lazy streams (nothing is read or tokenized yet)."""
-    plan = plan_data(cfg)
+    """Plan the splits and build their lazy streams (nothing is read or tokenized yet; new source files
+    are scanned in Ray tasks, unchanged ones come from the scan index)."""
+    plan = plan_data(cfg, cluster_scanner(cfg))
     if cluster_cpus is None:
         cluster_cpus = ray.cluster_resources().get("CPU", 1.0)
     actors, cpus = tokenizer_resources(cfg, cluster_cpus)

@@ -18,7 +18,7 @@ from ift.data import DataError, normalize_row, parse_json_row
 from ift.models import check_attention
 from pipelines.config import TrainConfig
 from pipelines.data.batching import data_mode
-from pipelines.data.plan import SplitPlan
+from pipelines.data.plan import SplitPlan, local_scanner
 from pipelines.data.sources import read_shard
 from pipelines.data.streaming import estimate_rows_per_micro, plan_data
 from pipelines.data.tokenize import TokenizeRows, tokenize_rows_args
@@ -64,7 +64,8 @@ def dry_run(
     log(render(cfg, est, use_gpu=use_gpu))
     # The data last: the estimate above stands even where the data cannot be read (a laptop without
     # access to the cluster's buckets or the hub), and the run fails here as training would.
-    plan = plan_data(cfg)  # a missing or unreadable source is a DataError naming it
+    # A missing or unreadable source is a DataError naming it; the scan index is read, not written.
+    plan = plan_data(cfg, local_scanner(cfg, writable=False))
     if not plan.from_cache:
         log(check_sample(cfg, plan.train))
     rows_per_micro = None

@@ -336,7 +336,7 @@ class LogWindow:
     and time behind the throughput figures."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
+        self.sums: dict[str, Any] = {}  # metric -> running sum (a tensor, or a float)
         self.micro_batches = 0
         self.tokens_step = 0  # this rank's tokens in the current optimizer step
         self.tokens = 0  # all ranks' tokens since the last log
@@ -344,11 +344,13 @@ class LogWindow:
         self.rank_tokens: list[int] = []
 
     def add(self, out: Any, tokens: int) -> None:
+        """Add a micro-batch's loss and metrics to the window's running sums, kept as tensors where they
+        are computed: no device-to-host copy (a sync that stalls the GPU's queue) until the logged step."""
         self.tokens_step += tokens
-        self.sums["loss"] = self.sums.get("loss", 0.0) + float(out.loss.detach())
-        for k, v in out.metrics.items():
-            if not k.startswith("num_"):
-                self.sums[k] = self.sums.get(k, 0.0) + float(v)
+        values = {"loss": out.loss, **{k: v for k, v in out.metrics.items() if not k.startswith("num_")}}
+        for k, v in values.items():
+            v = v.detach() if isinstance(v, torch.Tensor) else v
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
         self.micro_batches += 1
 
     def step_done(self, state: LoopState, device: torch.device) -> None:
@@ -364,7 +366,7 @@ class LogWindow:
     ) -> dict[str, float]:
         """The logged step's metrics, averaged over ranks; starts a new window."""
         elapsed = time.perf_counter() - self.started
-        metrics = all_reduce_mean({k: v / self.micro_batches for k, v in self.sums.items()}, device)
+        metrics = all_reduce_mean({k: float(v) / self.micro_batches for k, v in self.sums.items()}, device)
         metrics["tokens_per_s"] = self.tokens / max(elapsed, 1e-9)  # all ranks together
         # This step's tokens per rank: packing should keep min and max close (no rank waits long).
         metrics["tokens_per_step_rank_mean"] = sum(self.rank_tokens) / len(self.rank_tokens)

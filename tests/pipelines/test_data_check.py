@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from ift.data import tokenize_rows
 from ift.models import load_tokenizer
@@ -32,6 +33,12 @@ def bad_corpus(tmp_path: Path, bad_rows: int = 2, rows: int = 8) -> Path:
 
 def only(path: Path, *more: str) -> list[str]:
     return [f"data.train=[{{path: {path}}}]", "data.validation=[]", *more]
+
+
+@pytest.fixture(autouse=True)
+def in_tmp_path(tmp_path, monkeypatch):
+    """The check writes its bad-rows file in the working directory by default."""
+    monkeypatch.chdir(tmp_path)
 
 
 def test_the_bundled_corpus_is_checked_in_this_process_without_ray(capsys):
@@ -59,7 +66,7 @@ def test_bad_rows_are_listed_by_file_and_line_and_the_exit_code_is_1(tmp_path, c
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "checked 8 rows in 1 file: 2 bad (1 invalid_json, 1 role_order), none truncated to max_length=256"
     assert out[1].startswith(f"{bad} line 3: invalid JSON") and out[2].startswith(f"{bad} line 6: ")
-    assert len(out) == 3
+    assert out[3:] == ["every bad row, one JSON object per line: bad_rows.jsonl"]
 
 
 def test_a_parquet_row_is_named_by_its_1_based_row(tmp_path, capsys):
@@ -78,10 +85,30 @@ def test_the_list_of_bad_rows_is_capped_and_the_rest_counted(tmp_path, capsys):
     assert ift(["data", "check", *only(bad), "--max-errors", "5"]) == 1
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("checked 36 rows in 1 file: 30 bad (29 invalid_json, 1 role_order)")
-    assert len(out) == 1 + 5 + 1 and out[-1].startswith("... and 25 more bad rows")
+    assert len(out) == 1 + 5 + 2 and out[-2].startswith("... and 25 more bad rows")
     assert out[3].startswith(f"{bad} line 10: expected a JSON object")  # the blank line 9 is no row
     assert ift(["data", "check", *only(bad)]) == 1  # the default: 20
-    assert capsys.readouterr().out.splitlines()[-1].startswith("... and 10 more bad rows")
+    assert capsys.readouterr().out.splitlines()[-2].startswith("... and 10 more bad rows")
+
+
+def test_thousands_of_bad_rows_print_a_bounded_summary_and_all_go_to_the_file_it_names(tmp_path, capsys):
+    bad = bad_corpus(tmp_path, bad_rows=3000)
+    listed = tmp_path / "all-bad.jsonl"
+    assert ift(["data", "check", *only(bad), "--bad-rows", str(listed)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 + 20 + 2  # the counts, the first 20, how many more, the file
+    assert out[0].startswith("checked 3,006 rows in 1 file: 3,000 bad (2,999 invalid_json, 1 role_order)")
+    assert out[-1] == f"every bad row, one JSON object per line: {listed}"
+    written = [json.loads(line) for line in listed.read_text().splitlines()]
+    assert len(written) == 3000 and written[0]["line"] == 3 and written[-1]["line"] == 3007
+    assert {w["kind"] for w in written} == {"invalid_json", "role_order"}
+
+
+def test_a_corpus_without_bad_rows_writes_no_file(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    write_jsonl(make_conversations(5, seed=1), path)
+    assert ift(["data", "check", *only(path)]) == 0
+    assert not (tmp_path / "bad_rows.jsonl").exists()
 
 
 def test_truncated_rows_are_counted_as_training_counts_them(tmp_path, capsys):

@@ -315,3 +315,36 @@ def test_a_checkpoint_for_other_data_is_refused_naming_both_fingerprints():
 def test_a_checkpoint_from_the_same_world_and_data_resumes():
     LoopState(step=8, world_size=2, data_fingerprint="abc").check_resumable(2, "abc")
     LoopState(step=8).check_resumable(2, "abc")  # written before these were recorded
+
+
+class _HostCopies(torch.Tensor):
+    """A tensor that counts the copies to the host made of it (or of anything computed from it)."""
+
+    copies = 0
+
+    def __float__(self) -> float:
+        type(self).copies += 1
+        return super().__float__()
+
+    def item(self):
+        type(self).copies += 1
+        return super().item()
+
+
+def test_the_log_window_copies_the_loss_and_metrics_to_the_host_only_at_the_logged_step():
+    from ift.objectives import ObjectiveOutput
+    from pipelines.training.loop import LogWindow
+    from pipelines.training.state import LoopState, Schedule
+
+    def tensor(x: float) -> torch.Tensor:
+        return torch.tensor(x).as_subclass(_HostCopies)
+
+    window, _HostCopies.copies = LogWindow(), 0
+    for loss, nll in ((1.0, 2.0), (3.0, 4.0), (5.0, 9.0)):
+        window.add(ObjectiveOutput(tensor(loss), {"nll": tensor(nll), "num_tokens": tensor(7.0)}), tokens=10)
+    assert _HostCopies.copies == 0  # three micro-batches, no sync
+    window.rank_tokens = [30]
+    schedule = Schedule(micro_per_epoch=6, steps_per_epoch=2, total_steps=2)
+    metrics = window.flush(torch.device("cpu"), grad_norm=None, lr=0.1, state=LoopState(), schedule=schedule)
+    assert metrics["loss"] == pytest.approx(3.0) and metrics["nll"] == pytest.approx(5.0)
+    assert "num_tokens" not in metrics and _HostCopies.copies == 2  # one per metric, at the logged step

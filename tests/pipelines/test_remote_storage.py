@@ -1,4 +1,4 @@
-"""`ift train` with its checkpoints on S3: a worker killed while saving, a failure after training.
+"""`ift train` with its corpus and checkpoints on S3: a worker killed while saving, a failure after training.
 
 A real S3-compatible server (moto_server) on 127.0.0.1, started and stopped here, is reached
 through the usual AWS environment variables by the driver and by every Ray worker (the local
@@ -48,14 +48,26 @@ def step_of(s3, run_name: str, folder: str) -> int:
 RANK1_SHARD = "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt"  # ZeRO-2: rank 1's optimizer partition
 
 
+@pytest.fixture(scope="module")
+def s3_corpus(s3, corpora) -> list[str]:
+    """The training and validation corpora uploaded to the bucket: ``data.*`` overrides reading them there."""
+    for name in ("chat.jsonl", "chat_val.jsonl"):
+        s3.upload_file(str(corpora / name), BUCKET, f"corpus/{name}")
+    return [
+        f"data.train=s3://{BUCKET}/corpus/chat.jsonl",
+        f"data.validation=[{{path: s3://{BUCKET}/corpus/chat_val.jsonl}}]",
+    ]
+
+
 def test_a_worker_killed_while_saving_leaves_no_checkpoint_a_rerun_loads_and_the_rerun_resumes_from_the_last_whole_one(
-    tmp_path, corpora, s3
+    tmp_path, corpora, s3, s3_corpus
 ):
     marker = tmp_path / "killed-while-saving"
     cfg = config(
         tmp_path, corpora, "optimization.max_steps=10", "deepspeed.zero_stage=2", "checkpointing.max_failures=0",
-        f"checkpointing.storage_path=s3://{BUCKET}/runs",
+        f"checkpointing.storage_path=s3://{BUCKET}/runs", *s3_corpus,
     )  # fmt: skip
+    assert cfg.data.train[0].path.startswith("s3://")  # every rank streams its rows from the bucket
     # Rank 1 dies halfway through uploading the final checkpoint, once rank 0's part is in the bucket.
     with pytest.raises(ray.train.TrainingFailedError):
         train(cfg, show_progress=False, hooks=KillWorker(step=10, rank=1, marker=str(marker), while_saving=True))

@@ -60,9 +60,9 @@ def test_parquet_shards_start_on_row_groups_and_read_every_row(tmp_path, small_s
 
 def test_the_content_hash_changes_with_one_byte(tmp_path):
     path = write_jsonl(tmp_path / "a.jsonl", 5)
-    before = scan_file(str(path)).sha256
+    before = scan_file(str(path), content_hash=True).fingerprint
     path.write_text(path.read_text().replace('"i": 3', '"i": 4'))
-    assert scan_file(str(path)).sha256 != before
+    assert scan_file(str(path), content_hash=True).fingerprint != before
 
 
 def test_a_whole_weight_reads_each_row_that_many_times(tmp_path):
@@ -109,3 +109,98 @@ def test_a_cache_shard_applies_the_caps_of_the_rows_own_files():
 def test_a_shard_survives_the_trip_through_a_ray_item():
     shard = Shard("a.jsonl", "jsonl", 8, 4, holdout=(0.1, "train"), row_limits=(("a.jsonl", 3),))
     assert Shard.from_item(shard.to_item()) == shard
+
+
+# --------------------------------------------------------------------------- the scan index
+
+
+def _counting_scanner(index_dir: Path, *, writable: bool = True, content_hash: bool = False):
+    scanned: list[str] = []
+
+    def scan_many(files, content_hash):
+        scanned.extend(Path(f.path).name for f in files)
+        return sources.scan_files(files, content_hash)
+
+    index = sources.ScanIndex(str(index_dir), writable=writable)
+    return sources.SourceScanner(index, content_hash, scan_many), scanned
+
+
+def test_a_second_scanner_on_unchanged_files_scans_nothing_and_gets_the_same_scans(tmp_path, small_shards):
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "a.jsonl", 10)
+    write_jsonl(tmp_path / "data" / "b.jsonl", 3)
+    src = DataSource(path=str(tmp_path / "data" / "*.jsonl"))
+    first, scanned_first = _counting_scanner(tmp_path / "index")
+    second, scanned_second = _counting_scanner(tmp_path / "index")
+    assert first.scans(src) == second.scans(src)
+    assert scanned_first == ["a.jsonl", "b.jsonl"] and scanned_second == []
+    corpus_bytes = sum(p.stat().st_size for p in (tmp_path / "data").iterdir())
+    assert (first.scanned_files, first.scanned_bytes) == (2, corpus_bytes)
+    assert second.scanned_files == 0
+
+
+def test_a_rewritten_file_is_scanned_again_and_its_neighbours_are_not(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", 10)
+    write_jsonl(tmp_path / "b.jsonl", 3)
+    src = DataSource(path=str(tmp_path / "*.jsonl"))
+    _counting_scanner(tmp_path / "index")[0].scans(src)
+    write_jsonl(tmp_path / "b.jsonl", 4)
+    scanner, scanned = _counting_scanner(tmp_path / "index")
+    assert [s.rows for s in scanner.scans(src)] == [10, 4] and scanned == ["b.jsonl"]
+
+
+def test_a_file_is_fingerprinted_by_its_identity_unless_content_hash_is_asked(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", 5)
+    st = path.stat()
+    assert scan_file(str(path)).fingerprint == f"id:{st.st_size}:{st.st_mtime_ns}"
+    assert scan_file(str(path), content_hash=True).fingerprint.startswith("sha256:")
+
+
+def test_a_read_only_index_adds_nothing(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", 5)
+    scanner, scanned = _counting_scanner(tmp_path / "index", writable=False)
+    scanner.scans(DataSource(path=str(tmp_path / "a.jsonl")))
+    assert scanned == ["a.jsonl"] and not (tmp_path / "index").exists()
+
+
+def test_an_unreadable_index_entry_is_scanned_again(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", 5)
+    src = DataSource(path=str(tmp_path / "a.jsonl"))
+    _counting_scanner(tmp_path / "index")[0].scans(src)
+    (entry,) = (tmp_path / "index").iterdir()
+    entry.write_text("{not json")
+    scanner, scanned = _counting_scanner(tmp_path / "index")
+    assert scanner.scans(src)[0].rows == 5 and scanned == ["a.jsonl"]
+
+
+# --------------------------------------------------------------------------- any fsspec filesystem
+
+
+@pytest.fixture
+def memory_fs():
+    fsspec = pytest.importorskip("fsspec")
+    fs = fsspec.filesystem("memory")
+    yield fs
+    fs.rm("/corpus", recursive=True)
+
+
+def test_a_source_on_an_fsspec_filesystem_is_listed_by_glob_read_by_shard_and_named_by_uri(memory_fs, small_shards):
+    for name, n in (("a.jsonl", 6), ("b.jsonl", 2)):
+        memory_fs.pipe(f"/corpus/{name}", "".join(json.dumps({"i": i}) + "\n" for i in range(n)).encode())
+    memory_fs.pipe("/corpus/notes.txt", b"not a source")
+    scanner = sources.SourceScanner()
+    scans = scanner.scans(DataSource(path="memory://corpus/*.jsonl"))
+    assert [(s.path, s.rows) for s in scans] == [("memory:///corpus/a.jsonl", 6), ("memory:///corpus/b.jsonl", 2)]
+    rows = [r for scan in scans for shard in sources.file_shards(scan) for r in read_shard(shard.to_item())]
+    assert [(r["source"], r["row"], r["line"]) for r in rows][4:7] == [
+        ("memory:///corpus/a.jsonl", 4, 5), ("memory:///corpus/a.jsonl", 5, 6), ("memory:///corpus/b.jsonl", 0, 1),
+    ]  # fmt: skip
+    assert [json.loads(r["payload"])["i"] for r in rows] == [0, 1, 2, 3, 4, 5, 0, 1]
+
+
+def test_a_uri_that_matches_nothing_is_an_error_naming_it(memory_fs):
+    from ift.data import DataError
+
+    memory_fs.pipe("/corpus/a.jsonl", b"{}\n")
+    with pytest.raises(DataError, match="memory://corpus/none-\\*.jsonl: no such file"):
+        sources.scan_source(DataSource(path="memory://corpus/none-*.jsonl"))
