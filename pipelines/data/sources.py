@@ -177,10 +177,10 @@ class ScanIndex:
         try:
             with fs.open_input_stream(path) as f:
                 d = json.loads(f.read())
-        except (FileNotFoundError, OSError, ValueError):  # not indexed yet, or an unreadable entry: scan again
+            # The path as this run names the file (an index entry may come from another working directory).
+            return FileScan(file.path, d["format"], d["rows"], d["fingerprint"], tuple(tuple(x) for x in d["starts"]))
+        except (OSError, ValueError, KeyError, TypeError):  # not indexed yet, or an unreadable entry: scan again
             return None
-        # The path as this run names the file (an index entry may come from another working directory).
-        return FileScan(file.path, d["format"], d["rows"], d["fingerprint"], tuple(tuple(x) for x in d["starts"]))
 
     def put(self, file: SourceFile, content_hash: bool, scan: FileScan) -> None:
         if not self.writable:

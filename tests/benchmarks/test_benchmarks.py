@@ -73,7 +73,8 @@ def test_quick_run_writes_results(tmp_path):
     labels = {t["label"]: t for t in doc["targets"]}
     assert set(labels) == {
         "IFT step time", "IFT peak memory", "IFT packed padding", "IFT packed useful tokens/s",
-        "ZeRO-3 peak RSS per worker",
+        "ZeRO-3 peak RSS per worker", "IFT/SFT step time under ZeRO-3", "Driver reads of a 2M-row corpus",
+        "First step, 2M rows",
     }  # fmt: skip
     assert all(labels[k]["status"] in ("met", "missed") for k in ("IFT step time", "IFT peak memory"))
     assert all(labels[k]["status"] == "not measured" for k in ("IFT packed padding", "IFT packed useful tokens/s"))

@@ -92,10 +92,13 @@ def in_thread(fn: Callable[[], Any]) -> Callable[[], Any]:
 
 
 def swap_node(cluster: Cluster, node_id: str) -> str:
-    """Take a worker node away, as a preempted machine goes, and let a fresh one join; its id."""
+    """Take a worker node away, as a preempted machine goes, with a fresh one already joined (as a spare or
+    the autoscaler's replacement); its id.  Joined first, so the retry can place on it at once: a node
+    that registers only after the retry was placed would leave SPREAD nothing to spread onto."""
     (node,) = [n for n in cluster.worker_nodes if n.node_id == node_id]
+    fresh = cluster.add_node(**NODE).node_id
     cluster.remove_node(node)
-    return cluster.add_node(**NODE).node_id
+    return fresh
 
 
 def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 300) -> Any:

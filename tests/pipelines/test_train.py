@@ -296,12 +296,16 @@ def traces(trace_dir: Path) -> dict[int, dict[tuple[int, int], list[tuple[str, i
     return out
 
 
+STREAMED_ROWS = 32  # chat32.jsonl: which rows each rank reads needs an epoch, not a long one
+
+
 def streamed_run(tmp_path: Path, corpora: Path, workers: int, *extra: str):
     trace = tmp_path / "trace"
     trace.mkdir()
     cfg = config(
         tmp_path, corpora, f"scaling.num_workers={workers}", f"scaling.cpus_per_worker={1.5 / workers}",
-        "optimization.epochs=1", "mlflow.enabled=false", "data.validation=[]", *extra,
+        "optimization.epochs=1", "mlflow.enabled=false", "data.validation=[]",
+        f"data.train=[{{path: {corpora / 'chat32.jsonl'}}}]", *extra,
     )  # fmt: skip
     train(cfg, show_progress=False, hooks=TraceBatches(str(trace)))
     return traces(trace)
@@ -331,17 +335,17 @@ def assert_each_rank_reads_its_own_rows(per_rank: dict, workers: int, rows: int,
 
 
 def test_with_two_workers_each_rank_reads_only_its_own_rows(two_worker_runs):
-    assert_each_rank_reads_its_own_rows(two_worker_runs[0], workers=2, rows=128, micro=4)
+    assert_each_rank_reads_its_own_rows(two_worker_runs[0], workers=2, rows=STREAMED_ROWS, micro=4)
 
 
 def test_two_runs_with_the_same_seed_train_on_the_same_rows_at_every_step(two_worker_runs):
     first, second = two_worker_runs
-    assert first == second and len(first[0]) == 16
+    assert first == second and len(first[0]) == STREAMED_ROWS // (4 * 2)
 
 
 def test_with_three_workers_each_rank_reads_only_its_own_rows(tmp_path, corpora):
     per_rank = streamed_run(tmp_path, corpora, 3, "optimization.micro_batch_size=2")
-    assert_each_rank_reads_its_own_rows(per_rank, workers=3, rows=128, micro=2)
+    assert_each_rank_reads_its_own_rows(per_rank, workers=3, rows=STREAMED_ROWS, micro=2)
 
 
 def test_a_bad_row_in_the_middle_of_the_stream_stops_the_run_naming_its_file_and_line(tmp_path, corpora):
