@@ -61,11 +61,6 @@ from pipelines.data.tokenize import TOKENIZATION_VERSION, tokenize, tokenizer_id
 MANIFEST = "manifest.json"
 
 
-def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """``(filesystem, path)`` of a local path or a URI (:func:`pipelines.data.files.open_filesystem`)."""
-    return open_filesystem(uri)
-
-
 def _join_uri(base: str, path: str) -> str:
     """``path`` (a filesystem path) as a string every reader can open: the URI's scheme kept."""
     return f"{base.split('://', 1)[0]}://{path}" if "://" in base else path
@@ -102,7 +97,7 @@ def _read_manifest(fs: pafs.FileSystem, directory: str) -> dict[str, Any] | None
 
 def entries(cfg: TrainConfig, scanner: SourceScanner | None = None) -> list[CacheEntry]:
     """The cache entry of every distinct source of the config (train, then validation)."""
-    fs, root = filesystem(cfg.data.cache_dir)
+    fs, root = open_filesystem(cfg.data.cache_dir)
     scanner = scanner or cluster_scanner(cfg)
     out: dict[str, CacheEntry] = {}
     for src in [*cfg.data.train, *cfg.data.validation]:
@@ -187,7 +182,7 @@ def prepare(cfg: TrainConfig, *, log=print, scanner: SourceScanner | None = None
         if entry.manifest is not None:
             log(f"cached     {entry.source.path}: unchanged inputs, nothing tokenized ({entry.directory})")
             continue
-        fs, directory = filesystem(entry.directory)
+        fs, directory = open_filesystem(entry.directory)
         fs.create_dir(directory, recursive=True)
         fs.delete_dir_contents(directory, missing_dir_ok=True)  # an unfinished earlier write
         started = time.perf_counter()
@@ -284,7 +279,7 @@ def read_cached_shard(item: dict[str, Any]) -> pa.Table:
     as it would to a stream.
     """
     shard = Shard.from_item({"shard": item["shard"][0]})
-    fs, path = filesystem(shard.path)
+    fs, path = open_filesystem(shard.path)
     with fs.open_input_file(path) as f:
         table = pq.read_table(f)
     sources = table.column("source").to_pylist()
