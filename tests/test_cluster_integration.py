@@ -155,6 +155,23 @@ def _http_status(url: str, headers: dict[str, str] | None = None) -> int:
         return e.code
 
 
+def _submit_when_agent_ready(
+    cmd: list[str], env: dict[str, str], patience_s: float = 120
+) -> subprocess.CompletedProcess:
+    """Run ``ray job submit``, again while the head answers "No available agent".
+
+    The Jobs API answers as soon as the dashboard is up, but the head node's dashboard
+    agent registers with it some seconds later; until then a submission is refused
+    with that message and "please try again later" (seen on a loaded CI machine).
+    """
+    deadline = time.monotonic() + patience_s
+    while True:
+        r = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
+        if r.returncode == 0 or "No available agent" not in r.stdout + r.stderr or time.monotonic() > deadline:
+            return r
+        time.sleep(3)
+
+
 # --------------------------------------------------------------------------- fixtures
 
 
@@ -357,7 +374,7 @@ def test_ift_train_as_ray_job_registers_model_in_mlflow_server(tmp_path, servers
         f"checkpointing.storage_path={runs}",
     ]
     started = time.monotonic()
-    r = subprocess.run(
+    r = _submit_when_agent_ready(
         [
             str(BIN / "ray"),
             "job",
@@ -375,10 +392,6 @@ def test_ift_train_as_ray_job_registers_model_in_mlflow_server(tmp_path, servers
             *entrypoint,
         ],
         env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=180,
     )
     assert r.returncode == 0, r.stdout + r.stderr
 
