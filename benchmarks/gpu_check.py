@@ -251,7 +251,8 @@ def checkpointing_on_vs_off(model: torch.nn.Module, examples: list[dict], pad_id
 
 def run_checks(opts: CheckOptions, device: torch.device) -> dict[str, Any]:
     """Both equality checks on one fp32 model of the preset (sdpa, TF32 off)."""
-    from ift.models import load_model, load_tokenizer
+    from ift.models import load_model
+    from ift.tokenization import load_tokenizer
 
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False

@@ -168,7 +168,8 @@ def _corpus_summary(examples: list[dict]) -> dict[str, Any]:
 
 def run(cfg: PackingBenchConfig | None = None, *, log: Callable[[str], None] = print, **overrides: Any) -> dict:
     from benchmarks.step_time import MethodRunner, StepConfig
-    from ift.models import load_model, load_tokenizer
+    from ift.models import load_model
+    from ift.tokenization import load_tokenizer
 
     cfg = cfg or PackingBenchConfig(**overrides)
     step_cfg = StepConfig(

@@ -309,7 +309,8 @@ class MethodRunner:
 
 
 def _setup(cfg: StepConfig):
-    from ift.models import load_model, load_tokenizer
+    from ift.models import load_model
+    from ift.tokenization import load_tokenizer
 
     device = torch.device(cfg.resolved_device())
     if cfg.threads:

@@ -124,13 +124,14 @@ def build_trainer(
     from datasets import Dataset
     from trl import DPOConfig, SFTConfig, SFTTrainer
 
-    from ift.models import load_model, load_tokenizer
+    from ift.models import load_model
+    from ift.tokenization import load_tokenizer
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
     if len(examples) < batch_size:
         raise ValueError(f"{len(examples)} examples cannot fill one batch of {batch_size}")
-    tokenizer = load_tokenizer(model_name)  # always has a pad token (ift.models.ensure_pad_and_template)
+    tokenizer = load_tokenizer(model_name)  # always has a pad token (ift.tokenization.ensure_pad_and_template)
     model = load_model(model_name, dtype="float32", seed=0, tokenizer=tokenizer)
     common: dict[str, Any] = {
         "output_dir": output_dir,

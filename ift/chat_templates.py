@@ -3,7 +3,7 @@
 A template is named by a shipped name (a file ``ift/assets/chat_templates/<name>.jinja``:
 ``chatml``, ``zephyr``), by a path to a Jinja file, or given inline (text holding ``{{`` or
 ``{%``).  :func:`resolve_chat_template` turns any of these into the template text that
-``tokenizer.chat_template`` takes (:func:`ift.models.load_tokenizer` does it for its
+``tokenizer.chat_template`` takes (:func:`ift.tokenization.load_tokenizer` does it for its
 ``chat_template`` argument).
 
 Both shipped templates render the ``tool`` role and assistant ``tool_calls`` and are

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+
+# Ray Train's controller polls its workers every 2 s, and a worker's report (one per checkpoint, and the
+# empty one that waits for it to be committed) returns only at the next poll: up to 4 s a checkpoint.  The
+# tests checkpoint every few steps of runs that last seconds, so they poll every 0.2 s.  Set before any
+# Ray process starts: the clusters the tests start (in process, `ray start`, cluster_utils) inherit it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 
 def build_llama(vocab: int = 32, *, seed: int = 0, dtype: torch.dtype = torch.float64) -> LlamaForCausalLM:

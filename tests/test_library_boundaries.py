@@ -40,6 +40,17 @@ def test_the_training_core_imports_no_ray():
     assert pulled == [], f"the Ray-free training core pulled in: {pulled}"
 
 
+def test_ray_datas_tokenizing_processes_load_no_model_classes():
+    """Every Ray Data process that reads or tokenizes rows (and each split's coordinator, which unpickles
+    the plan) imports the streaming module; the model classes would cost each one about two seconds."""
+    code = (
+        "import sys, pipelines.data.streaming\n"
+        "print(','.join(n for n in sys.modules if n in ('ift.models', 'transformers.models.llama')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"the data path pulled in: {out.stdout.strip()}"
+
+
 def test_the_algorithm_library_does_not_need_gymnasium():
     """The Frozen Lake experiment's dependency stays with the experiment (the `frozenlake` extra)."""
     assert _imported_by("ift", ("gymnasium",)) == []

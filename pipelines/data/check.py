@@ -114,7 +114,7 @@ def check_shards(cfg: TrainConfig) -> list[Shard]:
 
 
 def _tokenizer(cfg: TrainConfig) -> Any:
-    from ift.models import load_tokenizer  # transformers: loaded when a check runs, not on import
+    from ift.tokenization import load_tokenizer  # transformers: loaded when a check runs, not on import
 
     return load_tokenizer(
         cfg.model.tokenizer or cfg.model.name,

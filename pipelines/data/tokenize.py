@@ -10,7 +10,7 @@ import ray
 
 from ift.chat_templates import chat_template_hash, resolve_chat_template
 from ift.data import DataError, parse_json_row, tokenize_example
-from ift.models import load_tokenizer
+from ift.tokenization import load_tokenizer
 from pipelines.config import TrainConfig
 from pipelines.data.batching import data_mode, token_keys
 

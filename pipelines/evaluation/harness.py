@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ift.models import ensure_pad_and_template
+from ift.tokenization import ensure_pad_and_template
 from pipelines.evaluation.errors import EvalError
 from pipelines.evaluation.tasks import TaskSpec, check_tasks, resolve_tasks, task_manager
 

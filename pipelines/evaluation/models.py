@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ift import models as ift_models
+from ift import tokenization
 from pipelines.config import DEFAULT_TRACKING_URI
 from pipelines.evaluation.errors import EvalError
 from pipelines.evaluation.tasks import hub_status
@@ -178,7 +179,7 @@ def _load_mlflow_components(uri: str, tracking_uri: str | None) -> tuple[Any, An
 
 
 def _prepare(model: Any, tokenizer: Any) -> tuple[Any, Any]:
-    ift_models.ensure_pad_and_template(tokenizer)
+    tokenization.ensure_pad_and_template(tokenizer)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer
@@ -205,8 +206,8 @@ def resolve_model(
         return _resolve_run(ref, tracking_uri)
     if Path(ref).expanduser().exists():
         return _resolve_path(ref, dtype)
-    if ift_models.is_preset(ref):
-        tok = ift_models.load_tokenizer(ref)
+    if tokenization.is_preset(ref):
+        tok = tokenization.load_tokenizer(ref)
         model = ift_models.load_model(ref, dtype=dtype, seed=seed, tokenizer=tok)
         return (*_prepare(model, tok), ModelSource(ref, "preset", ref))
     if "://" in ref or ref.startswith(("/", ".", "~")):
@@ -256,7 +257,7 @@ def _resolve_path(ref: str, dtype: str) -> tuple[Any, Any, ModelSource]:
     if not path.is_dir():
         raise EvalError(f"{ref!r} is a file; expected a model directory")
     try:
-        tok = ift_models.load_tokenizer(str(path))
+        tok = tokenization.load_tokenizer(str(path))
         model = ift_models.load_model(str(path), dtype=dtype, tokenizer=tok)
     except (OSError, ValueError) as e:
         raise EvalError(f"could not load a causal LM from directory {ref!r}: {e}") from e
@@ -265,7 +266,7 @@ def _resolve_path(ref: str, dtype: str) -> tuple[Any, Any, ModelSource]:
 
 def _resolve_hub(ref: str, dtype: str) -> tuple[Any, Any, ModelSource]:
     try:
-        tok = ift_models.load_tokenizer(ref)
+        tok = tokenization.load_tokenizer(ref)
         model = ift_models.load_model(ref, dtype=dtype, tokenizer=tok)
     except (OSError, ValueError) as e:
         why = hub_status()

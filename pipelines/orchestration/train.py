@@ -22,7 +22,8 @@ from ray.train.torch import TorchTrainer
 from tqdm.auto import tqdm
 
 from ift.data import DataError
-from ift.models import load_model, load_tokenizer
+from ift.models import load_model
+from ift.tokenization import load_tokenizer
 from pipelines import evaluation
 from pipelines.config import ConfigError, TrainConfig
 from pipelines.data.streaming import build_datasets

@@ -16,7 +16,8 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from ift.forward import ObjectiveForward, unwrap
 from ift.lora import add_lora
-from ift.models import load_model, load_tokenizer, resolve_attention
+from ift.models import load_model, resolve_attention
+from ift.tokenization import load_tokenizer
 from pipelines.config import TrainConfig
 
 

@@ -39,7 +39,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ift.lora import add_lora
-from ift.models import build_preset_config, check_local_path, is_preset, load_tokenizer
+from ift.models import build_preset_config
+from ift.tokenization import check_local_path, is_preset, load_tokenizer
 from pipelines.config import TrainConfig
 from pipelines.training.build import trains_in_bf16
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from benchmarks.trl_peer import build_trainer, trl_tokens_per_s
-from ift.models import load_tokenizer
+from ift.tokenization import load_tokenizer
 
 KEYS = {"tokens_per_s", "steps", "seconds", "tokens", "trl_version", "padding_free", "examples_per_step"}
 BATCH = 4

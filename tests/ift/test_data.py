@@ -20,7 +20,7 @@ from ift.data import (
     tokenize_example,
     tokenize_rows,
 )
-from ift.models import load_tokenizer
+from ift.tokenization import load_tokenizer
 
 SRC = "demo.jsonl"
 

@@ -7,7 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from ift.lora import adapters_disabled, add_lora, is_lora, merged_state_dict, parameter_counts, save_adapter
-from ift.models import load_model, load_tokenizer
+from ift.models import load_model
+from ift.tokenization import load_tokenizer
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IDS = torch.tensor([[5, 17, 42, 9, 88, 31, 7, 64]])

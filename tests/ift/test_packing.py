@@ -21,7 +21,7 @@ import ift.objectives as objectives
 from ift.collate import build_packs, collate_packs, join_pack, pack_collate, pack_examples, pad_collate
 from ift.data import IGNORE_INDEX, tokenize_rows
 from ift.logps import packed_token_logps, token_logps
-from ift.models import TINY_CONFIG, load_model, load_tokenizer
+from ift.models import TINY_CONFIG, load_model
 from ift.objectives import (
     dpo_batch_loss,
     ift_loss,
@@ -31,6 +31,7 @@ from ift.objectives import (
     sequence_logps,
     sft_loss,
 )
+from ift.tokenization import load_tokenizer
 
 VOCAB = 512
 PAD = 0

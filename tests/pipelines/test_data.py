@@ -19,7 +19,7 @@ import pytest
 import ray
 
 from ift.data import DataError, tokenize_example
-from ift.models import load_tokenizer
+from ift.tokenization import load_tokenizer
 from ift.toydata import make_conversations, make_preference_pairs, write_jsonl
 from pipelines.config_loading import load_config
 from pipelines.data.streaming import build_datasets, plan_data

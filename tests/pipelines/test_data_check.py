@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ift.data import tokenize_rows
-from ift.models import load_tokenizer
+from ift.tokenization import load_tokenizer
 from ift.toydata import make_conversations, write_jsonl
 from pipelines.cli import main as ift
 from pipelines.config_loading import load_config, packaged_config_path

@@ -9,7 +9,8 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from ift.models import load_model, load_tokenizer
+from ift.models import load_model
+from ift.tokenization import load_tokenizer
 from pipelines.config_loading import load_config
 from pipelines.tracking.runs import experiment_id, load_model_components, register_model, start_or_resume_run
 from pipelines.training.export import export_hf_model

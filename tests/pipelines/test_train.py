@@ -35,6 +35,8 @@ def ray_cluster():
 
 
 def config(tmp_path: Path, corpora: Path, *overrides: str, pairs: bool = False):
+    # Runs that test something other than evaluation pass data.validation=[]: the end-of-run validation
+    # starts its own Ray Data pipeline, seconds on this machine.
     # DPO's margin needs pairs seen several times to fall within 16 steps.
     train = f"{{path: {corpora / 'pref.jsonl'}, weight: 8}}" if pairs else f"{{path: {corpora / 'chat.jsonl'}}}"
     base = [
@@ -184,7 +186,7 @@ def lora_runs(tmp_path_factory, corpora):
         marker = tmp_path / "failed-once"
         cfg = config(
             tmp_path, corpora, f"deepspeed.zero_stage={zero}", "model.lora={r: 8, alpha: 16, dropout: 0.0}",
-            "optimization.lr=1e-2", "optimization.max_steps=16", *layout,
+            "optimization.lr=1e-2", "optimization.max_steps=16", "data.validation=[]", *layout,
         )  # fmt: skip
         hooks = KillWorker(step=6, rank=1, marker=str(marker)) if killed else None
         out[name] = (cfg, train(cfg, show_progress=False, hooks=hooks), marker)
@@ -233,7 +235,7 @@ def test_the_unkilled_lora_run_was_not_resumed(lora_runs):
 
 def test_rerunning_the_same_command_resumes_instead_of_restarting(tmp_path, corpora):
     marker = tmp_path / "failed-once"
-    overrides = ("optimization.max_steps=8", "checkpointing.max_failures=0")
+    overrides = ("optimization.max_steps=8", "checkpointing.max_failures=0", "data.validation=[]")
     with pytest.raises(ray.train.WorkerGroupError) as err:
         train(
             config(tmp_path, corpora, *overrides),
@@ -255,7 +257,8 @@ def test_rerunning_the_same_command_resumes_instead_of_restarting(tmp_path, corp
 def test_evaluation_at_end_scores_the_final_model_and_logs_on_the_run(tmp_path):
     import pyarrow.fs
 
-    from ift.models import load_model, load_tokenizer
+    from ift.models import load_model
+    from ift.tokenization import load_tokenizer
     from pipelines.orchestration.storage import StoredCheckpoint
     from pipelines.orchestration.train import TrainResult, _evaluate_at_end
     from pipelines.tracking.runs import start_or_resume_run
@@ -353,7 +356,7 @@ def test_a_bad_row_in_the_middle_of_the_stream_stops_the_run_naming_its_file_and
     lines = (corpora / "chat.jsonl").read_text().splitlines()
     lines[20] = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}'
     bad.write_text("\n".join(lines) + "\n")
-    cfg = config(tmp_path, corpora, f"data.train=[{{path: {bad}}}]", "data.shuffle_buffer_size=0")
+    cfg = config(tmp_path, corpora, f"data.train=[{{path: {bad}}}]", "data.shuffle_buffer_size=0", "data.validation=[]")
     with pytest.raises(DataError, match=rf"{bad} line 21: .*assistant.* is empty"):
         train(cfg, show_progress=False)
     client = mlflow.MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
@@ -367,7 +370,8 @@ def test_under_skip_the_run_counts_the_bad_rows_its_ranks_met(tmp_path, corpora)
     lines[3], lines[17] = "{broken", "[1, 2]"
     bad.write_text("\n".join(lines) + "\n")
     cfg = config(
-        tmp_path, corpora, f"data.train=[{{path: {bad}}}]", "data.on_bad_row=skip", "optimization.epochs=1"
+        tmp_path, corpora, f"data.train=[{{path: {bad}}}]", "data.on_bad_row=skip", "optimization.epochs=1",
+        "data.validation=[]",
     )  # fmt: skip
     result = train(cfg, show_progress=False)
     assert result.data_report["skipped"] == 2 and result.data_report["by_reason"] == {"invalid_json": 2}

@@ -11,7 +11,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest
 
-from ift.models import load_model, load_tokenizer
+from ift.models import load_model
+from ift.tokenization import load_tokenizer
 from pipelines.config_loading import load_config
 from pipelines.tracking.runs import register_model, start_or_resume_run
 

@@ -11,8 +11,9 @@ import torch
 
 from ift.collate import pad_collate
 from ift.data import read_jsonl, tokenize_rows
-from ift.models import load_model, load_tokenizer
+from ift.models import load_model
 from ift.objectives import sft_loss
+from ift.tokenization import load_tokenizer
 from pipelines.evaluation.harness import evaluate_model, run_evaluation
 from tests.pipelines.evaluation.conftest import untrained_tiny
 
