@@ -18,8 +18,6 @@ from ift.tokenization import (
     train_tiny_tokenizer,
 )
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
 def tiny_tok():
