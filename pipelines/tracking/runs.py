@@ -19,6 +19,7 @@ from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
+from mlflow.utils.async_logging.run_operations import RunOperations
 
 from pipelines.config import TrainConfig
 from pipelines.config_loading import flatten
@@ -213,17 +214,40 @@ def register_model(
 
 
 class RunLogger:
-    """Rank 0's writer into a run the driver started: params, metrics at a step, and a JSON artifact."""
+    """Rank 0's writer into a run the driver started: params, metrics at a step, and a JSON artifact.
+
+    Metrics go through MLflow's asynchronous logging (one queue per run, written in order by a
+    background thread, with the client's usual HTTP retries), so a slow or briefly unreachable
+    tracking server does not hold the training step.  :meth:`flush` waits until every metric logged
+    so far is stored, and raises if any could not be: nothing is lost silently.
+    """
 
     def __init__(self, tracking_uri: str, run_id: str):
         self.client, self.run_id = MlflowClient(tracking_uri=tracking_uri), run_id
+        self._pending: list[tuple[int, RunOperations]] = []
 
     def params(self, params: dict[str, Any]) -> None:
         self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in params.items()])
 
     def metrics(self, metrics: dict[str, float], *, step: int) -> None:
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        now = int(time.time() * 1000)  # when the step logged it, not when the server took it
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self._pending.append((step, self.client.log_batch(self.run_id, metrics=batch, synchronous=False)))
+
+    def flush(self) -> None:
+        """Wait for every metric logged so far; an ``MlflowException`` naming the steps that failed."""
+        pending, self._pending = self._pending, []
+        failed = []
+        for step, operations in pending:
+            try:
+                operations.wait()
+            except MlflowException as exc:
+                failed.append((step, exc))
+        if failed:
+            steps = ", ".join(str(step) for step, _ in failed)
+            raise MlflowException(
+                f"the metrics of step(s) {steps} could not be logged to run {self.run_id}: {failed[0][1]}"
+            )
 
     def dict(self, value: dict[str, Any], artifact_file: str) -> None:
         self.client.log_dict(self.run_id, value, artifact_file)

@@ -233,9 +233,16 @@ class TrainingRecipe:
         except StreamDataError as exc:  # every rank gets here together (the loop agreed on it)
             if self.rank == 0:
                 self.runtime.set_outcome("data_error", data_error_dict(exc))
+            self.flush_metrics()
             return
+        self.flush_metrics()  # the last epoch's figures are logged after the final checkpoint
         if self.rank == 0:  # the skip totals include the last epoch, which ends after the last report
             self.runtime.set_outcome("data_report", self.skipped.to_dict())
+
+    def flush_metrics(self) -> None:
+        """Rank 0's metrics are logged asynchronously: wait until MLflow has every one logged so far."""
+        if self.logger is not None:
+            self.logger.flush()
 
     def on_step(self, state: LoopState, metrics: dict[str, float], is_last: bool) -> None:
         """After each optimizer step, on every rank: the test hook, progress, logging, then a
@@ -296,6 +303,7 @@ class TrainingRecipe:
                     os.path.join(tmp, ADAPTER_DIR),
                 )  # fmt: skip
             upload = self.hooks.checkpoint_upload(state.step, self.rank)
+            self.flush_metrics()  # every step up to a committed checkpoint is in MLflow
             self.runtime.report(metrics, checkpoint_dir=tmp, upload=upload)
         if not final:
             self.runtime.wait_until_committed()
@@ -304,7 +312,7 @@ class TrainingRecipe:
 
     def cleanup(self) -> None:
         """Let go of the engine, the model and the cached batches (a sweep's next trial may start in
-        this process's place); the loggers write synchronously, so nothing is left to flush."""
+        this process's place).  Metrics still queued after a failure are not waited for: the run failed."""
         self._validation.clear()
         self._epoch_batches.clear()
         self.reference_table = None

@@ -7,12 +7,19 @@ import os
 
 import mlflow
 import pytest
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from ift.models import load_model
 from ift.tokenization import load_tokenizer
 from pipelines.config_loading import load_config
-from pipelines.tracking.runs import experiment_id, load_model_components, register_model, start_or_resume_run
+from pipelines.tracking.runs import (
+    RunLogger,
+    experiment_id,
+    load_model_components,
+    register_model,
+    start_or_resume_run,
+)
 from pipelines.training.export import export_hf_model
 
 GLOBALS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
@@ -109,3 +116,24 @@ def test_a_new_experiment_in_a_sqlite_store_keeps_its_artifacts_beside_the_db(tm
     client.log_text(run.info.run_id, "hello", "note.txt")
     assert (tmp_path / "store" / "mlartifacts").is_dir()
     assert list((tmp_path / "store" / "mlartifacts").rglob("note.txt"))
+
+
+def test_the_run_logger_stores_every_queued_metric_by_the_flush(tmp_path, no_mlflow_globals):
+    store = f"sqlite:///{tmp_path / 'store.db'}"
+    _, run_id = _train_run(store)
+    logger = RunLogger(store, run_id)
+    for step in range(1, 21):
+        logger.metrics({"loss": 1.0 / step, "lr": 0.1}, step=step)
+    logger.flush()
+    history = MlflowClient(tracking_uri=store).get_metric_history(run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [(s, 1.0 / s) for s in range(1, 21)]
+
+
+def test_a_metric_the_store_refuses_fails_the_flush_naming_its_step(tmp_path, no_mlflow_globals):
+    store = f"sqlite:///{tmp_path / 'store.db'}"
+    _, run_id = _train_run(store)
+    MlflowClient(tracking_uri=store).delete_run(run_id)  # a deleted run takes no more metrics
+    logger = RunLogger(store, run_id)
+    logger.metrics({"loss": 1.0}, step=7)
+    with pytest.raises(MlflowException, match=rf"step\(s\) 7 could not be logged to run {run_id}"):
+        logger.flush()
