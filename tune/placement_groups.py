@@ -15,10 +15,12 @@ without the dashboard both placement groups were still ``CREATED`` 100 s after
 removed them within 10 s.
 
 So a sweep runs a :class:`PlacementGroupJanitor`: a controller callback
-(:func:`placement_group_recorder`) records each trial's placement group and
-controller in a small registry actor, and a thread in the sweep driver removes the
-placement group of every controller that died without removing it.  Delete this
-module once Ray's own cleaner works without the dashboard.
+(:func:`placement_group_recorder`) records each trial's controller in a small registry
+actor before its worker group starts, and a thread in the sweep driver removes every
+placement group a dead controller created and left behind.  Keyed by the controller,
+not by a recorded placement group: a trial stopped while its worker group was starting
+has created a placement group it never got to report (seen once in a 4-trial sweep).
+Delete this module once Ray's own cleaner works without the dashboard.
 """
 
 from __future__ import annotations
@@ -30,15 +32,16 @@ from collections.abc import Callable
 from typing import Any
 
 import ray
-from ray.util.placement_group import placement_group_table, remove_placement_group
+from ray import PlacementGroupID
+from ray.util.placement_group import PlacementGroup, remove_placement_group
 
 from pipelines.orchestration.progress import on_driver_node
 
 
 def placement_group_recorder(registry: Any, trial_id: str) -> Any:
-    """A Ray Train controller callback that tells the janitor which placement group
-    (and which controller) belongs to this trial.  Ray Train accepts internal
-    controller callbacks in ``RunConfig.callbacks`` for workarounds like this one.
+    """A Ray Train controller callback that tells the janitor which controller runs this trial,
+    before each worker group starts (so before the group's placement group exists).  Ray Train
+    accepts internal controller callbacks in ``RunConfig.callbacks`` for workarounds like this one.
 
     ``registry`` is :attr:`PlacementGroupJanitor.registry`; ``None`` when this Ray has no
     Train V2 internals to hook into.
@@ -48,21 +51,41 @@ def placement_group_recorder(registry: Any, trial_id: str) -> Any:
     except ImportError:
         return None
 
-    class _RecordPlacementGroup(WorkerGroupCallback):
+    class _RecordController(WorkerGroupCallback):
         def __init__(self, registry, trial_id: str):
             self._registry = registry
             self._trial_id = trial_id
 
-        def after_worker_group_start(self, worker_group) -> None:
-
+        def before_worker_group_start(self, worker_group_context) -> None:
             try:
-                pg = worker_group.get_worker_group_state().placement_group_handle.placement_group
-                controller = ray.get_runtime_context().current_actor
-                ray.get(self._registry.add.remote(self._trial_id, controller, pg, _ray_cleaner_actor()), timeout=10)
+                context = ray.get_runtime_context()
+                ray.get(
+                    self._registry.add.remote(
+                        self._trial_id, context.current_actor, context.get_actor_id(), _ray_cleaner_actor()
+                    ),
+                    timeout=10,
+                )
             except Exception as exc:  # best effort: never fail training over bookkeeping
-                print(f"[sweep] could not record the placement group of trial {self._trial_id}: {exc}")
+                print(f"[sweep] could not record the Ray Train controller of trial {self._trial_id}: {exc}")
 
-    return _RecordPlacementGroup(registry, trial_id)
+    return _RecordController(registry, trial_id)
+
+
+def live_placement_groups_by_creator() -> dict[str, list[str]]:
+    """Actor id (hex) -> the placement groups (hex ids) it created that are not removed yet.
+
+    Read from the GCS's own table: :func:`ray.util.placement_group.placement_group_table` leaves
+    out who created a group.  A group created by an actor outlives it (it belongs to the job).
+    """
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+
+    out: dict[str, list[str]] = {}
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        data = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        if data.state != gcs_pb2.PlacementGroupTableData.REMOVED and data.creator_actor_id:
+            out.setdefault(data.creator_actor_id.hex(), []).append(data.placement_group_id.hex())
+    return out
 
 
 def _ray_cleaner_actor():
@@ -85,27 +108,27 @@ def _registry_cls() -> Any:
 
     @ray.remote(num_cpus=0)
     class TrialPlacementGroups:
-        """Trial id -> (Train controller, its worker-group placement group), as recorded."""
+        """The Train controllers of the sweep's trials: (trial id, controller, its actor id, Ray's cleaner)."""
 
         def __init__(self) -> None:
-            self._entries: list[tuple[str, Any, Any, Any]] = []
+            self._entries: dict[str, tuple[str, Any, str, Any]] = {}
 
-        def add(self, trial_id: str, controller, pg, ray_cleaner=None) -> None:
-            self._entries.append((trial_id, controller, pg, ray_cleaner))
+        def add(self, trial_id: str, controller, controller_id: str, ray_cleaner=None) -> None:
+            self._entries.setdefault(controller_id, (trial_id, controller, controller_id, ray_cleaner))
 
-        def entries(self) -> list[tuple[str, Any, Any, Any]]:
-            return list(self._entries)
+        def entries(self) -> list[tuple[str, Any, str, Any]]:
+            return list(self._entries.values())
 
     return TrialPlacementGroups
 
 
 class PlacementGroupJanitor:
-    """Removes the placement group of every Ray Train controller that died without
-    removing it (a trial stopped by ASHA, or killed), so its CPUs/GPUs come back.
+    """Removes the placement groups every Ray Train controller of the sweep left when it died
+    (a trial stopped by ASHA, or killed), so their CPUs/GPUs come back.
 
-    Polls in a thread of the sweep driver: each recorded controller is pinged;
-    a dead one (``RayActorError``) with a placement group not yet ``REMOVED``
-    gets it removed.
+    Polls in a thread of the sweep driver: each recorded controller that still holds a placement
+    group is pinged; once it is dead (``RayActorError``), every group it created and nobody
+    removed is removed.
     """
 
     def __init__(self, interval_s: float = 1.0, log: Callable[[str], None] | None = None):
@@ -133,44 +156,41 @@ class PlacementGroupJanitor:
                 self._log(f"[sweep] placement group check failed: {exc}")
 
     def check(self) -> int:
-        """One pass; returns how many recorded placement groups are still held."""
+        """One pass; returns how many recorded controllers are alive and still hold a placement group."""
 
+        held = live_placement_groups_by_creator()
         pending = 0
-        for trial_id, controller, pg, ray_cleaner in ray.get(self.registry.entries.remote(), timeout=30):
-            key = pg.id.hex()
-            if key in self._done:
+        for trial_id, controller, controller_id, ray_cleaner in ray.get(self.registry.entries.remote(), timeout=30):
+            if controller_id in self._done:
                 continue
-            if placement_group_table(pg).get("state") == "REMOVED":
-                self._done.add(key)
-                continue
-            ref = self._pings.get(key)
+            ref = self._pings.get(controller_id)
             if ref is None:
-                ref = self._pings[key] = controller.__ray_ready__.remote()
+                ref = self._pings[controller_id] = controller.__ray_ready__.remote()
             ready, _ = ray.wait([ref], timeout=0.5)
-            if not ready:  # alive and busy
-                pending += 1
-                continue
-            self._pings.pop(key, None)
-            try:
-                ray.get(ref)
-                pending += 1  # alive
-                continue
-            except ray.exceptions.RayActorError:
-                pass
-            if placement_group_table(pg).get("state") != "REMOVED":  # Ray's cleaner may have won the race
+            if ready:
+                self._pings.pop(controller_id, None)
                 try:
-                    remove_placement_group(pg)
-                    self.released.append((trial_id, key))
-                    self._log(f"[sweep] released the placement group of stopped trial {trial_id} ({key[:12]})")
-                except Exception as exc:
-                    self._log(f"[sweep] could not remove placement group {key[:12]} of trial {trial_id}: {exc}")
-            if ray_cleaner is not None:
-                try:
-                    ray.kill(ray_cleaner)
-                except Exception:  # already exited
-                    pass
-            self._done.add(key)
+                    ray.get(ref)
+                except ray.exceptions.RayActorError:  # dead: what it still holds is left over
+                    self._release(trial_id, held.get(controller_id, []), ray_cleaner)
+                    self._done.add(controller_id)
+                    continue
+            pending += bool(held.get(controller_id))  # alive (or busy): its groups are its own
         return pending
+
+    def _release(self, trial_id: str, placement_groups: list[str], ray_cleaner: Any) -> None:
+        for key in placement_groups:
+            try:
+                remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(key))))
+                self.released.append((trial_id, key))
+                self._log(f"[sweep] released the placement group of stopped trial {trial_id} ({key[:12]})")
+            except Exception as exc:  # Ray's cleaner, or the controller's own shutdown, may have won the race
+                self._log(f"[sweep] could not remove placement group {key[:12]} of trial {trial_id}: {exc}")
+        if ray_cleaner is not None:
+            try:
+                ray.kill(ray_cleaner)
+            except Exception:  # already exited
+                pass
 
     def stop(self, timeout_s: float = 60.0) -> None:
         """Stop polling after a last pass that waits for every recorded controller to end,

@@ -47,15 +47,16 @@ def test_the_janitor_removes_only_the_placement_groups_of_dead_controllers(ray_c
         def placement_group(self):
             pg = placement_group([{"CPU": 0.5}])
             ray.get(pg.ready(), timeout=60)
-            return pg
+            return pg, ray.get_runtime_context().get_actor_id()
 
     lines: list[str] = []
     janitor = PlacementGroupJanitor(interval_s=0.2, log=lines.append)
     alive, dead = Controller.remote(), Controller.remote()
-    pgs = {name: ray.get(c.placement_group.remote(), timeout=120) for name, c in (("alive", alive), ("dead", dead))}
+    made = {name: ray.get(c.placement_group.remote(), timeout=120) for name, c in (("alive", alive), ("dead", dead))}
+    pgs = {name: pg for name, (pg, _) in made.items()}
     try:
-        for name, c in (("alive", alive), ("dead", dead)):
-            ray.get(janitor.registry.add.remote(name, c, pgs[name]), timeout=30)
+        for name, c in (("alive", alive), ("dead", dead)):  # as the recorder does, before the group exists
+            ray.get(janitor.registry.add.remote(name, c, made[name][1]), timeout=30)
         janitor.start()
         ray.kill(dead)
         deadline = time.time() + 60
