@@ -13,9 +13,9 @@ export RAY_USAGE_STATS_ENABLED := 0
 export MLFLOW_ENABLE_TELEMETRY ?= false
 export DO_NOT_TRACK ?= 1
 
-# Serial by default (what CI has passed with).  PYTEST_WORKERS="-n 2 --dist loadfile" runs two
-# pytest-xdist workers, each taking whole test files so a module's Ray cluster stays in one process;
-# whether that is faster on 2 cores is not measured yet (issue 21).
+# Serial by default.  PYTEST_WORKERS="-n 2 --dist loadfile" runs two pytest-xdist workers, each
+# taking whole test files so a module's Ray cluster stays in one process: slower on 2 cores, where
+# the two workers' Ray runs compete for the cores; try it on a larger machine.
 PYTEST_WORKERS ?=
 
 .PHONY: install demo test test-fast lint format bench gpu-check frozenlake clean
@@ -32,11 +32,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/ift train
 
-## test: the whole suite (about 37 minutes on 2 cores); the slowest tests are listed at the end
+## test: the whole suite (about 28 minutes on 2 cores); the slowest tests are listed at the end
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_WORKERS) --durations=25
 
-## test-fast: everything not marked slow (no multi-process Ray/DeepSpeed runs), about 4.5 minutes on 2 cores
+## test-fast: everything not marked slow (no multi-process Ray/DeepSpeed runs), about 3.5 minutes on 2 cores
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_WORKERS) -m "not slow" --durations=10
 
