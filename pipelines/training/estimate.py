@@ -149,6 +149,36 @@ def estimate_memory(cfg: TrainConfig, shape: ModelShape, *, use_gpu: bool) -> Me
     return est
 
 
+@dataclass
+class CheckpointSize:
+    """Bytes of one checkpoint in ``checkpointing.storage_path``, all ranks' files together."""
+
+    deepspeed_state: float  # every checkpoint: what a resume loads
+    model_export: float  # the final checkpoint only: the Hugging Face model (merged under LoRA)
+
+    def kept(self, keep: int) -> float:
+        """The run's storage at its end: ``keep`` checkpoints, the last of them with the model."""
+        return keep * self.deepspeed_state + self.model_export
+
+
+def checkpoint_size(cfg: TrainConfig, shape: ModelShape, *, use_gpu: bool) -> CheckpointSize:
+    """What DeepSpeed's ``save_checkpoint`` writes, as measured on its files (the tests compare).
+
+    The module's weights in the training dtype (2 bytes in bf16, 4 in fp32), except that under
+    ZeRO-3 only the frozen ones (LoRA's base) are written outside the optimizer state; and the
+    optimizer state of each trained parameter: its fp32 master copy, Adam's momentum and variance
+    (12 bytes), or only the two moments (8) in fp32 without ZeRO, where the module's weights are
+    the master copy.  The final export is the model's weights in the training dtype.
+    """
+    weight_bytes = 2 if trains_in_bf16(cfg, use_gpu) else 4
+    stage = cfg.deepspeed.zero_stage
+    frozen = shape.parameters - shape.trainable
+    weights = (frozen if stage == 3 else shape.parameters) * weight_bytes
+    optimizer = shape.trainable * (8 if weight_bytes == 4 and stage == 0 else 12)
+    merged = shape.parameters - (shape.trainable if cfg.model.lora is not None else 0)
+    return CheckpointSize(deepspeed_state=weights + optimizer, model_export=merged * weight_bytes)
+
+
 def format_size(n: float) -> str:
     # The largest unit that keeps three digits before the point: 1000 MiB reads 0.98 GiB.
     return f"{n / GIB:8.2f} GiB" if n >= 1000 * 2**20 else f"{n / 2**20:8.1f} MiB"
@@ -174,4 +204,12 @@ def render(cfg: TrainConfig, est: MemoryEstimate, *, use_gpu: bool) -> str:
     lines.append(f"  {'total (a floor)':<22} {format_size(est.gpu_total)}")
     for k, v in est.per_host.items():
         lines.append(f"  host, {k:<16} {format_size(v)} (offloaded)")
+    size = checkpoint_size(cfg, shape, use_gpu=use_gpu)
+    keep = cfg.checkpointing.keep
+    lines += [
+        f"checkpoints in {cfg.checkpointing.storage_path}:",
+        f"  DeepSpeed state, each  {format_size(size.deepspeed_state)}",
+        f"  final model export     {format_size(size.model_export)}",
+        f"  kept at the end        {format_size(size.kept(keep))} (checkpointing.keep={keep})",
+    ]
     return "\n".join(lines)
